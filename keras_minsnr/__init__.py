@@ -1,3 +1,12 @@
 """keras_minsnr: Min-SNR-gamma diffusion training for Keras 3 (TensorFlow and JAX)."""
 
+from keras_minsnr import backbones
+from keras_minsnr import weighting
+from keras_minsnr.schedules import PREDICTION_TYPES
+from keras_minsnr.schedules import SCHEDULES
+from keras_minsnr.schedules import NoiseSchedule
+from keras_minsnr.weighting import STRATEGIES
+from keras_minsnr.weighting import LossWeighting
+from keras_minsnr.weighting import loss_weight
+
 __version__ = "0.1.0"
