@@ -1,0 +1,248 @@
+"""Image folders: one sub-folder per class (labelled), or a flat folder (unlabelled).
+
+Layout::
+
+    path/cat/0001.png     path/dog/a.jpg    ...   -> labels by sorted class name
+    path/0001.png         path/0002.jpg     ...   -> unlabelled
+
+Files ending in .png/.jpg/.jpeg/.bmp/.gif (any case) are read; hidden files and folders
+(names starting with ".") are ignored; class folders are searched recursively. Every file
+is checked once with PIL when the pipeline is built: unreadable or corrupt files are
+skipped, counted in `DatasetInfo.num_skipped` and reported in one warning.
+"""
+
+import os
+import warnings
+
+import tensorflow as tf
+
+from keras_minsnr.data import transforms
+from keras_minsnr.data.info import DatasetInfo
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def is_image_file(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder):
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
+    return found
+
+
+def check_folder(path):
+    """Returns `path` as a string, or raises FileNotFoundError / NotADirectoryError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Image folder {path!r} does not exist.")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path!r} is not a folder.")
+    return path
+
+
+def list_image_folder(path):
+    """`(files, labels, class_names)` for a class-folder or flat layout.
+
+    Immediate sub-folders that contain at least one image are classes (labels in sorted
+    name order); if there are none, the images directly in `path` are unlabelled
+    (`labels` and `class_names` are None).
+    """
+    path = check_folder(path)
+    entries = sorted(e for e in os.listdir(path) if not e.startswith("."))
+    class_names, files, labels = [], [], []
+    for entry in entries:
+        sub = os.path.join(path, entry)
+        if not os.path.isdir(sub):
+            continue
+        found = _walk_images(sub)
+        if found:
+            labels.extend([len(class_names)] * len(found))
+            class_names.append(entry)
+            files.extend(found)
+    if class_names:
+        return files, labels, class_names
+    files = [
+        os.path.join(path, e)
+        for e in entries
+        if is_image_file(e) and os.path.isfile(os.path.join(path, e))
+    ]
+    if not files:
+        raise ValueError(
+            f"Image folder {path!r} contains no images (looked for "
+            f"{', '.join(IMAGE_EXTENSIONS)} files, directly or in class sub-folders)."
+        )
+    return files, None, None
+
+
+def is_readable_image(filename):
+    """Whether PIL can fully decode `filename` (truncated or corrupt files fail)."""
+    from PIL import Image
+
+    try:
+        with Image.open(filename) as image:
+            image.load()
+            return image.size[0] > 0 and image.size[1] > 0
+    except Exception:  # PIL raises many types for bad files; all mean "skip it"
+        return False
+
+
+def filter_readable(files, *extra, validate=True, source=""):
+    """Drops unreadable files (and the matching entries of `extra` lists).
+
+    Returns `(files, extra_lists, skipped)` where `skipped` lists the dropped files; one
+    warning gives their count.
+    """
+    if not validate:
+        return files, extra, []
+    keep = [is_readable_image(f) for f in files]
+    skipped = [f for f, k in zip(files, keep) if not k]
+    if skipped:
+        shown = ", ".join(os.path.basename(f) for f in skipped[:5])
+        more = "" if len(skipped) <= 5 else f" and {len(skipped) - 5} more"
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable or corrupt image file(s) in "
+            f"{source!r}: {shown}{more}.",
+            stacklevel=3,
+        )
+    files = [f for f, k in zip(files, keep) if k]
+    extra = tuple(
+        None if lst is None else [x for x, k in zip(lst, keep) if k] for lst in extra
+    )
+    return files, extra, skipped
+
+
+def decode_image_file(filename, channels=3):
+    """Reads and decodes a png/jpeg/bmp/gif file to uint8 `(H, W, channels)` (GIF: 1st frame)."""
+    data = tf.io.read_file(filename)
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels])
+    return image
+
+
+def check_channels(channels):
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}.")
+    return channels
+
+
+def files_pipeline(
+    files,
+    image_size,
+    *,
+    labels=None,
+    texts=None,
+    channels=3,
+    batch_size=64,
+    shuffle=True,
+    repeat=False,
+    seed=None,
+    random_flip=False,
+    drop_remainder=True,
+    resize_method="bilinear",
+):
+    """Pipeline over a list of image files (shared by image and caption folders)."""
+    files_t = tf.constant(files, dtype=tf.string)
+    labels_t = None if labels is None else tf.constant(labels, dtype=tf.int32)
+    texts_t = None if texts is None else tf.constant(texts, dtype=tf.string)
+
+    def load(index):
+        image = decode_image_file(files_t[index], channels)
+        element = {
+            "images": transforms.preprocess_image(
+                image, image_size, 255.0, resize_method
+            )
+        }
+        if labels_t is not None:
+            element["labels"] = labels_t[index]
+        if texts_t is not None:
+            element["text"] = texts_t[index]
+        return element
+
+    return transforms.build_indexed_pipeline(
+        len(files),
+        load,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        repeat=repeat,
+        seed=seed,
+        random_flip=random_flip,
+        drop_remainder=drop_remainder,
+        # Safety net for files PIL reads but TensorFlow cannot decode.
+        ignore_errors=True,
+    )
+
+
+def image_folder_dataset(
+    path,
+    image_size,
+    *,
+    channels=3,
+    batch_size=64,
+    shuffle=True,
+    repeat=False,
+    seed=None,
+    random_flip=False,
+    drop_remainder=True,
+    resize_method="bilinear",
+    validate=True,
+):
+    """Images from a folder: labelled by class sub-folder, or unlabelled when flat.
+
+    Args:
+        path: the folder.
+        image_size: output side; images are centre-cropped to a square and resized.
+        channels: 3 (RGB) or 1 (grey); other modes are converted.
+        batch_size: examples per batch, or None for unbatched elements.
+        shuffle: a fresh seeded permutation of the files every epoch.
+        repeat: repeat forever.
+        seed: seed for the order and flips (None: random).
+        random_flip: random horizontal flips.
+        drop_remainder: drop the last partial batch.
+        resize_method: one of `transforms.RESIZE_METHODS`.
+        validate: decode every file once with PIL to skip and count corrupt ones.
+
+    Returns:
+        `(dataset, info)`: batches `{"images": float32 (B, S, S, C) in [-1, 1]}` (0 -> -1,
+        255 -> 1) plus `"labels"` int32 (B,) for class folders; `info.class_names` holds
+        the sorted class names and `info.num_skipped` the count of unreadable files.
+
+    Example:
+        >>> ds, info = image_folder_dataset("photos/", 64, random_flip=True, seed=0)
+    """
+    path = check_folder(path)
+    image_size = transforms.check_image_size(image_size)
+    batch_size = transforms.check_batch_size(batch_size)
+    transforms.check_resize_method(resize_method)
+    check_channels(channels)
+    files, labels, class_names = list_image_folder(path)
+    files, (labels,), skipped = filter_readable(
+        files, labels, validate=validate, source=path
+    )
+    if not files:
+        raise ValueError(f"Image folder {path!r} has no readable images.")
+    ds = files_pipeline(
+        files,
+        image_size,
+        labels=labels,
+        channels=channels,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        repeat=repeat,
+        seed=seed,
+        random_flip=random_flip,
+        drop_remainder=drop_remainder,
+        resize_method=resize_method,
+    )
+    info = DatasetInfo(
+        name=path,
+        image_shape=(image_size, image_size, channels),
+        num_classes=None if class_names is None else len(class_names),
+        class_names=None if class_names is None else tuple(class_names),
+        size=len(files),
+        num_skipped=len(skipped),
+    )
+    return ds, info

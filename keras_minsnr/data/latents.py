@@ -1,0 +1,403 @@
+"""Latent caching: encode a dataset once (e.g. with the Stable Diffusion VAE), train on files.
+
+The Min-SNR paper trains ImageNet-256 models on 32x32x4 VAE latents multiplied by
+0.18215. Encoding every step is wasteful, so `cache_latents` runs the encoder once over a
+finite dataset and writes shards of `.npy` files plus `manifest.json` to `cache_dir`;
+`load_latent_cache` turns them back into a pipeline of batch dicts
+`{"images": latents * scale, "labels"?, "text"?, "context"?}`.
+
+Files in `cache_dir` (each written to a temporary name and renamed, the manifest last, so
+a killed run never leaves a cache that looks complete)::
+
+    manifest.json            {"format", "version", "count", "latent_shape", "scale", ...}
+    latents-00000.npy        float32 (n, h, w, c), already multiplied by `scale`
+    labels-00000.npy         int32 (n,)                       when the data has labels
+    text-00000.json          list of n captions               when the data has text
+    context-00000.npy        float32 (n, L, D)                with `text_encode_fn`
+"""
+
+import glob
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_minsnr.data import transforms
+from keras_minsnr.data.info import DatasetInfo
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = "keras_minsnr.latent_cache"
+CACHE_VERSION = 1
+SD_LATENT_SCALE = 0.18215
+_SHARD_PATTERNS = ("latents-*.npy", "labels-*.npy", "context-*.npy", "text-*.json")
+
+
+def _atomic_write(path, write):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy(path, array):
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _save_json(path, obj):
+    data = json.dumps(obj, indent=2).encode("utf-8")
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def read_manifest(cache_dir):
+    """The manifest of a complete cache in `cache_dir`, or None when there is none."""
+    path = os.path.join(os.fspath(cache_dir), MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path!r} is not a keras_minsnr latent cache manifest.")
+    if manifest.get("version") != CACHE_VERSION:
+        raise ValueError(
+            f"{path!r} has cache version {manifest.get('version')!r}; this library "
+            f"reads version {CACHE_VERSION}. Re-create it with overwrite=True."
+        )
+    for shard in manifest["shards"]:
+        for key in ("latents", "labels", "context", "text"):
+            name = shard.get(key)
+            if name and not os.path.isfile(os.path.join(os.fspath(cache_dir), name)):
+                return None  # a shard went missing: treat as incomplete
+    return manifest
+
+
+def _split_batch(batch):
+    """(images, labels, text) from a batch dict, an (images, labels) tuple or images."""
+    if isinstance(batch, dict):
+        if "images" not in batch:
+            raise ValueError(
+                f"Batches must have an 'images' key; got keys {sorted(batch)}."
+            )
+        return batch["images"], batch.get("labels"), batch.get("text")
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None), None
+    return batch, None, None
+
+
+def _to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def cache_latents(
+    dataset,
+    encode_fn,
+    cache_dir,
+    scale=SD_LATENT_SCALE,
+    text_encode_fn=None,
+    *,
+    info=None,
+    shard_size=50_000,
+    overwrite=False,
+    verbose=1,
+):
+    """Encodes a finite dataset once and writes the scaled latents to `cache_dir`.
+
+    Args:
+        dataset: a finite iterable of batches (a `tf.data.Dataset` from this package,
+            built with `shuffle=False, repeat=False, drop_remainder=False` to keep every
+            example once): dicts with `"images"` in [-1, 1] and optional `"labels"` /
+            `"text"`, `(images, labels)` tuples, or image arrays.
+        encode_fn: any callable or Keras model mapping an image batch (numpy float32
+            `(B, H, W, C)` in [-1, 1]) to latents `(B, h, w, c)`, e.g. the Stable
+            Diffusion VAE encoder (returning the mean or a sample of the posterior).
+        cache_dir: folder for the cache (created if needed).
+        scale: latents are stored multiplied by `scale` (SD VAE: 0.18215).
+        text_encode_fn: optional callable mapping a list of captions (python str) to text
+            embeddings `(B, L, D)`, stored as `"context"`.
+        info: optional `DatasetInfo` of `dataset`, to keep `num_classes`/`class_names`.
+        shard_size: examples per shard file.
+        overwrite: re-encode even when a complete cache exists.
+        verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
+
+    Returns:
+        The manifest dict. A complete cache with the same `scale` and the same kind of
+        content is reused without calling `encode_fn`; a different one raises a
+        `ValueError` unless `overwrite=True`.
+
+    Example:
+        >>> ds, info = image_folder_dataset("imgs/", 256, shuffle=False,
+        ...                                 drop_remainder=False, batch_size=32)
+        >>> cache_latents(ds, vae_encoder, "cache/", info=info)
+        >>> train_ds, latent_info = load_latent_cache("cache/", batch_size=256)
+    """
+    if not callable(encode_fn):
+        raise ValueError(f"encode_fn must be callable, got {encode_fn!r}.")
+    if text_encode_fn is not None and not callable(text_encode_fn):
+        raise ValueError(f"text_encode_fn must be callable, got {text_encode_fn!r}.")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}.")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}.")
+    cache_dir = os.fspath(cache_dir)
+    num_batches = None
+    if isinstance(dataset, tf.data.Dataset):
+        cardinality = int(dataset.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "cache_latents needs a finite dataset; build it with repeat=False."
+            )
+        num_batches = cardinality if cardinality >= 0 else None
+        dataset = dataset.as_numpy_iterator()
+
+    if not overwrite:
+        existing = read_manifest(cache_dir)
+        if existing is not None:
+            if not np.isclose(existing["scale"], scale, rtol=0, atol=1e-12):
+                raise ValueError(
+                    f"The cache in {cache_dir!r} was written with scale "
+                    f"{existing['scale']}, not {scale}; pass overwrite=True or use "
+                    "another cache_dir."
+                )
+            if (existing["context_shape"] is not None) != (text_encode_fn is not None):
+                raise ValueError(
+                    f"The cache in {cache_dir!r} "
+                    f"{'has' if existing['context_shape'] else 'has no'} text "
+                    "embeddings but text_encode_fn says otherwise; pass "
+                    "overwrite=True or use another cache_dir."
+                )
+            if verbose:
+                print(f"Reusing the latent cache in {cache_dir} "
+                      f"({existing['count']} examples).")
+            return existing
+
+    os.makedirs(cache_dir, exist_ok=True)
+    stale = [os.path.join(cache_dir, MANIFEST)]
+    for pattern in _SHARD_PATTERNS:
+        stale += glob.glob(os.path.join(cache_dir, pattern))
+    for path in stale:
+        if os.path.exists(path):
+            os.remove(path)
+
+    shards, pending = [], {"latents": [], "labels": [], "text": [], "context": []}
+    state = {"count": 0, "latent_shape": None, "context_shape": None,
+             "has_labels": None, "has_text": None}
+
+    def flush():
+        if not pending["latents"]:
+            return
+        index = len(shards)
+        shard = {"count": int(sum(len(x) for x in pending["latents"]))}
+        name = f"latents-{index:05d}.npy"
+        _save_npy(os.path.join(cache_dir, name), np.concatenate(pending["latents"]))
+        shard["latents"] = name
+        if state["has_labels"]:
+            name = f"labels-{index:05d}.npy"
+            _save_npy(os.path.join(cache_dir, name), np.concatenate(pending["labels"]))
+            shard["labels"] = name
+        if state["has_text"]:
+            name = f"text-{index:05d}.json"
+            _save_json(os.path.join(cache_dir, name), sum(pending["text"], []))
+            shard["text"] = name
+        if pending["context"]:
+            name = f"context-{index:05d}.npy"
+            _save_npy(os.path.join(cache_dir, name), np.concatenate(pending["context"]))
+            shard["context"] = name
+        shards.append(shard)
+        for value in pending.values():
+            value.clear()
+
+    progbar = keras.utils.Progbar(num_batches, verbose=verbose, unit_name="batch")
+    for step, batch in enumerate(dataset):
+        images, labels, text = _split_batch(batch)
+        images = np.asarray(images, dtype=np.float32)
+        latents = _to_numpy(encode_fn(images)).astype(np.float32) * np.float32(scale)
+        if latents.ndim != 4 or latents.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"encode_fn must map images {images.shape} to latents (B, h, w, c); "
+                f"got shape {latents.shape}."
+            )
+        if state["latent_shape"] is None:
+            state["latent_shape"] = list(latents.shape[1:])
+            state["has_labels"] = labels is not None
+            state["has_text"] = text is not None
+        elif list(latents.shape[1:]) != state["latent_shape"]:
+            raise ValueError(
+                f"Latent shape changed from {state['latent_shape']} to "
+                f"{list(latents.shape[1:])} at batch {step}."
+            )
+        pending["latents"].append(latents)
+        if state["has_labels"]:
+            pending["labels"].append(np.asarray(labels).astype(np.int32).reshape(-1))
+        if state["has_text"]:
+            captions = [
+                t.decode("utf-8") if isinstance(t, bytes) else str(t)
+                for t in np.asarray(text).reshape(-1).tolist()
+            ]
+            pending["text"].append(captions)
+            if text_encode_fn is not None:
+                context = _to_numpy(text_encode_fn(captions)).astype(np.float32)
+                if context.ndim != 3 or context.shape[0] != len(captions):
+                    raise ValueError(
+                        "text_encode_fn must map B captions to (B, L, D); got shape "
+                        f"{context.shape}."
+                    )
+                state["context_shape"] = list(context.shape[1:])
+                pending["context"].append(context)
+        elif text_encode_fn is not None:
+            raise ValueError("text_encode_fn was given but the batches carry no 'text'.")
+        state["count"] += latents.shape[0]
+        if sum(len(x) for x in pending["latents"]) >= shard_size:
+            flush()
+        progbar.update(step + 1)
+    flush()
+    if state["count"] == 0:
+        raise ValueError("cache_latents got an empty dataset.")
+
+    manifest = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "count": int(state["count"]),
+        "latent_shape": state["latent_shape"],
+        "dtype": "float32",
+        "scale": float(scale),
+        "has_labels": bool(state["has_labels"]),
+        "has_text": bool(state["has_text"]),
+        "context_shape": state["context_shape"],
+        "num_classes": None if info is None else info.num_classes,
+        "class_names": None if info is None or info.class_names is None
+        else list(info.class_names),
+        "source_image_shape": None if info is None else list(info.image_shape),
+        "shards": shards,
+    }
+    _save_json(os.path.join(cache_dir, MANIFEST), manifest)
+    return manifest
+
+
+def load_latent_cache(
+    cache_dir,
+    batch_size=64,
+    *,
+    shuffle=True,
+    repeat=False,
+    seed=None,
+    drop_remainder=True,
+):
+    """A pipeline of batch dicts over a cache written by `cache_latents`.
+
+    Args:
+        cache_dir: the cache folder (must hold a complete `manifest.json`).
+        batch_size: examples per batch.
+        shuffle: a fresh seeded permutation of all examples every epoch.
+        repeat: repeat forever.
+        seed: seed for the order (None: random).
+        drop_remainder: drop the last partial batch.
+
+    Returns:
+        `(dataset, info)`: batches `{"images": float32 (B, h, w, c)}` (latents already
+        multiplied by the cache's scale), plus `"labels"` int32 (B,), `"text"` tf.string
+        (B,) and `"context"` float32 (B, L, D) when cached; `info.latent_scale` holds the
+        scale (divide by it before decoding).
+
+    Example:
+        >>> ds, info = load_latent_cache("cache/", batch_size=256, repeat=True, seed=0)
+    """
+    cache_dir = os.fspath(cache_dir)
+    if not os.path.isdir(cache_dir):
+        raise FileNotFoundError(f"Latent cache folder {cache_dir!r} does not exist.")
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{cache_dir!r} holds no complete latent cache (no valid {MANIFEST}); "
+            "run cache_latents(...) first."
+        )
+    batch_size = transforms.check_batch_size(batch_size)
+    if batch_size is None:
+        raise ValueError("load_latent_cache needs a batch_size, got None.")
+    seed = transforms.resolve_seed(seed)
+
+    def load(key):
+        return [np.load(os.path.join(cache_dir, s[key]), mmap_mode="r")
+                for s in manifest["shards"]]
+
+    latents = load("latents")
+    labels = load("labels") if manifest["has_labels"] else None
+    context = load("context") if manifest["context_shape"] else None
+    texts = None
+    if manifest["has_text"]:
+        texts = []
+        for s in manifest["shards"]:
+            with open(os.path.join(cache_dir, s["text"]), encoding="utf-8") as f:
+                texts.extend(t.encode("utf-8") for t in json.load(f))
+        texts = np.asarray(texts, dtype=object)
+    starts = np.cumsum([0] + [len(x) for x in latents])
+    count = int(starts[-1])
+
+    def gather(arrays, index):
+        shard = np.searchsorted(starts, index, side="right") - 1
+        out = np.empty((len(index),) + arrays[0].shape[1:], arrays[0].dtype)
+        for s in np.unique(shard):
+            where = shard == s
+            local = index[where] - starts[s]
+            order = np.argsort(local)  # sorted reads are kinder to memory maps
+            out[np.flatnonzero(where)[order]] = arrays[s][local[order]]
+        return out
+
+    def batches():
+        epoch = 0
+        while True:
+            if shuffle:
+                order = np.random.default_rng([seed, epoch]).permutation(count)
+            else:
+                order = np.arange(count)
+            stop = count - count % batch_size if drop_remainder else count
+            for begin in range(0, stop, batch_size):
+                index = order[begin : begin + batch_size]
+                batch = {"images": gather(latents, index)}
+                if labels is not None:
+                    batch["labels"] = gather(labels, index)
+                if texts is not None:
+                    batch["text"] = texts[index]
+                if context is not None:
+                    batch["context"] = gather(context, index)
+                yield batch
+            epoch += 1
+            if not repeat:
+                return
+
+    batch_dim = batch_size if drop_remainder else None
+    signature = {
+        "images": tf.TensorSpec(
+            (batch_dim, *manifest["latent_shape"]), tf.float32
+        )
+    }
+    if labels is not None:
+        signature["labels"] = tf.TensorSpec((batch_dim,), tf.int32)
+    if texts is not None:
+        signature["text"] = tf.TensorSpec((batch_dim,), tf.string)
+    if context is not None:
+        signature["context"] = tf.TensorSpec(
+            (batch_dim, *manifest["context_shape"]), tf.float32
+        )
+    ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    if repeat:
+        num = tf.data.INFINITE_CARDINALITY
+    else:
+        num = count // batch_size if drop_remainder else -(-count // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(num))
+    ds = transforms.finalize(ds, None)
+    info = DatasetInfo(
+        name=cache_dir,
+        image_shape=tuple(manifest["latent_shape"]),
+        num_classes=manifest["num_classes"],
+        class_names=None if manifest["class_names"] is None
+        else tuple(manifest["class_names"]),
+        size=count,
+        has_text=manifest["has_text"],
+        latent_scale=manifest["scale"],
+        context_shape=None if manifest["context_shape"] is None
+        else tuple(manifest["context_shape"]),
+    )
+    return ds, info
