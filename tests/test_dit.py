@@ -1,0 +1,403 @@
+"""DiT (adaLN-Zero) and the in-context ViT: shapes, init, references, presets, errors."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_minsnr import backbones
+from keras_minsnr.backbones import dit
+
+TINY = dict(image_shape=(8, 8, 3), patch_size=2, hidden_size=32, depth=2, num_heads=4)
+
+
+def _inputs(batch=3, shape=(8, 8, 3), num_classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch,) + tuple(shape)).astype("float32")
+    t = rng.integers(0, 1000, size=(batch,)).astype("int32")
+    y = rng.integers(0, num_classes + 1, size=(batch,)).astype("int32")
+    return {"x": x, "t": t, "y": y}
+
+
+def _randomize(model, seed=1, scale=0.1):
+    """Replaces every weight by noise so zero-initialised paths carry signal."""
+    rng = np.random.default_rng(seed)
+    model.set_weights(
+        [scale * rng.standard_normal(w.shape).astype("float32") for w in model.get_weights()]
+    )
+
+
+# --------------------------------------------------------------------------------------
+# independent float64 references
+
+
+def _layer_norm(x, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps)
+
+
+def _softmax(a):
+    a = a - a.max(-1, keepdims=True)
+    e = np.exp(a)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _attention_reference(x, qkv_w, qkv_b, proj_w, proj_b, heads):
+    b, n, d = x.shape
+    hd = d // heads
+    qkv = x @ qkv_w + qkv_b
+    q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
+    split = lambda a: a.reshape(b, n, heads, hd).transpose(0, 2, 1, 3)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    att = _softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd))
+    out = (att @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+    return out @ proj_w + proj_b
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _f64(layer_weight):
+    return np.asarray(keras.ops.convert_to_numpy(layer_weight), dtype=np.float64)
+
+
+def _count_reference(image_shape, patch_size, hidden_size, depth, mlp_ratio=4.0,
+                     num_classes=1000, conditioning_mode="adaln_zero",
+                     frequency_dim=256, **_):
+    """Parameter count written from the two architectures' descriptions."""
+    h, w, c = image_shape
+    d, p = hidden_size, patch_size
+    m = int(d * mlp_ratio)
+    n = (h // p) * (w // p)
+    out = p * p * c
+    total = p * p * c * d + d  # patch embedding
+    total += frequency_dim * d + d + d * d + d  # timestep MLP
+    if num_classes:
+        total += (num_classes + 1) * d  # class table with the null row
+    attention = 3 * d * d + 3 * d + d * d + d
+    mlp = d * m + m + m * d + d
+    if conditioning_mode == "adaln_zero":
+        total += n * d  # fixed sin-cos positions (stored, not trained)
+        total += depth * (attention + mlp + d * 6 * d + 6 * d)
+        total += d * 2 * d + 2 * d + d * out + out  # adaLN final layer
+    else:
+        extra = 1 + bool(num_classes)
+        total += (n + extra) * d  # learned positions
+        total += depth * (attention + mlp + 4 * d)  # two affine LayerNorms
+        total += 2 * d + d * out + out  # final LayerNorm + head
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# shapes, init
+
+
+@pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
+@pytest.mark.parametrize("num_classes", [10, None])
+def test_output_shape_and_finite(mode, num_classes):
+    model = dit.DiT(**TINY, num_classes=num_classes, conditioning_mode=mode)
+    _randomize(model)
+    inputs = _inputs()
+    if num_classes is None:
+        inputs.pop("y")
+    out = keras.ops.convert_to_numpy(model(inputs))
+    assert out.shape == (3, 8, 8, 3)
+    assert out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+    assert np.std(out) > 0
+    assert model.image_shape == (8, 8, 3)
+    assert model.conditioning == ("class" if num_classes else None)
+    assert model.num_classes == num_classes
+    # Compiled path (jit on JAX, tf.function on TF) with an unknown batch size.
+    compiled = model.predict(inputs, batch_size=2, verbose=0)
+    np.testing.assert_allclose(compiled, out, rtol=1e-4, atol=1e-5)
+
+
+def test_non_square_images_and_patch_4():
+    model = dit.DiT(
+        image_shape=(8, 16, 2), patch_size=4, hidden_size=16, depth=1, num_heads=2,
+        num_classes=3, conditioning_mode="in_context",
+    )
+    _randomize(model)
+    out = keras.ops.convert_to_numpy(model(_inputs(2, (8, 16, 2), 3)))
+    assert out.shape == (2, 8, 16, 2)
+    assert np.all(np.isfinite(out))
+
+
+def test_adaln_zero_block_starts_as_identity():
+    block = dit.DiTBlock(32, num_heads=4)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 32)).astype("float32")
+    c = rng.standard_normal((2, 32)).astype("float32")
+    out = keras.ops.convert_to_numpy(block(x, c))
+    np.testing.assert_array_equal(out, x)
+    # Its attention and MLP branches are not trivial; only the zero gates hide them.
+    assert np.abs(keras.ops.convert_to_numpy(block.attn(x))).max() > 1e-3
+
+
+def test_adaln_model_outputs_zeros_at_init():
+    model = dit.DiT(**TINY, num_classes=10)
+    out = keras.ops.convert_to_numpy(model(_inputs()))
+    np.testing.assert_array_equal(out, np.zeros_like(out))
+
+
+def test_in_context_head_starts_small_but_not_zero():
+    model = dit.DiT(**TINY, num_classes=10, conditioning_mode="in_context")
+    out = np.abs(keras.ops.convert_to_numpy(model(_inputs())))
+    assert 0 < out.max() < 1e-2
+
+
+def test_null_class_row():
+    model = dit.DiT(**TINY, num_classes=10, conditioning_mode="in_context")
+    assert tuple(model.y_embedder.embeddings.shape) == (11, 32)
+    _randomize(model)
+    inputs = _inputs()
+    null = dict(inputs, y=np.full((3,), 10, "int32"))
+    missing = {"x": inputs["x"], "t": inputs["t"]}
+    label0 = dict(inputs, y=np.zeros((3,), "int32"))
+    out_null = keras.ops.convert_to_numpy(model(null))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(missing)), out_null)
+    assert np.abs(keras.ops.convert_to_numpy(model(label0)) - out_null).max() > 1e-4
+
+
+def test_unconditional_has_no_class_table():
+    for mode in dit.CONDITIONING_MODES:
+        for num_classes in (None, 0):
+            model = dit.DiT(**TINY, num_classes=num_classes, conditioning_mode=mode)
+            assert model.y_embedder is None
+            assert model.conditioning is None
+
+
+# --------------------------------------------------------------------------------------
+# numbers against float64 references
+
+
+def test_sincos_position_embedding_matches_dit_formula():
+    dim, gh, gw = 16, 3, 5
+    # DiT / MAE construction: meshgrid(w, h); first half from grid[0], second from grid[1].
+    grid = np.stack(np.meshgrid(np.arange(gw, dtype=float), np.arange(gh, dtype=float)))
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4.0))
+
+    def one_d(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    reference = np.concatenate([one_d(grid[0]), one_d(grid[1])], axis=1)
+    np.testing.assert_allclose(
+        dit.sincos_position_embedding_2d(dim, gh, gw), reference, rtol=1e-12, atol=1e-12
+    )
+    model = dit.DiT(image_shape=(6, 10, 1), patch_size=2, hidden_size=16, depth=1,
+                    num_heads=2, num_classes=None)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model.pos_embed)[0], reference, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_unpatchify_matches_loop_reference():
+    gh, gw, p, c = 2, 3, 2, 3
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((2, gh * gw, p * p * c)).astype("float32")
+    reference = np.zeros((2, gh * p, gw * p, c), "float32")
+    for i in range(gh):
+        for j in range(gw):
+            patch = tokens[:, i * gw + j].reshape(2, p, p, c)
+            reference[:, i * p : (i + 1) * p, j * p : (j + 1) * p] = patch
+    out = keras.ops.convert_to_numpy(dit.unpatchify(tokens, gh, gw, p, c))
+    np.testing.assert_array_equal(out, reference)
+
+
+def test_self_attention_matches_numpy():
+    layer = dit.SelfAttention(32, num_heads=4)
+    x = np.random.default_rng(0).standard_normal((2, 7, 32)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(x))
+    reference = _attention_reference(
+        x.astype(np.float64), _f64(layer.qkv.kernel), _f64(layer.qkv.bias),
+        _f64(layer.proj.kernel), _f64(layer.proj.bias), heads=4,
+    )
+    np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_dit_block_matches_numpy_with_nonzero_modulation():
+    block = dit.DiTBlock(16, num_heads=2, mlp_ratio=2.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 16)).astype("float32")
+    c = rng.standard_normal((2, 16)).astype("float32")
+    block(x, c)
+    block.modulation.kernel.assign(0.3 * rng.standard_normal((16, 96)).astype("float32"))
+    block.modulation.bias.assign(0.3 * rng.standard_normal((96,)).astype("float32"))
+    out = keras.ops.convert_to_numpy(block(x, c))
+
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    silu = c64 / (1 + np.exp(-c64))
+    mod = silu @ _f64(block.modulation.kernel) + _f64(block.modulation.bias)
+    sh1, sc1, g1, sh2, sc2, g2 = np.split(mod, 6, axis=-1)
+    h = _layer_norm(x64) * (1 + sc1[:, None]) + sh1[:, None]
+    attn = block.attn
+    h = _attention_reference(
+        h, _f64(attn.qkv.kernel), _f64(attn.qkv.bias), _f64(attn.proj.kernel),
+        _f64(attn.proj.bias), heads=2,
+    )
+    y = x64 + g1[:, None] * h
+    h = _layer_norm(y) * (1 + sc2[:, None]) + sh2[:, None]
+    h = _gelu_tanh(h @ _f64(block.fc1.kernel) + _f64(block.fc1.bias))
+    h = h @ _f64(block.fc2.kernel) + _f64(block.fc2.bias)
+    reference = y + g2[:, None] * h
+    np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_in_context_tokens_reach_the_patches():
+    """The timestep only enters through its extra token, so changing t changes x."""
+    model = dit.DiT(**TINY, num_classes=None, conditioning_mode="in_context")
+    _randomize(model)
+    inputs = _inputs()
+    inputs.pop("y")
+    a = keras.ops.convert_to_numpy(model(inputs))
+    b = keras.ops.convert_to_numpy(model(dict(inputs, t=inputs["t"] + 1)))
+    assert np.abs(a - b).max() > 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# serialization, mixed precision
+
+
+@pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
+def test_keras_file_round_trip(tmp_path, mode):
+    model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
+    _randomize(model)
+    inputs = _inputs()
+    expected = keras.ops.convert_to_numpy(model(inputs))
+    path = os.path.join(tmp_path, "dit.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored, dit.DiT)
+    assert restored.get_config() == model.get_config()
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored(inputs)), expected)
+    assert restored.image_shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
+def test_mixed_bfloat16(mode):
+    reference = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
+    _randomize(reference)
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
+    assert model.compute_dtype == "bfloat16"
+    assert all(w.dtype == "float32" for w in model.weights)
+    model.set_weights(reference.get_weights())
+    inputs = _inputs()
+    out = model(inputs)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    out = keras.ops.convert_to_numpy(out)
+    assert np.all(np.isfinite(out))
+    expected = keras.ops.convert_to_numpy(reference(inputs))
+    # bfloat16 keeps ~3 significant digits.
+    assert np.abs(out - expected).max() < 0.05 * np.abs(expected).max() + 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(image_shape=(10, 8, 3), patch_size=4), "not divisible by patch_size=4"),
+        (dict(conditioning_mode="cross_attention"), "cross_attention"),
+        (dict(hidden_size=30, num_heads=4), "hidden_size=30"),
+        (dict(hidden_size=18, num_heads=2), "divisible by 4"),
+        (dict(depth=0), "depth=0"),
+        (dict(patch_size=0), "patch_size=0"),
+        (dict(image_shape=(8, 8)), r"\(8, 8\)"),
+        (dict(num_classes=-1), "num_classes=-1"),
+        (dict(mlp_ratio=0), "mlp_ratio"),
+    ],
+)
+def test_bad_construction(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        dit.DiT(**{**TINY, **overrides})
+
+
+def test_bad_inputs():
+    model = dit.DiT(**TINY, num_classes=10)
+    good = _inputs()
+    with pytest.raises(ValueError, match="rank 4"):
+        model(dict(good, x=good["x"][0]))
+    with pytest.raises(ValueError, match=r"axis 3 is 1, expected 3"):
+        model(dict(good, x=good["x"][..., :1]))
+    with pytest.raises(ValueError, match=r"axis 1 is 6, expected 8"):
+        model(dict(good, x=good["x"][:, :6]))
+    with pytest.raises(ValueError, match="'t'"):
+        model(dict(good, t=good["t"][:, None]))
+    with pytest.raises(ValueError, match="'x', 't'"):
+        model({"x": good["x"]})
+    with pytest.raises(ValueError, match="'x', 't'"):
+        model(good["x"])
+
+
+# --------------------------------------------------------------------------------------
+# presets and the registry
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(TINY, num_classes=10),
+        dict(TINY, num_classes=None),
+        dict(TINY, num_classes=7, conditioning_mode="in_context"),
+        dict(TINY, num_classes=None, conditioning_mode="in_context"),
+        dict(image_shape=(8, 12, 2), patch_size=4, hidden_size=24, depth=3, num_heads=3,
+             mlp_ratio=2.0, num_classes=5, frequency_dim=32,
+             conditioning_mode="in_context"),
+    ],
+)
+def test_count_reference_matches_built_models(config):
+    assert dit.DiT(**config).count_params() == _count_reference(**config)
+
+
+PAPER = {
+    "dit_s_2": 33e6, "dit_b_2": 130e6, "dit_l_2": 458e6, "dit_xl_2": 675e6,
+    "vit_l_4_in64": 269e6, "vit_xl_2_in256": 451e6,
+}
+
+
+def test_preset_parameter_counts_match_the_papers():
+    assert set(dit.PRESETS) == set(PAPER) | {"vit_b_2_in256"}
+    for name, preset in dit.PRESETS.items():
+        assert preset["class"] is dit.DiT
+        assert preset["paper_params"] == (int(PAPER[name]) if name in PAPER else None)
+        count = _count_reference(**preset["config"])
+        if name in PAPER:
+            assert abs(count / PAPER[name] - 1) < 0.01, (name, count)
+    config = dit.PRESETS["vit_l_4_in64"]["config"]
+    assert (config["depth"], config["hidden_size"], config["num_heads"]) == (21, 1024, 16)
+    assert tuple(config["image_shape"]) == (64, 64, 3) and config["patch_size"] == 4
+    config = dit.PRESETS["vit_xl_2_in256"]["config"]
+    assert (config["depth"], config["hidden_size"], config["num_heads"]) == (28, 1152, 16)
+    config = dit.PRESETS["vit_b_2_in256"]["config"]
+    assert (config["depth"], config["hidden_size"]) == (12, 768)
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("name", ["dit_xl_2", "vit_l_4_in64"])
+def test_full_preset_builds_with_paper_count(name):
+    model = backbones.get(name)
+    count = model.count_params()
+    assert count == _count_reference(**dit.PRESETS[name]["config"])
+    assert abs(count / PAPER[name] - 1) < 0.01
+
+
+def test_registry_get_with_overrides_and_unknown_name():
+    model = backbones.get("dit_s_2", depth=1, hidden_size=32, num_heads=2, num_classes=4)
+    assert isinstance(model, dit.DiT)
+    assert (model.depth, model.hidden_size, model.num_heads) == (1, 32, 2)
+    assert model.num_classes == 4 and model.patch_size == 2
+    assert model.image_shape == (32, 32, 4)
+    vit = backbones.get("vit_l_4_in64", depth=1, hidden_size=32, num_heads=2)
+    assert vit.conditioning_mode == "in_context" and vit.image_shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="dit_s_2") as info:
+        backbones.get("dit_s_3")
+    assert "dit_s_3" in str(info.value)
