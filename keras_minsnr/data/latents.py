@@ -118,7 +118,8 @@ def cache_latents(
         text_encode_fn: optional callable mapping a list of captions (python str) to text
             embeddings `(B, L, D)`, stored as `"context"`.
         info: optional `DatasetInfo` of `dataset`, to keep `num_classes`/`class_names`.
-        shard_size: examples per shard file.
+        shard_size: a shard file is written once it holds at least this many examples
+            (shards hold whole batches).
         overwrite: re-encode even when a complete cache exists.
         verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
 
