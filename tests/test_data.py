@@ -130,10 +130,12 @@ def test_shuffle_is_a_fresh_permutation_each_epoch():
     assert _hashes(first) != _hashes(plain["images"])
 
 
-def test_random_flip_flips_about_half_and_only_horizontally():
+@pytest.mark.parametrize("batch_size", [None, 100])
+def test_random_flip_flips_about_half_and_only_horizontally(batch_size):
     plain = _epoch(kd.load_digits(shuffle=False, batch_size=None)[0].batch(2000))
-    ds, _ = kd.load_digits(shuffle=False, batch_size=None, random_flip=True, seed=1)
-    flipped = _epoch(ds.batch(2000))
+    ds, _ = kd.load_digits(shuffle=False, batch_size=batch_size, random_flip=True,
+                           seed=1, drop_remainder=False)
+    flipped = _epoch(ds if batch_size else ds.batch(2000))
     same = np.all(flipped["images"] == plain["images"], axis=(1, 2, 3))
     mirrored = np.all(flipped["images"] == plain["images"][:, :, ::-1], axis=(1, 2, 3))
     assert np.all(same | mirrored)

@@ -82,18 +82,11 @@ def load_digits(
     images = tf.constant(
         (images[..., None] / (DIGITS_MAX_VALUE / 2.0) - 1.0).astype(np.float32)
     )
-    labels = tf.constant(labels)
-
-    def load(index):
-        image = images[index]
-        if image_size != 8:
-            image = transforms.resize_square(image, image_size, resize_method)
-            image = tf.clip_by_value(image, -1.0, 1.0)
-        return {"images": image, "labels": labels[index]}
-
-    ds = transforms.build_indexed_pipeline(
-        int(images.shape[0]),
-        load,
+    if image_size != 8:
+        images = transforms.resize_images(images, image_size, resize_method)
+        images = tf.clip_by_value(images, -1.0, 1.0)
+    ds = transforms.build_array_pipeline(
+        {"images": images, "labels": tf.constant(labels)},
         batch_size=batch_size,
         shuffle=shuffle,
         repeat=repeat,

@@ -44,21 +44,32 @@ def _builder(name, data_dir):
         ) from None
 
 
-def _where_message(builder, name, data_dir, manual_dir):
+def _default_manual_dir(data_dir):
+    # Where TFDS looks when no manual_dir is given.
+    return os.path.join(
+        os.path.expanduser(data_dir or DEFAULT_DATA_DIR), "downloads", "manual"
+    )
+
+
+def _where_message(builder, name, data_dir, manual_dir, download=False):
     target = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
     lines = [
         f"TFDS dataset {name!r} is not prepared in data_dir {target!r} "
         f"(expected {builder.data_dir!r}).",
-        f"  * Prepare it on a machine with internet (`tfds build {name} --data_dir DIR`"
-        f" or tfds.builder({name!r}).download_and_prepare()) and copy DIR/"
-        f"{builder.name} to {target!r}, then pass data_dir={target!r};",
-        "  * or pass download=True here to download and prepare it (needs internet).",
+        f"  * Prepare it (`tfds build {name} --data_dir DIR"
+        + (" --manual_dir M`" if manual else "` on a machine with internet")
+        + f") and copy DIR/{builder.name} to {target!r}, then pass data_dir={target!r};",
     ]
-    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    if not download and not manual:
         lines.append(
-            f"  * {name!r} needs a manual download: place the files below in a folder "
-            f"and pass manual_dir=... (got {manual_dir!r}).\n"
-            + builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()
+            "  * or pass download=True here to download and prepare it (needs internet)."
+        )
+    if manual:
+        lines.append(
+            f"  * or place the files below in a folder, pass manual_dir=that folder "
+            f"(got {manual_dir!r}; default {_default_manual_dir(data_dir)!r}) and "
+            "download=True to prepare them here:\n  " + manual.strip()
         )
     return "\n".join(lines)
 
@@ -66,9 +77,10 @@ def _where_message(builder, name, data_dir, manual_dir):
 def _prepare(builder, name, data_dir, manual_dir):
     tfds = _tfds()
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-        if manual_dir is None or not os.path.isdir(os.path.expanduser(manual_dir)):
+        folder = manual_dir or _default_manual_dir(data_dir)
+        if not os.path.isdir(os.path.expanduser(folder)):
             raise DatasetNotPreparedError(
-                _where_message(builder, name, data_dir, manual_dir)
+                _where_message(builder, name, data_dir, manual_dir, download=True)
             )
     config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else os.path.expanduser(manual_dir)
@@ -78,7 +90,7 @@ def _prepare(builder, name, data_dir, manual_dir):
     except Exception as err:  # network errors come in many types
         raise DatasetNotPreparedError(
             f"Could not download and prepare {name!r}: {type(err).__name__}: {err}\n"
-            + _where_message(builder, name, data_dir, manual_dir)
+            + _where_message(builder, name, data_dir, manual_dir, download=True)
         ) from err
 
 

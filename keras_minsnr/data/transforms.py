@@ -100,19 +100,24 @@ def resize_square(image, image_size, method="bilinear"):
     """
     channels = image.shape[-1]
     side = tf.shape(image)[0]
-
-    def _resize():
-        out = tf.image.resize(
-            image,
-            [image_size, image_size],
-            method=method,
-            antialias=method != "area" and method != "nearest",
-        )
-        return tf.cast(out, image.dtype)
-
-    out = tf.cond(tf.equal(side, image_size), lambda: image, _resize)
+    out = tf.cond(
+        tf.equal(side, image_size),
+        lambda: image,
+        lambda: resize_images(image, image_size, method),
+    )
     out.set_shape([image_size, image_size, channels])
     return out
+
+
+def resize_images(images, image_size, method="bilinear"):
+    """`tf.image.resize` to a square with this module's filter choice (3-D or 4-D input)."""
+    out = tf.image.resize(
+        images,
+        [image_size, image_size],
+        method=method,
+        antialias=method not in ("area", "nearest"),
+    )
+    return tf.cast(out, images.dtype)
 
 
 def center_crop_and_resize(image, image_size, method="bilinear"):
@@ -160,6 +165,25 @@ def index_dataset(num_examples, shuffle=False, repeat=False, seed=0):
     return ds.apply(
         tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)
     )
+
+
+def random_flip_batches(ds, seed, key="images"):
+    """Like `random_flip_images` for batched `(B, H, W, C)` elements.
+
+    Batch `k` flips example `i` when `stateless_uniform([B], seed=(seed, k))[i] < 1/2`.
+    """
+
+    def flip(position, element):
+        element = dict(element)
+        images = element[key]
+        draws = tf.random.stateless_uniform(
+            tf.shape(images)[:1], seed=tf.stack([tf.cast(seed, tf.int64), position])
+        )
+        mirrored = tf.reverse(images, axis=[2])
+        element[key] = tf.where(draws[:, None, None, None] < 0.5, mirrored, images)
+        return element
+
+    return ds.enumerate().map(flip, num_parallel_calls=AUTOTUNE)
 
 
 def random_flip_images(ds, seed, key="images"):
@@ -227,3 +251,35 @@ def build_indexed_pipeline(
     if random_flip:
         ds = random_flip_images(ds, seed)
     return finalize(ds, batch_size, drop_remainder)
+
+
+def build_array_pipeline(
+    arrays,
+    *,
+    batch_size=None,
+    shuffle=False,
+    repeat=False,
+    seed=None,
+    random_flip=False,
+    drop_remainder=True,
+):
+    """The pipeline for in-memory data: whole batches are gathered at once.
+
+    Args:
+        arrays: dict of tensors with equal first dimension (must hold `"images"`).
+        batch_size, shuffle, repeat, seed, random_flip, drop_remainder: as in
+            `build_indexed_pipeline`.
+    """
+    seed = resolve_seed(seed)
+    num_examples = int(arrays["images"].shape[0])
+    ds = index_dataset(num_examples, shuffle=shuffle, repeat=repeat, seed=seed)
+    if batch_size is not None:
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(
+        lambda index: {k: tf.gather(v, index) for k, v in arrays.items()},
+        num_parallel_calls=AUTOTUNE,
+    )
+    if random_flip:
+        flip = random_flip_images if batch_size is None else random_flip_batches
+        ds = flip(ds, seed)
+    return finalize(ds, None)
