@@ -1,7 +1,10 @@
 """keras_minsnr: Min-SNR-gamma diffusion training for Keras 3 (TensorFlow and JAX)."""
 
 from keras_minsnr import backbones
+from keras_minsnr import samplers
 from keras_minsnr import weighting
+from keras_minsnr.diffusion_model import DiffusionModel
+from keras_minsnr.samplers import SAMPLERS
 from keras_minsnr.schedules import PREDICTION_TYPES
 from keras_minsnr.schedules import SCHEDULES
 from keras_minsnr.schedules import NoiseSchedule

@@ -1,0 +1,162 @@
+"""The only backend-specific code: gradient tape on TensorFlow, stateless steps on JAX.
+
+`DiffusionModel` describes one training step as a pure function of a batch
+(`DiffusionModel.compute_training_loss`) that reads variables and draws random numbers
+through Keras. This module turns it into a train / test step for each backend:
+
+- TensorFlow: `tf.GradientTape`, then the optimizer and EMA update run inside a `tf.cond`
+  so a non-finite loss leaves every variable untouched.
+- JAX: the same function under a `keras.StatelessScope`, differentiated with
+  `jax.value_and_grad`; a non-finite loss selects the old state.
+
+It also compiles sampling steps (`compile_function`).
+"""
+
+import keras
+from keras import ops
+
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def check_backend():
+    backend = keras.backend.backend()
+    if backend not in SUPPORTED_BACKENDS:
+        raise RuntimeError(
+            f"keras_minsnr supports the Keras backends {', '.join(SUPPORTED_BACKENDS)}; "
+            f"the current backend is {backend!r}. Set KERAS_BACKEND=jax or "
+            "KERAS_BACKEND=tensorflow before importing keras."
+        )
+    return backend
+
+
+def compile_function(fn):
+    """Compiles a pure function of tensors (`jax.jit` / `tf.function` with XLA off)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn, reduce_retracing=True)
+
+
+def _ema_update(model, ema_values, trainable_values, step):
+    decay = model.ema_decay_at(step)
+    return [
+        ops.cast(decay, e.dtype) * e + ops.cast(1.0 - decay, e.dtype) * ops.cast(v, e.dtype)
+        for e, v in zip(ema_values, trainable_values)
+    ]
+
+
+# -- TensorFlow ------------------------------------------------------------------------
+
+
+def train_step_tensorflow(model, data):
+    import tensorflow as tf
+
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        loss, aux = model.compute_training_loss(data, training=True)
+        scaled_loss = model.optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled_loss, variables)
+    finite = tf.math.is_finite(loss)
+
+    def apply():
+        model.optimizer.apply(grads, variables)
+        if model.ema_weights:
+            step = model.optimizer.iterations
+            new_ema = _ema_update(model, model.ema_weights, variables, step)
+            for ema, value in zip(model.ema_weights, new_ema):
+                ema.assign(value)
+        return tf.constant(True)
+
+    tf.cond(finite, apply, lambda: tf.constant(False))
+    return model.update_metrics(loss, aux)
+
+
+def test_step_tensorflow(model, data):
+    loss, aux = model.compute_evaluation_loss(data)
+    return model.update_metrics(loss, aux)
+
+
+# -- JAX --------------------------------------------------------------------------------
+
+
+def _stateless(model, trainable, non_trainable, fn, extra_mapping=()):
+    """Runs ``fn()`` with the model's variables bound to the given values.
+
+    Returns ``fn``'s result and the new values of the non-trainable variables (the seed
+    generator advances in there).
+    """
+    mapping = list(zip(model.trainable_variables, trainable))
+    mapping += list(zip(model.non_trainable_variables, non_trainable))
+    mapping += list(extra_mapping)
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        result = fn()
+    new_non_trainable = [
+        _current(scope, v, old) for v, old in zip(model.non_trainable_variables, non_trainable)
+    ]
+    return result, new_non_trainable
+
+
+def _current(scope, variable, fallback):
+    value = scope.get_current_value(variable)
+    return fallback if value is None else value
+
+
+def _update_metrics_stateless(model, metrics_values, loss, aux):
+    mapping = list(zip(model.metrics_variables, metrics_values))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        logs = model.update_metrics(loss, aux)
+    new = [_current(scope, v, old) for v, old in zip(model.metrics_variables, metrics_values)]
+    return logs, new
+
+
+def train_step_jax(model, state, data):
+    import jax
+
+    trainable, non_trainable, optimizer_values, metrics_values = state
+    optimizer_mapping = list(zip(model.optimizer.variables, optimizer_values))
+
+    def loss_fn(trainable_values):
+        def forward():
+            loss, aux = model.compute_training_loss(data, training=True)
+            return model.optimizer.scale_loss(loss), (loss, aux)
+
+        (scaled, (loss, aux)), new_nt = _stateless(
+            model, trainable_values, non_trainable, forward, optimizer_mapping
+        )
+        return scaled, (loss, aux, new_nt)
+
+    (_, (loss, aux, new_non_trainable)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable
+    )
+    new_trainable, new_optimizer = model.optimizer.stateless_apply(
+        optimizer_values, grads, trainable
+    )
+    # A non-finite loss keeps the old weights, optimizer state and EMA (the seed still
+    # advances so the next step draws fresh noise).
+    finite = jax.numpy.isfinite(loss)
+    keep = lambda new, old: jax.numpy.where(finite, new, old)  # noqa: E731
+    if model.ema_weights:
+        position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        ema_positions = [position[id(v)] for v in model.ema_weights]
+        optimizer_ids = [id(v) for v in model.optimizer.variables]
+        step = new_optimizer[optimizer_ids.index(id(model.optimizer.iterations))]
+        old_ema = [non_trainable[i] for i in ema_positions]
+        new_ema = _ema_update(model, old_ema, new_trainable, step)
+        for i, new, old in zip(ema_positions, new_ema, old_ema):
+            new_non_trainable[i] = keep(new, old)
+    new_trainable = jax.tree_util.tree_map(keep, new_trainable, trainable)
+    new_optimizer = jax.tree_util.tree_map(keep, new_optimizer, optimizer_values)
+    logs, new_metrics = _update_metrics_stateless(model, metrics_values, loss, aux)
+    return logs, (new_trainable, new_non_trainable, new_optimizer, new_metrics)
+
+
+def test_step_jax(model, state, data):
+    trainable, non_trainable, metrics_values = state
+    (loss, aux), new_non_trainable = _stateless(
+        model, trainable, non_trainable, lambda: model.compute_evaluation_loss(data)
+    )
+    logs, new_metrics = _update_metrics_stateless(model, metrics_values, loss, aux)
+    return logs, (trainable, new_non_trainable, new_metrics)

@@ -1,0 +1,598 @@
+"""`DiffusionModel`: a `keras.Model` that trains any denoiser backbone with Min-SNR-γ."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_minsnr import backend as kms_backend
+from keras_minsnr import samplers
+from keras_minsnr import weighting as weighting_lib
+from keras_minsnr.schedules import NoiseSchedule
+from keras_minsnr.schedules import check_prediction_type
+
+NUM_SNR_BINS = 4
+EVAL_TIMESTEP_FRACTIONS = (0.125, 0.375, 0.625, 0.875)
+
+
+@keras.saving.register_keras_serializable(package="keras_minsnr")
+class DiffusionModel(keras.Model):
+    """A diffusion model trained with a loss weighting such as Min-SNR-γ.
+
+    Each training step draws ``t ~ U{0, …, T-1}`` and ``ε ~ N(0, I)`` per image, forms
+    ``x_t = α_t x_0 + σ_t ε``, asks the backbone for the configured target and minimises
+    ``mean_b( w(SNR(t_b)) · mean_pixels((pred − target)²) )``. The TensorFlow and JAX steps
+    share this one loss function (`compute_training_loss`).
+
+    The backbone follows the contract in `keras_minsnr.backbones`: it is called with
+    ``{"x": x_t, "t": t, "y": condition}`` and returns a tensor shaped like ``x_t``.
+
+    A batch may be an image tensor, ``(images, labels)``, or a dict with ``"images"`` and
+    optionally ``"labels"`` (class ids) or ``"context"`` (text embeddings). The dict may
+    also carry ``"timesteps"`` (int, ``(B,)``) and ``"noise"`` (like images) to make a step
+    deterministic, which the tests use.
+
+    Logged metrics: ``loss`` (the weighted loss) and ``mse_q1`` … ``mse_q4``, the
+    unweighted MSE over the quarters of the timestep range (``q1``: the least noisy
+    quarter, highest SNR; ``q4``: the noisiest).
+
+    Args:
+        backbone: the denoiser, a `keras.Model` (see `keras_minsnr.backbones`).
+        schedule: a `NoiseSchedule`, or a schedule name; defaults to cosine with T=1000.
+        prediction_type: ``"epsilon"``, ``"sample"`` (x₀) or ``"v_prediction"``.
+        weighting: a strategy name from `keras_minsnr.STRATEGIES` or a `LossWeighting`.
+        gamma: γ of Min-SNR-γ (and of ``max_snr`` / ``soft_min_snr``) when `weighting` is
+            a name. The paper's default is 5.
+        label_dropout: probability of replacing a label (or text context) by the null
+            condition during training, for classifier-free guidance (paper: 0.15).
+        ema_decay: decay of the exponential moving average of the backbone weights
+            (paper: 0.9999); ``None`` or 0 disables the EMA.
+        ema_warmup: use ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` so the EMA
+            is useful early in training.
+        seed: seed of the model's random draws (timesteps, noise, label dropout).
+
+    Example:
+    ```python
+    import keras, keras_minsnr as kms
+    backbone = kms.backbones.get("dit_s_2", image_shape=(8, 8, 1), num_classes=10,
+                                 depth=2, hidden_size=64, num_heads=2)
+    model = kms.DiffusionModel(backbone, kms.NoiseSchedule("cosine"),
+                               prediction_type="epsilon", weighting="min_snr", gamma=5.0)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    model.fit(dataset, epochs=1)
+    images = model.generate(16, num_steps=50, sampler="ddim", seed=0)
+    ```
+
+    Reference:
+        Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+        ICCV 2023 (arXiv 2303.09556).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        schedule=None,
+        prediction_type="epsilon",
+        weighting="min_snr",
+        gamma=5.0,
+        label_dropout=0.0,
+        ema_decay=0.9999,
+        ema_warmup=True,
+        seed=None,
+        **kwargs,
+    ):
+        kms_backend.check_backend()
+        super().__init__(**kwargs)
+        if isinstance(schedule, str):
+            schedule = NoiseSchedule(schedule)
+        self.schedule = schedule if schedule is not None else NoiseSchedule("cosine")
+        self.prediction_type = check_prediction_type(prediction_type)
+        if isinstance(weighting, str):
+            weighting = weighting_lib.get(weighting, gamma=gamma)
+        self.weighting = weighting_lib.get(weighting)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout!r}.")
+        self.label_dropout = float(label_dropout)
+        ema_decay = float(ema_decay or 0.0)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}.")
+        self.ema_decay = ema_decay
+        self.ema_warmup = bool(ema_warmup)
+        self.seed = seed
+
+        self.backbone = backbone
+        self.image_shape = tuple(_required_attribute(backbone, "image_shape"))
+        self.conditioning = getattr(backbone, "conditioning", None)
+        if self.conditioning not in (None, "class", "context"):
+            raise ValueError(
+                f"backbone.conditioning must be None, 'class' or 'context', got "
+                f"{self.conditioning!r}."
+            )
+        self.num_classes = (
+            int(_required_attribute(backbone, "num_classes"))
+            if self.conditioning == "class"
+            else None
+        )
+        self.context_shape = (
+            tuple(_required_attribute(backbone, "context_shape"))
+            if self.conditioning == "context"
+            else None
+        )
+        if self.label_dropout and self.conditioning is None:
+            raise ValueError(
+                f"label_dropout={label_dropout} needs a conditional backbone; this "
+                "backbone takes no condition."
+            )
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        if not backbone.built:
+            backbone(self._dummy_inputs(1))
+        self.ema_weights = []
+        if self.ema_decay > 0:
+            for variable in backbone.trainable_variables:
+                ema = self.add_weight(
+                    shape=variable.shape,
+                    dtype=variable.dtype,
+                    initializer="zeros",
+                    trainable=False,
+                    name="ema_" + variable.path.replace("/", "_"),
+                )
+                self.ema_weights.append(ema)
+            self.reset_ema()
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.mse_trackers = [
+            keras.metrics.Mean(name=f"mse_q{i + 1}") for i in range(NUM_SNR_BINS)
+        ]
+        self._step_functions = None
+        self.built = True
+
+    # -- conditions and batches ---------------------------------------------------------
+
+    def _dummy_inputs(self, batch_size):
+        inputs = {
+            "x": ops.zeros((batch_size,) + self.image_shape),
+            "t": ops.zeros((batch_size,), dtype="int32"),
+        }
+        if self.conditioning == "class":
+            inputs["y"] = ops.zeros((batch_size,), dtype="int32")
+        elif self.conditioning == "context":
+            inputs["y"] = ops.zeros((batch_size,) + self.context_shape)
+        return inputs
+
+    def null_condition(self, batch_size):
+        """The condition classifier-free guidance treats as "no condition"."""
+        if self.conditioning == "class":
+            return ops.full((batch_size,), self.num_classes, dtype="int32")
+        if self.conditioning == "context":
+            null = getattr(self.backbone, "null_context", None)
+            if null is None:
+                return ops.zeros((batch_size,) + self.context_shape)
+            null = ops.convert_to_tensor(null, dtype="float32")
+            return ops.broadcast_to(null, (batch_size,) + self.context_shape)
+        return None
+
+    def unpack_batch(self, data):
+        """Splits a batch into ``(images, condition, timesteps, noise)``."""
+        timesteps = noise = condition = None
+        if isinstance(data, tuple):
+            # Keras hands batches over as (x,), (x, y) or (x, y, sample_weight).
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            data = x if y is None else (x, y)
+        if isinstance(data, dict):
+            unknown = set(data) - {"images", "labels", "context", "text", "timesteps", "noise"}
+            if "images" not in data or unknown:
+                raise ValueError(
+                    "A dict batch needs the key 'images' and may hold 'labels', "
+                    f"'context', 'timesteps' and 'noise'; got keys {sorted(data)}."
+                )
+            if "text" in data and "context" not in data:
+                raise ValueError(
+                    "The batch holds raw 'text': encode captions into a 'context' first "
+                    "(see keras_minsnr.backbones.stable_diffusion)."
+                )
+            images = data["images"]
+            condition = data.get("labels", data.get("context"))
+            timesteps, noise = data.get("timesteps"), data.get("noise")
+        elif isinstance(data, (tuple, list)):
+            images = data[0]
+            condition = data[1] if len(data) > 1 else None
+        else:
+            images = data
+        self._check_images(images)
+        condition = self._check_condition(condition)
+        return images, condition, timesteps, noise
+
+    def _check_images(self, images):
+        shape = tuple(images.shape)
+        if len(shape) != 4 or tuple(shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"Expected images of shape (batch, {', '.join(map(str, self.image_shape))}) "
+                f"for this backbone, got shape {shape}."
+            )
+
+    def _check_condition(self, condition):
+        if self.conditioning is None:
+            if condition is not None:
+                raise ValueError(
+                    "This backbone is unconditional but the batch carries labels or a "
+                    "context; drop them or use a conditional backbone."
+                )
+            return None
+        if condition is None:
+            raise ValueError(
+                f"This backbone is {self.conditioning}-conditional: batches need "
+                + ("'labels'." if self.conditioning == "class" else "a 'context'.")
+            )
+        if self.conditioning == "class":
+            if len(condition.shape) != 1:
+                raise ValueError(
+                    f"Labels must have shape (batch,), got {tuple(condition.shape)}."
+                )
+            return ops.cast(condition, "int32")
+        if tuple(condition.shape[1:]) != self.context_shape:
+            raise ValueError(
+                f"Context must have shape (batch, {', '.join(map(str, self.context_shape))}),"
+                f" got {tuple(condition.shape)}."
+            )
+        return condition
+
+    def check_labels(self, labels):
+        """Raises if any numpy label lies outside ``[0, num_classes)``."""
+        labels = np.asarray(labels)
+        if self.conditioning != "class":
+            return
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.size:
+            raise ValueError(
+                f"Labels must lie in [0, {self.num_classes - 1}] for this backbone, got "
+                f"{sorted(set(bad.tolist()))[:10]}."
+            )
+
+    # -- the loss -----------------------------------------------------------------------
+
+    def call(self, inputs, training=False):
+        """Runs the backbone on a ``{"x", "t", "y"}`` dict."""
+        return self.backbone(inputs, training=training)
+
+    def diffusion_loss_terms(self, images, condition, timesteps, noise, training=False):
+        """Weighted loss for given timesteps and noise, and the per-sample MSE.
+
+        This is the deterministic core shared by training, evaluation and the tests.
+        Returns ``(loss, per_sample_mse)``, both float32.
+        """
+        x0 = ops.cast(images, "float32")
+        noise = ops.cast(noise, "float32")
+        timesteps = ops.cast(timesteps, "int32")
+        x_t = self.schedule.add_noise(x0, noise, timesteps)
+        target = self.schedule.target(x0, noise, timesteps, self.prediction_type)
+        inputs = {"x": x_t, "t": timesteps}
+        if condition is not None:
+            inputs["y"] = condition
+        prediction = ops.cast(self.backbone(inputs, training=training), "float32")
+        reduce_axes = tuple(range(1, len(x0.shape)))
+        per_sample_mse = ops.mean(ops.square(prediction - target), axis=reduce_axes)
+        weight = self.weighting(self.schedule.snr(timesteps), self.prediction_type)
+        loss = ops.mean(weight * per_sample_mse)
+        return loss, per_sample_mse
+
+    def compute_training_loss(self, data, training=True):
+        """One training step's loss with random timesteps, noise and label dropout."""
+        images, condition, timesteps, noise = self.unpack_batch(data)
+        batch_size = ops.shape(images)[0]
+        if timesteps is None:
+            timesteps = keras.random.randint(
+                (batch_size,), 0, self.schedule.num_timesteps, seed=self.seed_generator
+            )
+        if noise is None:
+            noise = keras.random.normal(ops.shape(images), seed=self.seed_generator)
+        if training and self.label_dropout > 0:
+            drop = keras.random.uniform((batch_size,), seed=self.seed_generator)
+            drop = drop < self.label_dropout
+            null = self.null_condition(batch_size)
+            mask = ops.reshape(drop, (-1,) + (1,) * (len(condition.shape) - 1))
+            condition = ops.where(mask, null, condition)
+        loss, mse = self.diffusion_loss_terms(images, condition, timesteps, noise, training)
+        return loss, (mse, timesteps)
+
+    def compute_evaluation_loss(self, data):
+        """The loss on a fixed grid of timesteps with fixed noise: deterministic."""
+        images, condition, _, _ = self.unpack_batch(data)
+        batch_size = ops.shape(images)[0]
+        T = self.schedule.num_timesteps
+        losses, mses, steps = [], [], []
+        for i, fraction in enumerate(EVAL_TIMESTEP_FRACTIONS):
+            t = ops.full((batch_size,), int(fraction * T), dtype="int32")
+            noise = keras.random.normal(ops.shape(images), seed=1234 + i)
+            loss, mse = self.diffusion_loss_terms(images, condition, t, noise, False)
+            losses.append(loss)
+            mses.append(mse)
+            steps.append(t)
+        loss = ops.mean(ops.stack(losses))
+        return loss, (ops.concatenate(mses, axis=0), ops.concatenate(steps, axis=0))
+
+    def update_metrics(self, loss, aux):
+        mse, timesteps = aux
+        self.loss_tracker.update_state(loss)
+        quarter = (timesteps * NUM_SNR_BINS) // self.schedule.num_timesteps
+        for i, tracker in enumerate(self.mse_trackers):
+            tracker.update_state(mse, sample_weight=ops.cast(ops.equal(quarter, i), "float32"))
+        return {m.name: m.result() for m in self.metrics}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, *self.mse_trackers]
+
+    def train_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return kms_backend.train_step_jax(self, *args)
+        return kms_backend.train_step_tensorflow(self, *args)
+
+    def test_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return kms_backend.test_step_jax(self, *args)
+        return kms_backend.test_step_tensorflow(self, *args)
+
+    def reset_ema(self):
+        """Copies the backbone's current weights into the EMA.
+
+        Call it after loading pretrained weights into the backbone of an existing model.
+        """
+        for ema, variable in zip(self.ema_weights, self.backbone.trainable_variables):
+            # A copy: on JAX the EMA must not share the weight's buffer, since the
+            # trainer donates both to the compiled step.
+            ema.assign(ops.copy(variable.value))
+
+    def ema_decay_at(self, step):
+        """The EMA decay used at update number ``step`` (1-based; a tensor)."""
+        step = ops.cast(step, "float32")
+        if not self.ema_warmup:
+            return ops.convert_to_tensor(self.ema_decay, "float32")
+        return ops.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
+
+    # -- training entry points ----------------------------------------------------------
+
+    def compile(self, optimizer="adamw", **kwargs):
+        if kwargs.get("loss") is not None:
+            raise ValueError(
+                "DiffusionModel computes its own weighted loss; do not pass `loss` to "
+                "compile()."
+            )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        # Restores the optimizer (and so its state) when a `.keras` file is loaded.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit` that checks the first batch and stops on a non-finite loss.
+
+        A step whose loss is NaN or Inf leaves the weights, optimizer state and EMA
+        untouched; training then stops with a `FloatingPointError` naming the step.
+        """
+        self._check_first_batch(x if y is None else (x, y))
+        guard = _StopOnNonFiniteLoss()
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [guard]
+        history = super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+        if guard.bad_step is not None:
+            raise FloatingPointError(
+                f"The training loss became {guard.bad_value} at step {guard.bad_step} "
+                f"(epoch {guard.bad_epoch + 1}, batch {guard.bad_batch + 1}). That step's "
+                "update was skipped, so the weights are the last finite ones; lower the "
+                "learning rate, clip gradients (clipnorm) or check the data."
+            )
+        return history
+
+    def _check_first_batch(self, data):
+        import tensorflow as tf
+
+        if isinstance(data, tf.data.Dataset):
+            first = next(iter(data.take(1)), None)
+            if first is None:
+                raise ValueError("The training dataset is empty.")
+            first = tf.nest.map_structure(lambda v: v.numpy(), first)
+        elif isinstance(data, (np.ndarray, tuple, list, dict)):
+            first = data
+        else:
+            return  # generators / PyDatasets are checked when the step is traced
+        images, condition, _, _ = self.unpack_batch(first)
+        if condition is not None and self.conditioning == "class":
+            self.check_labels(ops.convert_to_numpy(condition))
+
+    # -- sampling -----------------------------------------------------------------------
+
+    def denoise(self, params, x_t, t):
+        """x̂₀ and ε̂ at ``x_t`` with classifier-free guidance; a pure function of params.
+
+        ``params = (trainable, non_trainable, condition, null_condition, guidance_scale,
+        clip)``: backbone weight values, the condition (or None), the null condition
+        (None disables guidance), the guidance scale and a 0/1 flag clipping x̂₀ to
+        [-1, 1] (tensors).
+        """
+        trainable, non_trainable, condition, null, guidance_scale, clip = params
+        x_t = ops.cast(x_t, "float32")
+
+        def predict(y, x, tt):
+            inputs = {"x": x, "t": tt}
+            if y is not None:
+                inputs["y"] = y
+            out, _ = self.backbone.stateless_call(trainable, non_trainable, inputs)
+            return ops.cast(out, "float32")
+
+        if null is None:
+            prediction = predict(condition, x_t, t)
+        else:
+            both = predict(
+                ops.concatenate([condition, null], axis=0),
+                ops.concatenate([x_t, x_t], axis=0),
+                ops.concatenate([t, t], axis=0),
+            )
+            cond, uncond = ops.split(both, 2, axis=0)
+            prediction = uncond + guidance_scale * (cond - uncond)
+        x0, eps = self.schedule.predict_x0_and_epsilon(x_t, prediction, t, self.prediction_type)
+        if clip is not None:
+            clipped = ops.clip(x0, -1.0, 1.0)
+            x0 = ops.where(clip > 0, clipped, x0)
+            alpha, sigma = self.schedule._scales(t, x_t)
+            eps = ops.where(clip > 0, (x_t - alpha * x0) / ops.maximum(sigma, 1e-8), eps)
+        return x0, eps
+
+    def generate(
+        self,
+        num_samples=None,
+        num_steps=50,
+        sampler="ddim",
+        labels=None,
+        guidance_scale=1.0,
+        seed=None,
+        context=None,
+        eta=0.0,
+        use_ema=True,
+        clip_denoised=False,
+        batch_size=None,
+        verbose=False,
+    ):
+        """Draws samples from the model.
+
+        Args:
+            num_samples: how many images; may be omitted when `labels` or `context` is
+                given.
+            num_steps: sampler steps.
+            sampler: ``"ddim"``, ``"ddpm"`` or ``"edm_heun"`` (the paper's sampler).
+            labels: class ids for a class-conditional backbone (random classes from
+                `seed` when omitted).
+            guidance_scale: classifier-free guidance scale ``s`` in
+                ``uncond + s (cond − uncond)``; 1 is the plain conditional model.
+            seed: the same seed gives the same images.
+            context: text embeddings ``(B, L, D)`` for a context-conditional backbone.
+            eta: DDIM stochasticity.
+            use_ema: sample with the EMA weights (when the model keeps an EMA).
+            clip_denoised: clip x̂₀ to [-1, 1] at each step (pixel-space data only).
+            batch_size: generate in chunks of this size (default: all at once).
+            verbose: show a progress bar.
+
+        Returns:
+            float32 numpy images of shape ``(num_samples, H, W, C)``.
+        """
+        samplers.check_sampler(sampler)
+        condition, num_samples = self._sampling_condition(num_samples, labels, context, seed)
+        if self._step_functions is None:
+            self._step_functions = samplers.make_step_functions(self.denoise)
+        trainable = [v.value for v in self.backbone.trainable_variables]
+        if use_ema and self.ema_weights:
+            trainable = [e.value for e in self.ema_weights]
+        non_trainable = [v.value for v in self.backbone.non_trainable_variables]
+        guided = self.conditioning is not None and guidance_scale != 1.0
+        chunk = batch_size or num_samples
+        outputs = []
+        for start in range(0, num_samples, chunk):
+            size = min(chunk, num_samples - start)
+            cond = None if condition is None else condition[start : start + size]
+            params = (
+                trainable,
+                non_trainable,
+                cond,
+                self.null_condition(size) if guided else None,
+                ops.convert_to_tensor(float(guidance_scale), "float32"),
+                ops.convert_to_tensor(1.0 if clip_denoised else 0.0, "float32"),
+            )
+            progress = None
+            if verbose:
+                total = samplers.num_progress_steps(self.schedule, sampler, num_steps)
+                progress = keras.utils.Progbar(total, unit_name="step")
+            chunk_seed = None if seed is None else [seed, start]
+            outputs.append(
+                samplers.sample(
+                    self._step_functions,
+                    params,
+                    self.schedule,
+                    (size,) + self.image_shape,
+                    sampler=sampler,
+                    num_steps=num_steps,
+                    eta=eta,
+                    seed=chunk_seed,
+                    progress=progress,
+                )
+            )
+        return np.concatenate(outputs, axis=0)
+
+    def _sampling_condition(self, num_samples, labels, context, seed):
+        if self.conditioning == "class":
+            if labels is None:
+                if num_samples is None:
+                    raise ValueError("Give num_samples or labels.")
+                rng = np.random.default_rng(None if seed is None else [seed, 1])
+                labels = rng.integers(0, self.num_classes, size=num_samples)
+            labels = np.asarray(labels).reshape(-1)
+            self.check_labels(labels)
+            if num_samples is not None and num_samples != len(labels):
+                raise ValueError(
+                    f"num_samples={num_samples} but {len(labels)} labels were given."
+                )
+            return ops.convert_to_tensor(labels.astype("int32")), len(labels)
+        if self.conditioning == "context":
+            if context is None:
+                raise ValueError("This backbone is text-conditional: pass context=.")
+            context = ops.convert_to_tensor(np.asarray(context, dtype="float32"))
+            self._check_condition(context)
+            return context, int(context.shape[0])
+        if labels is not None or context is not None:
+            raise ValueError("This backbone is unconditional: labels/context are not used.")
+        if num_samples is None or num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples!r}.")
+        return None, int(num_samples)
+
+    # -- serialisation ------------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "schedule": keras.saving.serialize_keras_object(self.schedule),
+                "prediction_type": self.prediction_type,
+                "weighting": keras.saving.serialize_keras_object(self.weighting),
+                "label_dropout": self.label_dropout,
+                "ema_decay": self.ema_decay,
+                "ema_warmup": self.ema_warmup,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("backbone", "schedule", "weighting"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def _required_attribute(backbone, name):
+    value = getattr(backbone, name, None)
+    if value is None:
+        raise ValueError(
+            f"The backbone {type(backbone).__name__} has no `{name}` attribute; see the "
+            "backbone contract in keras_minsnr.backbones."
+        )
+    return value
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.bad_step = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        self.bad_value = float(loss)
+        self.bad_step = int(ops.convert_to_numpy(self.model.optimizer.iterations)) + 1
+        self.bad_epoch, self.bad_batch = self._epoch, batch
+        self.model.stop_training = True

@@ -1,0 +1,211 @@
+"""Samplers for discrete-time diffusion models: DDPM, DDIM and EDM-Heun.
+
+Each sampler is one small update rule written with `keras.ops`, compiled once per backend
+and applied in a Python loop over the chosen timesteps. They all call a pure function::
+
+    denoise(params, x_t, t) -> (x0_hat, eps_hat)
+
+where ``t`` is an int32 tensor of shape ``(B,)`` and ``params`` is whatever the function
+needs (model weights, labels, guidance scale). Starting noise and per-step noise come
+from a seeded numpy generator, so the same seed gives the same images on every backend.
+"""
+
+import numpy as np
+from keras import ops
+
+from keras_minsnr.backend import compile_function
+
+SAMPLERS = ("ddpm", "ddim", "edm_heun")
+
+
+def check_sampler(sampler):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}. Allowed: {', '.join(SAMPLERS)}.")
+    return sampler
+
+
+def spaced_timesteps(num_timesteps, num_steps):
+    """``num_steps`` integer timesteps from ``T-1`` down to 0, evenly spaced."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(
+            f"num_steps must lie in [1, {num_timesteps}] for this schedule, got {num_steps}."
+        )
+    return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(int))[::-1]
+
+
+def karras_timesteps(schedule, num_steps, rho=7.0):
+    """Discrete timesteps whose σ levels follow the EDM ρ-spacing (Karras et al. 2022).
+
+    EDM's σ is ``σ_t / α_t = 1 / sqrt(SNR)``. The continuous ρ-spaced levels between the
+    schedule's smallest and largest finite σ are snapped to the nearest discrete step (in
+    log σ) and de-duplicated, so there can be fewer than ``num_steps`` levels. A
+    zero-terminal step (σ = ∞) is skipped.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    snr = schedule.snr(np.arange(schedule.num_timesteps))
+    valid = np.nonzero(snr > 0)[0]
+    log_sigma = -0.5 * np.log(snr[valid])
+    s_min, s_max = np.exp(log_sigma.min()), np.exp(log_sigma.max())
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    nearest = np.abs(np.log(sigmas)[:, None] - log_sigma[None, :]).argmin(axis=1)
+    steps = valid[nearest]
+    _, first = np.unique(steps, return_index=True)
+    return steps[np.sort(first)]
+
+
+# -- update rules (pure functions of tensors) --------------------------------------------
+
+
+def ddim_update(x0, eps, noise, abar_s, eta_sigma):
+    """``x_s = sqrt(ᾱ_s) x̂₀ + sqrt(1 − ᾱ_s − c²) ε̂ + c z`` (Song et al. 2021, eq. 12)."""
+    direction = ops.sqrt(ops.maximum(1.0 - abar_s - eta_sigma**2, 0.0))
+    return ops.sqrt(abar_s) * x0 + direction * eps + eta_sigma * noise
+
+
+def ddim_noise_scale(abar_t, abar_s, eta):
+    """``c = η sqrt((1 − ᾱ_s)/(1 − ᾱ_t)) sqrt(1 − ᾱ_t/ᾱ_s)``: η=0 deterministic, η=1 DDPM."""
+    return eta * np.sqrt((1 - abar_s) / (1 - abar_t)) * np.sqrt(1 - abar_t / abar_s)
+
+
+def ddpm_update(x_t, x0, noise, abar_t, abar_s):
+    """One ancestral step: a draw from the posterior ``q(x_s | x_t, x̂₀)`` (Ho et al. 2020)."""
+    beta = 1.0 - abar_t / abar_s
+    mean = (ops.sqrt(abar_s) * beta / (1 - abar_t)) * x0 + (
+        ops.sqrt(1 - beta) * (1 - abar_s) / (1 - abar_t)
+    ) * x_t
+    std = ops.sqrt(beta * (1 - abar_s) / (1 - abar_t))
+    return mean + std * noise
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+def _as_tensor(value, dtype="float32"):
+    return ops.convert_to_tensor(np.asarray(value, dtype=dtype))
+
+
+def make_step_functions(denoise):
+    """Compiled steps for every sampler, sharing one traced ``denoise``.
+
+    The scalars of each step (``ᾱ`` values, noise scales, σ levels) are tensor arguments
+    so a compiled function serves every timestep without retracing.
+    """
+
+    def batch_t(x, t):
+        return ops.full((ops.shape(x)[0],), t, dtype="int32")
+
+    def ddim_step(params, x, t, abar_s, eta_sigma, noise):
+        x0, eps = denoise(params, x, batch_t(x, t))
+        return ddim_update(x0, eps, noise, abar_s, eta_sigma)
+
+    def ddpm_step(params, x, t, abar_t, abar_s, noise):
+        x0, _ = denoise(params, x, batch_t(x, t))
+        return ddpm_update(x, x0, noise, abar_t, abar_s)
+
+    def edm_denoised(params, x_edm, t, alpha):
+        x0, _ = denoise(params, x_edm * alpha, batch_t(x_edm, t))
+        return x0
+
+    def heun_step(params, x, t, t_next, alpha, alpha_next, sigma, sigma_next, second_order):
+        d = (x - edm_denoised(params, x, t, alpha)) / sigma
+        x_euler = x + (sigma_next - sigma) * d
+        # On the last step (σ_next = 0) the Euler step is final; the Heun correction is
+        # computed with a safe σ and discarded.
+        safe_sigma_next = ops.maximum(sigma_next, 1e-12)
+        d_next = (x_euler - edm_denoised(params, x_euler, t_next, alpha_next)) / safe_sigma_next
+        x_heun = x + (sigma_next - sigma) * 0.5 * (d + d_next)
+        return ops.where(second_order > 0, x_heun, x_euler)
+
+    return {
+        "ddim": compile_function(ddim_step),
+        "ddpm": compile_function(ddpm_step),
+        "edm_heun": compile_function(heun_step),
+    }
+
+
+def sample(
+    step_functions,
+    params,
+    schedule,
+    shape,
+    sampler="ddim",
+    num_steps=50,
+    eta=0.0,
+    seed=None,
+    progress=None,
+):
+    """Runs a sampler from pure noise to ``x_0``.
+
+    Args:
+        step_functions: the dict from `make_step_functions(denoise)`.
+        params: passed to ``denoise`` unchanged.
+        schedule: the `NoiseSchedule` the model was trained with.
+        shape: ``(B, H, W, C)`` of the samples.
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (η-DDIM) or ``"edm_heun"`` (Karras et al.
+            2022 second-order Heun on the schedule's discrete σ levels).
+        num_steps: sampling steps (DDPM/DDIM: timesteps visited; EDM-Heun: σ levels, with
+            2·levels − 1 model evaluations).
+        eta: DDIM stochasticity (0 deterministic, 1 ≡ DDPM).
+        seed: seeds the numpy generator of the starting and per-step noise.
+        progress: an optional `keras.utils.Progbar`-like object with ``update(i)``.
+
+    Returns:
+        float32 numpy samples of ``shape``.
+    """
+    check_sampler(sampler)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}.")
+    rng = np.random.default_rng(seed)
+    normal = lambda: rng.standard_normal(shape).astype("float32")  # noqa: E731
+    abar = schedule.alphas_cumprod
+    x = normal()
+
+    if sampler in ("ddim", "ddpm"):
+        steps = spaced_timesteps(schedule.num_timesteps, num_steps)
+        for i, t in enumerate(steps):
+            abar_t = abar[t]
+            abar_s = abar[steps[i + 1]] if i + 1 < len(steps) else 1.0
+            noise = _as_tensor(normal()) if (sampler == "ddpm" or eta > 0) else ops.zeros(shape)
+            if sampler == "ddim":
+                c = ddim_noise_scale(abar_t, abar_s, eta)
+                x = step_functions["ddim"](
+                    params, x, _as_tensor(t, "int32"), _as_tensor(abar_s), _as_tensor(c), noise
+                )
+            else:
+                x = step_functions["ddpm"](
+                    params, x, _as_tensor(t, "int32"), _as_tensor(abar_t), _as_tensor(abar_s), noise
+                )
+            if progress is not None:
+                progress.update(i + 1)
+        return ops.convert_to_numpy(x).astype("float32")
+
+    steps = karras_timesteps(schedule, num_steps)
+    sigma = np.sqrt((1 - abar[steps]) / abar[steps])
+    alpha = np.sqrt(abar[steps])
+    x = (x * sigma[0]).astype("float32")
+    for i, t in enumerate(steps):
+        last = i + 1 == len(steps)
+        t_next = steps[i] if last else steps[i + 1]
+        x = step_functions["edm_heun"](
+            params,
+            x,
+            _as_tensor(t, "int32"),
+            _as_tensor(t_next, "int32"),
+            _as_tensor(alpha[i]),
+            _as_tensor(alpha[i] if last else alpha[i + 1]),
+            _as_tensor(sigma[i]),
+            _as_tensor(0.0 if last else sigma[i + 1]),
+            _as_tensor(0.0 if last else 1.0),
+        )
+        if progress is not None:
+            progress.update(i + 1)
+    return ops.convert_to_numpy(x).astype("float32")
+
+
+def num_progress_steps(schedule, sampler, num_steps):
+    """How many loop iterations `sample` will report (for a progress bar's target)."""
+    if sampler == "edm_heun":
+        return len(karras_timesteps(schedule, num_steps))
+    return len(spaced_timesteps(schedule.num_timesteps, num_steps))
