@@ -255,6 +255,22 @@ def test_folder_flip_and_crop_on_files(tmp_path):
     assert seen["plain"] > 5 and seen["flipped"] > 5
 
 
+def test_folder_order_and_flips_follow_the_seed(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "many"
+    for k in range(12):
+        _save(str(root / f"{k:02d}.png"), rng.integers(0, 256, (5, 5, 3)))
+
+    def stream(seed):
+        ds, _ = kd.image_folder_dataset(root, 5, batch_size=5, repeat=True,
+                                        random_flip=True, seed=seed)
+        return np.concatenate([b["images"] for b in _take(ds, 7)])
+
+    a = stream(11)
+    np.testing.assert_array_equal(a, stream(11))
+    assert not np.array_equal(a, stream(12))
+
+
 def test_folder_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -348,6 +364,23 @@ def test_tfds_cifar10_on_mock_data():
     assert info16.image_shape == (16, 16, 3)
 
 
+def test_tfds_variable_size_and_unlabelled_datasets_on_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4):
+        flowers, finfo = kd.tfds_dataset("oxford_flowers102", image_size=24,
+                                         batch_size=2, seed=0)
+        batch = _take(flowers, 1)[0]
+        celeb, cinfo = kd.make_dataset("celeb_a", image_size=24, batch_size=2)
+        celeb_batch = _take(celeb, 1)[0]
+        with pytest.raises(ValueError, match="pass image_size"):
+            kd.tfds_dataset("oxford_flowers102")
+    assert batch["images"].shape == (2, 24, 24, 3) and finfo.num_classes == 102
+    assert np.all((batch["labels"] >= 0) & (batch["labels"] < 102))
+    assert batch["images"].min() >= -1.0 and batch["images"].max() <= 1.0
+    assert set(celeb_batch) == {"images"} and cinfo.num_classes is None
+
+
 def test_tfds_shuffle_and_flip_are_seeded():
     import tensorflow_datasets as tfds
 
@@ -416,25 +449,29 @@ def test_latent_cache_round_trip_and_reuse(tmp_path, sk_digits):
     assert on_disk == manifest
     assert not list(cache.glob("*.tmp"))
 
-    loaded, linfo = kd.load_latent_cache(cache, batch_size=256, shuffle=False,
-                                         drop_remainder=False)
-    got = _epoch(loaded)
-    np.testing.assert_allclose(got["images"], expected, rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(got["labels"], labels)
-    assert linfo.image_shape == (2, 2, 4) and linfo.latent_scale == 0.5
-    assert linfo.num_classes == 10 and linfo.size == 1797
+    for in_memory in (True, False):
+        loaded, linfo = kd.load_latent_cache(cache, batch_size=256, shuffle=False,
+                                             drop_remainder=False, in_memory=in_memory)
+        assert int(loaded.cardinality()) == 8
+        got = _epoch(loaded)
+        np.testing.assert_allclose(got["images"], expected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(got["labels"], labels)
+        assert got["labels"].dtype == np.int32 and got["images"].dtype == np.float32
+        assert linfo.image_shape == (2, 2, 4) and linfo.latent_scale == 0.5
+        assert linfo.num_classes == 10 and linfo.size == 1797
 
-    # Shuffled: a permutation of the same rows, identical for the same seed.
-    def shuffled(seed):
-        ds, _ = kd.load_latent_cache(cache, batch_size=100, seed=seed)
-        return _epoch(ds)
+        # Shuffled: a permutation of the same rows, identical for the same seed.
+        def shuffled(seed):
+            ds, _ = kd.load_latent_cache(cache, batch_size=100, seed=seed,
+                                         in_memory=in_memory)
+            return _epoch(ds)
 
-    a, b = shuffled(1), shuffled(1)
-    np.testing.assert_array_equal(a["images"], b["images"])
-    assert a["images"].shape[0] == 1700  # drop_remainder by default
-    keyed = {r.tobytes(): l for r, l in zip(got["images"], got["labels"])}
-    assert all(keyed[r.tobytes()] == l for r, l in zip(a["images"], a["labels"]))
-    assert not np.array_equal(a["images"], got["images"][:1700])
+        a, b = shuffled(1), shuffled(1)
+        np.testing.assert_array_equal(a["images"], b["images"])
+        assert a["images"].shape[0] == 1700  # drop_remainder by default
+        keyed = {r.tobytes(): l for r, l in zip(got["images"], got["labels"])}
+        assert all(keyed[r.tobytes()] == l for r, l in zip(a["images"], a["labels"]))
+        assert not np.array_equal(a["images"], got["images"][:1700])
 
     # A complete cache is reused: the encoder is not called again.
     def must_not_run(x):
@@ -481,13 +518,15 @@ def test_latent_cache_with_text_embeddings(tmp_path):
     manifest = kd.cache_latents(ds, encode_image, cache, scale=1.0,
                                 text_encode_fn=encode_text, verbose=0)
     assert manifest["context_shape"] == [3, 2]
-    got = _epoch(kd.load_latent_cache(cache, batch_size=3, shuffle=False)[0])
-    assert [t.decode() for t in got["text"]] == ["x", "xx", "xxx"]
-    np.testing.assert_array_equal(got["context"][:, 0, 0], [1.0, 2.0, 3.0])
-    assert got["context"].shape == (3, 3, 2)
-    # Grey levels 0, 50, 100 -> [-1, 1].
-    levels = np.array([0, 50, 100]) / 127.5 - 1.0
-    np.testing.assert_allclose(got["images"][:, 0, 0, 0], levels, atol=1e-6)
+    for in_memory in (True, False):
+        got = _epoch(kd.load_latent_cache(cache, batch_size=3, shuffle=False,
+                                          in_memory=in_memory)[0])
+        assert [t.decode() for t in got["text"]] == ["x", "xx", "xxx"]
+        np.testing.assert_array_equal(got["context"][:, 0, 0], [1.0, 2.0, 3.0])
+        assert got["context"].shape == (3, 3, 2)
+        # Grey levels 0, 50, 100 -> [-1, 1].
+        levels = np.array([0, 50, 100]) / 127.5 - 1.0
+        np.testing.assert_allclose(got["images"][:, 0, 0, 0], levels, atol=1e-6)
     with pytest.raises(ValueError, match="text embeddings"):
         kd.cache_latents(ds, encode_image, cache, scale=1.0, verbose=0)
 

@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 CACHE_FORMAT = "keras_minsnr.latent_cache"
 CACHE_VERSION = 1
 SD_LATENT_SCALE = 0.18215
+# load_latent_cache keeps caches up to this size in memory (see its `in_memory`).
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _SHARD_PATTERNS = ("latents-*.npy", "labels-*.npy", "context-*.npy", "text-*.json")
 
 
@@ -285,6 +287,7 @@ def load_latent_cache(
     repeat=False,
     seed=None,
     drop_remainder=True,
+    in_memory=None,
 ):
     """A pipeline of batch dicts over a cache written by `cache_latents`.
 
@@ -295,6 +298,11 @@ def load_latent_cache(
         repeat: repeat forever.
         seed: seed for the order (None: random).
         drop_remainder: drop the last partial batch.
+        in_memory: load the whole cache into memory and gather batches inside
+            `tf.data` (fast); otherwise batches are read from memory-mapped shards by a
+            Python generator (for caches larger than memory). None: in memory when the
+            arrays take at most `IN_MEMORY_LIMIT_BYTES`. The two modes shuffle with
+            different (each deterministic) permutations.
 
     Returns:
         `(dataset, info)`: batches `{"images": float32 (B, h, w, c)}` (latents already
@@ -335,6 +343,39 @@ def load_latent_cache(
         texts = np.asarray(texts, dtype=object)
     starts = np.cumsum([0] + [len(x) for x in latents])
     count = int(starts[-1])
+    info = DatasetInfo(
+        name=cache_dir,
+        image_shape=tuple(manifest["latent_shape"]),
+        num_classes=manifest["num_classes"],
+        class_names=None if manifest["class_names"] is None
+        else tuple(manifest["class_names"]),
+        size=count,
+        has_text=manifest["has_text"],
+        latent_scale=manifest["scale"],
+        context_shape=None if manifest["context_shape"] is None
+        else tuple(manifest["context_shape"]),
+    )
+    nbytes = sum(a.nbytes for group in (latents, labels or [], context or [])
+                 for a in group)
+    if in_memory is None:
+        in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
+    if in_memory:
+        arrays = {"images": tf.constant(np.concatenate(latents))}
+        if labels is not None:
+            arrays["labels"] = tf.constant(np.concatenate(labels))
+        if texts is not None:
+            arrays["text"] = tf.constant(list(texts), dtype=tf.string)
+        if context is not None:
+            arrays["context"] = tf.constant(np.concatenate(context))
+        ds = transforms.build_array_pipeline(
+            arrays,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            repeat=repeat,
+            seed=seed,
+            drop_remainder=drop_remainder,
+        )
+        return ds, info
 
     def gather(arrays, index):
         shard = np.searchsorted(starts, index, side="right") - 1
@@ -389,16 +430,4 @@ def load_latent_cache(
         num = count // batch_size if drop_remainder else -(-count // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(num))
     ds = transforms.finalize(ds, None)
-    info = DatasetInfo(
-        name=cache_dir,
-        image_shape=tuple(manifest["latent_shape"]),
-        num_classes=manifest["num_classes"],
-        class_names=None if manifest["class_names"] is None
-        else tuple(manifest["class_names"]),
-        size=count,
-        has_text=manifest["has_text"],
-        latent_scale=manifest["scale"],
-        context_shape=None if manifest["context_shape"] is None
-        else tuple(manifest["context_shape"]),
-    )
     return ds, info
