@@ -385,8 +385,9 @@ def test_preset_parameter_counts_match_the_papers():
 
 
 @pytest.mark.large
-@pytest.mark.parametrize("name", ["dit_xl_2", "vit_l_4_in64"])
-def test_full_preset_builds_with_paper_count(name):
+def test_largest_preset_builds_with_paper_count():
+    """Builds the 675M DiT-XL/2 once (~3 GB of float32 weights)."""
+    name = "dit_xl_2"
     model = backbones.get(name)
     count = model.count_params()
     assert count == _count_reference(**dit.PRESETS[name]["config"])
