@@ -516,11 +516,14 @@ def test_latent_cache_with_text_embeddings(tmp_path):
 
     cache = tmp_path / "cache"
     manifest = kd.cache_latents(ds, encode_image, cache, scale=1.0,
-                                text_encode_fn=encode_text, verbose=0)
+                                text_encode_fn=encode_text, verbose=1)
     assert manifest["context_shape"] == [3, 2]
+    # By default the captions stay out of batches that carry their embeddings.
+    default, dinfo = kd.load_latent_cache(cache, batch_size=3)
+    assert set(default.element_spec) == {"images", "context"} and not dinfo.has_text
     for in_memory in (True, False):
         got = _epoch(kd.load_latent_cache(cache, batch_size=3, shuffle=False,
-                                          in_memory=in_memory)[0])
+                                          in_memory=in_memory, include_text=True)[0])
         assert [t.decode() for t in got["text"]] == ["x", "xx", "xxx"]
         np.testing.assert_array_equal(got["context"][:, 0, 0], [1.0, 2.0, 3.0])
         assert got["context"].shape == (3, 3, 2)

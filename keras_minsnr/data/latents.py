@@ -288,6 +288,7 @@ def load_latent_cache(
     seed=None,
     drop_remainder=True,
     in_memory=None,
+    include_text=None,
 ):
     """A pipeline of batch dicts over a cache written by `cache_latents`.
 
@@ -303,6 +304,9 @@ def load_latent_cache(
             Python generator (for caches larger than memory). None: in memory when the
             arrays take at most `IN_MEMORY_LIMIT_BYTES`. The two modes shuffle with
             different (each deterministic) permutations.
+        include_text: yield the cached captions as `"text"`. None: only when no text
+            embeddings were cached (string tensors cannot be fed to JAX, and with a
+            `"context"` the captions are not needed for training).
 
     Returns:
         `(dataset, info)`: batches `{"images": float32 (B, h, w, c)}` (latents already
@@ -335,7 +339,9 @@ def load_latent_cache(
     labels = load("labels") if manifest["has_labels"] else None
     context = load("context") if manifest["context_shape"] else None
     texts = None
-    if manifest["has_text"]:
+    if include_text is None:
+        include_text = not manifest["context_shape"]
+    if manifest["has_text"] and include_text:
         texts = []
         for s in manifest["shards"]:
             with open(os.path.join(cache_dir, s["text"]), encoding="utf-8") as f:
@@ -350,7 +356,7 @@ def load_latent_cache(
         class_names=None if manifest["class_names"] is None
         else tuple(manifest["class_names"]),
         size=count,
-        has_text=manifest["has_text"],
+        has_text=texts is not None,
         latent_scale=manifest["scale"],
         context_shape=None if manifest["context_shape"] is None
         else tuple(manifest["context_shape"]),

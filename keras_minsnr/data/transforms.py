@@ -8,7 +8,8 @@ of them behave the same way:
 * shuffling is a full per-epoch permutation of the example indices drawn with stateless
   ops from `(seed, epoch)`, and random flips use stateless ops seeded by
   `(seed, position in the stream)`, so the same seed gives the same order and the same
-  flips in every run, independently of TensorFlow's global seed;
+  flips in every run, independently of TensorFlow's global seed (TFDS pipelines, which
+  cannot be indexed, use a seeded shuffle buffer instead);
 * batches are prefetched with `AUTOTUNE` and the pipeline is marked deterministic.
 """
 
