@@ -318,6 +318,18 @@ def test_caption_folder_yields_matching_images_and_text(tmp_path):
         np.testing.assert_allclose(image, level / 127.5 - 1.0, atol=1e-6)
 
 
+def test_caption_folder_skips_and_counts_corrupt_images(tmp_path):
+    lines = [json.dumps({"file_name": f"imgs/{k}.png", "text": f"t{k}"})
+             for k in range(3)]
+    lines.append(json.dumps({"file_name": "imgs/bad.jpg", "text": "broken"}))
+    root = _caption_folder(tmp_path / "caps", lines)
+    (root / "imgs" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.warns(UserWarning, match="Skipped 1 unreadable"):
+        ds, info = kd.caption_folder_dataset(root, 4, batch_size=None, shuffle=False)
+    assert info.num_skipped == 1 and info.size == 3
+    assert [e["text"].decode() for e in ds.as_numpy_iterator()] == ["t0", "t1", "t2"]
+
+
 def test_caption_folder_errors_name_the_line(tmp_path):
     good = json.dumps({"file_name": "imgs/0.png", "text": "ok"})
     root = _caption_folder(tmp_path / "a", [good, "{not json"])
