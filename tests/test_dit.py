@@ -104,7 +104,7 @@ def test_output_shape_and_finite(mode, num_classes):
     inputs = _inputs()
     if num_classes is None:
         inputs.pop("y")
-    out = keras.ops.convert_to_numpy(model(inputs))
+    out = keras.ops.convert_to_numpy(model(inputs, training=True))
     assert out.shape == (3, 8, 8, 3)
     assert out.dtype == np.float32
     assert np.all(np.isfinite(out))

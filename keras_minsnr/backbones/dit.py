@@ -691,7 +691,7 @@ class DiT(keras.Model):
             )
         return x, t, y
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         x, t, y = self._unpack(inputs)
         gh, gw = self.grid_shape
         h = self.patch_embed(x)
