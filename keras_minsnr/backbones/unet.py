@@ -348,16 +348,50 @@ class UNet(keras.Model):
         self.conv_out = keras.layers.Conv2D(
             channels, 3, padding="same", kernel_initializer="zeros", name="conv_out"
         )
-        self._build_symbolically()
+        self._build_layers()
 
-    def _build_symbolically(self):
-        inputs = {
-            "x": keras.KerasTensor((None,) + self.image_shape),
-            "t": keras.KerasTensor((None,), dtype="int32"),
-        }
-        if self.conditioning == "class":
-            inputs["y"] = keras.KerasTensor((None,), dtype="int32")
-        self(inputs)
+    def _build_layers(self):
+        # Shape propagation instead of a symbolic trace: building big UNets stays fast.
+        emb_shape = (None, 4 * self.base_channels)
+        self.time_embedding.build((None,))
+        if self.class_embedding is not None:
+            self.class_embedding.build((None,))
+
+        def shape(ch):
+            return (None, None, None, ch)
+
+        self.conv_in.build(shape(self.image_shape[-1]))
+        ch = self.base_channels
+        skips = [ch]
+        for res_block, attn_block, down in self.down_blocks:
+            if res_block is not None:
+                res_block.build(shape(ch), emb_shape)
+                ch = res_block.out_channels
+            if attn_block is not None:
+                attn_block.build(shape(ch))
+            if down is not None:
+                down.build(shape(ch))
+            skips.append(ch)
+        for block in (self.mid_res_1, self.mid_res_2):
+            block.build(shape(ch), emb_shape)
+        self.mid_attn.build(shape(ch))
+        for res_block, attn_block, up in self.up_blocks:
+            res_block.build(shape(ch + skips.pop()), emb_shape)
+            ch = res_block.out_channels
+            if attn_block is not None:
+                attn_block.build(shape(ch))
+            if up is not None:
+                up.build(shape(ch))
+        self.norm_out.build(shape(ch))
+        self.conv_out.build(shape(ch))
+        self.built = True
+
+    def build(self, input_shape=None):
+        if not self.built:
+            self._build_layers()
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape["x"])
 
     def _check_inputs(self, inputs):
         if not isinstance(inputs, dict) or "x" not in inputs or "t" not in inputs:
