@@ -275,10 +275,10 @@ class StableDiffusionUNet(keras.Model):
         self.conditioning = "context"
         self.num_classes = None
         self.context_shape = (MAX_TEXT_LENGTH, CONTEXT_DIMS[version])
+        path = resolve_weights(weights, version, "diffusion_model", allow_download)
         self.diffusion_model = _SDUNetCore(
             widths, num_heads, version, CONTEXT_DIMS[version], name="diffusion_model"
         )
-        path = resolve_weights(weights, version, "diffusion_model", allow_download)
         if path is not None:
             _load_legacy_h5(self.diffusion_model, path)
         self.built = True

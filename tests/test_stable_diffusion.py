@@ -1,0 +1,322 @@
+"""KerasCV Stable Diffusion backbone and its frozen encoders, on tiny models and local files."""
+
+import gzip
+import math
+import os
+import pathlib
+import resource
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from keras_minsnr.backbones import stable_diffusion as sd
+from keras_minsnr.backbones.stable_diffusion import StableDiffusionEncoders
+from keras_minsnr.backbones.stable_diffusion import StableDiffusionUNet
+
+def _kcv_source(name):
+    import keras_cv
+
+    root = pathlib.Path(keras_cv.__file__).parent / "src/models/stable_diffusion"
+    return (root / name).read_text()
+
+
+def _predict(model, inputs):
+    # Eager JAX compiles every op on its own; one jit-compiled call is much faster.
+    if keras.backend.backend() == "jax":
+        return np.asarray(model.predict_on_batch(inputs))
+    return keras.ops.convert_to_numpy(model(inputs))
+
+
+def _inputs(model, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(batch,) + model.image_shape).astype("float32"),
+        "t": np.array([5, 950][:batch], "int32"),
+        "y": rng.normal(size=(batch,) + model.context_shape).astype("float32"),
+    }
+
+
+def test_timestep_features_match_kerascv():
+    from keras_cv.src.models.stable_diffusion.stable_diffusion import StableDiffusionBase
+
+    t = np.array([0, 1, 250, 999], "int32")
+    ours = keras.ops.convert_to_numpy(
+        sd.sinusoidal_embedding(keras.ops.convert_to_tensor(t), sd.TIMESTEP_FEATURES)
+    )
+    for i, step in enumerate(t):
+        ref = StableDiffusionBase._get_timestep_embedding(None, int(step), 1)
+        np.testing.assert_allclose(ours[i], keras.ops.convert_to_numpy(ref)[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    # Built once per module: each build is a few seconds of eager KerasCV layers.
+    keras.utils.set_random_seed(0)
+    return {
+        v: StableDiffusionUNet(v, img_height=64, img_width=64, tiny=True)
+        for v in ("v1", "v2")
+    }
+
+
+@pytest.mark.parametrize("version, context_dim", [("v1", 768), ("v2", 1024)])
+def test_tiny_unet_shapes_and_contract(tiny_models, version, context_dim):
+    model = tiny_models[version]
+    assert model.image_shape == (8, 8, 4)
+    assert model.conditioning == "context"
+    assert model.context_shape == (77, context_dim)
+    inputs = _inputs(model)
+    out = _predict(model, inputs)
+    assert out.shape == (2, 8, 8, 4) and out.dtype == np.float32
+    assert np.all(np.isfinite(out)) and np.abs(out).max() > 0
+    inputs["t"] = np.array([500, 20], "int32")
+    assert np.abs(_predict(model, inputs) - out).max() > 1e-4  # depends on t
+
+
+def test_keras_round_trip_and_legacy_h5_weights(tiny_models, tmp_path):
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    model = tiny_models["v1"]
+    inputs = _inputs(model)
+    expected = _predict(model, inputs)
+
+    path = str(tmp_path / "sd.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert restored.get_config() == model.get_config()
+    np.testing.assert_array_equal(_predict(restored, inputs), expected)
+
+    # KerasCV's weights are TF-Keras .h5 files read by layer order; write one the same way.
+    h5 = str(tmp_path / "tiny_diffusion_model.h5")
+    with h5py.File(h5, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model.diffusion_model)
+    keras.utils.set_random_seed(123)  # a different random init, then overwritten
+    loaded = StableDiffusionUNet("v1", img_height=64, img_width=64, tiny=True, weights=h5)
+    np.testing.assert_allclose(_predict(loaded, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_bfloat16():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    model = StableDiffusionUNet("v2", img_height=64, img_width=64, tiny=True)
+    out = _predict(model, _inputs(model))
+    assert out.dtype == np.float32 and out.shape == (2, 8, 8, 4)
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_missing_weights_name_file_and_kerascv_url(tmp_path, version):
+    missing = str(tmp_path / "nowhere" / "kcv_diffusion_model.h5")
+    with pytest.raises(FileNotFoundError) as err:
+        StableDiffusionUNet(version, img_height=64, img_width=64, tiny=True, weights=missing)
+    url = sd.WEIGHT_URLS[version]["diffusion_model"][0]
+    assert missing in str(err.value) and url in str(err.value)
+    with pytest.raises(FileNotFoundError, match="vae_encoder.h5"):
+        sd.resolve_weights(missing, version, "image_encoder")
+
+
+def test_urls_are_the_ones_in_kerascv_source():
+    sources = {
+        "diffusion_model": _kcv_source("diffusion_model.py"),
+        "text_encoder": _kcv_source("text_encoder.py"),
+        "image_encoder": _kcv_source("image_encoder.py"),
+    }
+    for version in ("v1", "v2"):
+        for component, (url, file_hash) in sd.WEIGHT_URLS[version].items():
+            assert url in sources[component] and file_hash in sources[component]
+    tokenizer_source = _kcv_source("clip_tokenizer.py")
+    assert sd.VOCABULARY_URL[0] in tokenizer_source
+    assert sd.VOCABULARY_URL[1] in tokenizer_source
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"version": "v3"}, ["'v3'", "v1"]),
+        ({"widths": (32, 48, 64)}, ["(32, 48, 64)", "32"]),
+        ({"img_height": 100}, ["img_height=100", "64"]),
+        ({"num_heads": 3, "widths": (32, 64, 64)}, ["num_heads=3"]),
+    ],
+)
+def test_bad_construction(kwargs, words):
+    base = {"version": "v1", "img_height": 64, "img_width": 64}
+    with pytest.raises(ValueError) as err:
+        StableDiffusionUNet(**{**base, **kwargs})
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_call_inputs(tiny_models):
+    model = tiny_models["v1"]
+    good = _inputs(model)
+    with pytest.raises(ValueError, match=r"\(2, 16, 16, 4\).*\(batch, 8, 8, 4\)"):
+        model({**good, "x": np.zeros((2, 16, 16, 4), "float32")})
+    with pytest.raises(ValueError, match="needs the text context"):
+        model({"x": good["x"], "t": good["t"]})
+    with pytest.raises(ValueError, match=r"\(2, 77, 1024\).*768"):
+        model({**good, "y": np.zeros((2, 77, 1024), "float32")})
+
+
+# ---------------------------------------------------------------- tokenizer and encoders
+MERGES = ["h e", "l l", "he ll", "hell o</w>"]
+
+
+@pytest.fixture
+def vocabulary(tmp_path):
+    path = tmp_path / "tiny_bpe.txt.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("#version: tiny\n" + "\n".join(MERGES))
+    return str(path)
+
+
+def _tiny_text_encoder(dim=8):
+    tokens = keras.Input((77,), dtype="int32", name="tokens")
+    positions = keras.Input((77,), dtype="int32", name="positions")
+    tok = keras.layers.Embedding(600, dim, name="token_embedding")(tokens)
+    pos = keras.layers.Embedding(77, dim, name="position_embedding")(positions)
+    return keras.Model([tokens, positions], keras.layers.Add()([tok, pos]))
+
+
+class _Counting:
+    """Wraps a text encoder and counts the captions it encodes."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, 0
+
+    def predict_on_batch(self, inputs):
+        self.rows += len(inputs["tokens"])
+        return self.model.predict_on_batch(inputs)
+
+
+def test_tokenizer_pads_like_kerascv(vocabulary):
+    enc = StableDiffusionEncoders("v1", vocabulary=vocabulary, text_encoder=object())
+    # CLIP's byte alphabet starts at '!': 'a' is id 64, 'b</w>' is 256 + 65; merge i is
+    # id 512 + i; then <|startoftext|>, <|endoftext|>.
+    start, end = 512 + len(MERGES), 513 + len(MERGES)
+    tokens = enc.tokenize(["Hello  hello", "ab", "a " * 100])
+    assert tokens.shape == (3, 77) and tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens[0, :4], [start, 515, 515, end])
+    np.testing.assert_array_equal(tokens[0, 4:], end)
+    np.testing.assert_array_equal(tokens[1, :4], [start, 64, 321, end])
+    # Too long: truncated to 77 with the end token last.
+    assert tokens[2, 0] == start and tokens[2, -1] == end
+    np.testing.assert_array_equal(tokens[2, 1:76], 320)  # 'a</w>'
+
+
+def test_encode_text_values_and_cache(vocabulary):
+    model = _tiny_text_encoder()
+    counting = _Counting(model)
+    enc = StableDiffusionEncoders("v1", vocabulary=vocabulary, text_encoder=counting)
+    out = enc.encode_text(["hello", "ab", "hello"])
+    assert out.shape == (3, 77, 8) and out.dtype == np.float32
+    assert counting.rows == 2  # duplicates encoded once
+    tok_table = keras.ops.convert_to_numpy(model.get_layer("token_embedding").embeddings)
+    pos_table = keras.ops.convert_to_numpy(model.get_layer("position_embedding").embeddings)
+    expected = tok_table[enc.tokenize(["hello"])[0]] + pos_table
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out[0], out[2])
+    again = enc.encode_text(["ab", b"hello"])
+    assert counting.rows == 2  # both cached
+    np.testing.assert_array_equal(again[0], out[1])
+
+
+def test_missing_vocabulary_names_url(tmp_path):
+    missing = str(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
+    with pytest.raises(FileNotFoundError) as err:
+        StableDiffusionEncoders("v1", vocabulary=missing)
+    assert missing in str(err.value) and sd.VOCABULARY_URL[0] in str(err.value)
+    with pytest.raises(FileNotFoundError, match="kcv_encoder.h5"):
+        sd.resolve_weights(missing, "v1", "text_encoder")
+
+
+def test_encode_images_is_kerascv_posterior_mean_scaled(vocabulary):
+    from keras_cv.src.models.stable_diffusion.image_encoder import ImageEncoder
+
+    reference = ImageEncoder(download_weights=False)  # ends with x[..., :4] * 0.18215
+    moments = keras.Model(reference.inputs, reference.layers[-2].output)
+    enc = StableDiffusionEncoders(
+        "v1", vocabulary=vocabulary, image_encoder=moments, text_encoder=object()
+    )
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
+    latents = enc.encode_images(images)
+    assert latents.shape == (2, 2, 2, 4)
+    np.testing.assert_allclose(latents, np.asarray(reference.predict_on_batch(images)),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(2, 16, 16\)"):
+        enc.encode_images(images[..., 0])
+
+
+def test_posterior_sample_statistics(vocabulary):
+    # A fixed "encoder" with mean 1 and log-variance log(0.25): samples ~ N(1, 0.5^2).
+    images = keras.Input((None, None, 3))
+    const = keras.layers.Lambda(
+        lambda x: keras.ops.concatenate(
+            [keras.ops.ones_like(x[..., :1]) * keras.ops.ones((4,)),
+             keras.ops.ones_like(x[..., :1]) * keras.ops.full((4,), math.log(0.25))],
+            axis=-1,
+        )
+    )(images)
+    encoder = keras.Model(images, const)
+    enc = StableDiffusionEncoders("v1", vocabulary=vocabulary, image_encoder=encoder,
+                                  text_encoder=object(), sample_posterior=True, seed=3)
+    z = enc.encode_images(np.zeros((4, 32, 32, 3), "float32")) / sd.LATENT_SCALE
+    assert abs(z.mean() - 1.0) < 0.03 and abs(z.std() - 0.5) < 0.03
+
+
+# ---------------------------------------------------------------- the real model, once
+@pytest.mark.large
+@pytest.mark.skipif(
+    os.environ.get("KMS_RUN_SD_LARGE") != "1" or keras.backend.backend() == "jax",
+    reason="~15 GB and minutes of CPU: run with KMS_RUN_SD_LARGE=1, on TensorFlow only "
+    "(one backend is enough for this check and halves its CI time)",
+)
+def test_full_sd_unet_min_snr_training_step():
+    import tensorflow as tf
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+
+    start = time.time()
+    # Our layer order and shapes must be KerasCV's, or its .h5 files would not load.
+    kcv = DiffusionModel(64, 64, 77, download_weights=False)
+    kcv_shapes = [tuple(w.shape) for w in kcv.weights]
+    kcv_params = kcv.count_params()
+    del kcv
+    model = StableDiffusionUNet("v1", img_height=64, img_width=64)
+    assert [tuple(w.shape) for w in model.diffusion_model.weights] == kcv_shapes
+    assert model.count_params() == kcv_params
+    assert abs(model.count_params() - 860e6) / 860e6 < 0.01
+
+    # Min-SNR-5 with the epsilon target on SD's scaled_linear schedule (float64 numpy).
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    rng = np.random.default_rng(0)
+    batch = 2
+    t = np.array([10, 700], "int32")
+    snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
+    weight = np.minimum(snr, 5.0) / snr
+    x0 = rng.normal(size=(batch, 8, 8, 4))
+    eps = rng.normal(size=(batch, 8, 8, 4))
+    a = np.sqrt(alphas_cumprod[t])[:, None, None, None]
+    s = np.sqrt(1.0 - alphas_cumprod[t])[:, None, None, None]
+    inputs = {
+        "x": (a * x0 + s * eps).astype("float32"),
+        "t": t,
+        "y": rng.normal(size=(batch, 77, 768)).astype("float32"),
+    }
+    optimizer = keras.optimizers.SGD(1e-3)
+    optimizer.build(model.trainable_variables)
+    before = keras.ops.convert_to_numpy(model.trainable_variables[0]).copy()
+    with tf.GradientTape() as tape:
+        pred = model(inputs, training=True)
+        per_sample = keras.ops.mean(keras.ops.square(pred - eps.astype("float32")),
+                                    axis=(1, 2, 3))
+        loss = keras.ops.mean(keras.ops.convert_to_tensor(weight, "float32") * per_sample)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply(grads, model.trainable_variables)
+    assert np.isfinite(float(loss))
+    assert all(g is not None for g in grads)
+    after = keras.ops.convert_to_numpy(model.trainable_variables[0])
+    assert np.abs(after - before).max() > 0
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"\nSD v1 64x64 Min-SNR step: {time.time() - start:.1f} s, peak RSS {peak_gb:.1f} GB, "
+          f"{model.count_params():,} parameters")
