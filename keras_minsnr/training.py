@@ -1,0 +1,340 @@
+"""Training runs: a recipe config in, a run directory out.
+
+A run directory holds::
+
+    config.json      the resolved configuration (recipe + overrides)
+    metrics.csv      one row per epoch (loss and the per-SNR-quarter MSE)
+    logs/            TensorBoard logs
+    checkpoints/     latest.keras (model, optimizer, EMA, RNG state) + state.json
+    samples.png      a grid of samples, refreshed during training
+    model.keras      the final model
+
+Checkpoints are written to a temporary file and renamed, so a killed run never leaves a
+half-written one; starting the same run again resumes from the last checkpoint.
+"""
+
+import ast
+import copy
+import json
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+
+from keras_minsnr import backbones
+from keras_minsnr.diffusion_model import DiffusionModel
+from keras_minsnr.schedules import NoiseSchedule
+from keras_minsnr.visualization import save_image_grid
+
+DEFAULTS = {
+    # data
+    "data": "digits",
+    "data_args": {},
+    "image_size": None,
+    "batch_size": 256,
+    # model
+    "backbone": "dit_s_2",
+    "backbone_args": {},
+    "schedule": "cosine",
+    "num_timesteps": 1000,
+    "zero_terminal_snr": False,
+    "prediction_type": "epsilon",
+    "weighting": "min_snr",
+    "gamma": 5.0,
+    "label_dropout": 0.15,
+    "ema_decay": 0.9999,
+    # optimisation (the paper: AdamW 1e-4, betas (0.99, 0.99), weight decay 0.03)
+    "learning_rate": 1e-4,
+    "beta_1": 0.99,
+    "beta_2": 0.99,
+    "weight_decay": 0.03,
+    "clipnorm": None,
+    "warmup_steps": 0,
+    "mixed_precision": None,
+    # schedule of the run
+    "steps": 400_000,
+    "steps_per_epoch": 1000,
+    "seed": 0,
+    # samples
+    "sample_every_epochs": 1,
+    "num_samples": 64,
+    "sampler": "ddim",
+    "sample_steps": 50,
+    "guidance_scale": 1.5,
+    "clip_denoised": True,
+    # documentation only
+    "description": "",
+    "paper_source": "",
+}
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = ("steps", "sample_every_epochs", "num_samples", "sample_steps")
+
+
+def parse_overrides(pairs):
+    """``["a=1", "b.c=x"]`` → ``{"a": 1, "b.c": "x"}``; values are Python/JSON literals."""
+    overrides = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"Override {pair!r} is not of the form key=value.")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        overrides[key.strip()] = value
+    return overrides
+
+
+def resolve_config(recipe, overrides=None):
+    """Defaults ← recipe ← overrides, with unknown keys rejected.
+
+    Dotted keys reach into dict-valued entries: ``backbone_args.depth=4``.
+    """
+    config = copy.deepcopy(DEFAULTS)
+    for source in (recipe, overrides or {}):
+        for key, value in source.items():
+            top, _, sub = key.partition(".")
+            if top not in DEFAULTS:
+                raise ValueError(
+                    f"Unknown config key {top!r}. Valid keys: {', '.join(sorted(DEFAULTS))}."
+                )
+            if sub:
+                if not isinstance(config[top], dict):
+                    raise ValueError(f"{top!r} is not a dict; cannot set {key!r}.")
+                config[top] = {**config[top], sub: value}
+            else:
+                config[top] = copy.deepcopy(value)
+    if config["steps"] < 1 or config["steps_per_epoch"] < 1:
+        raise ValueError(
+            f"steps and steps_per_epoch must be >= 1, got {config['steps']} and "
+            f"{config['steps_per_epoch']}."
+        )
+    return config
+
+
+def build_dataset(config):
+    from keras_minsnr.data import make_dataset
+
+    kwargs = dict(config["data_args"])
+    if config["image_size"] is not None:
+        kwargs.setdefault("image_size", config["image_size"])
+    return make_dataset(
+        config["data"],
+        batch_size=config["batch_size"],
+        repeat=True,
+        shuffle=True,
+        seed=config["seed"],
+        **kwargs,
+    )
+
+
+def build_model(config, info):
+    """The backbone (shaped by the data) wrapped in a `DiffusionModel`, compiled."""
+    if config["mixed_precision"]:
+        keras.mixed_precision.set_dtype_policy(config["mixed_precision"])
+    preset = backbones.PRESETS.get(config["backbone"])
+    if preset is None:
+        backbones.get(config["backbone"])  # raises with the list of presets
+    args = dict(config["backbone_args"])
+    if "image_shape" in preset["config"]:
+        args.setdefault("image_shape", tuple(info.image_shape))
+    if "num_classes" in preset["config"]:
+        args.setdefault("num_classes", info.num_classes)
+    backbone = backbones.get(config["backbone"], **args)
+    conditional = getattr(backbone, "conditioning", None) is not None
+    model = DiffusionModel(
+        backbone,
+        NoiseSchedule(config["schedule"], config["num_timesteps"], config["zero_terminal_snr"]),
+        prediction_type=config["prediction_type"],
+        weighting=config["weighting"],
+        gamma=config["gamma"],
+        label_dropout=config["label_dropout"] if conditional else 0.0,
+        ema_decay=config["ema_decay"],
+        seed=config["seed"],
+    )
+    learning_rate = config["learning_rate"]
+    if config["warmup_steps"]:
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0,
+            decay_steps=1,
+            alpha=1.0,
+            warmup_target=learning_rate,
+            warmup_steps=config["warmup_steps"],
+        )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate,
+        beta_1=config["beta_1"],
+        beta_2=config["beta_2"],
+        weight_decay=config["weight_decay"],
+        clipnorm=config["clipnorm"],
+    )
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def _atomic_save_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def atomic_save_model(model, path):
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (weights, optimizer, EMA, RNG state) atomically each epoch."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.directory = os.path.join(run_dir, "checkpoints")
+        os.makedirs(self.directory, exist_ok=True)
+        self.model_path = os.path.join(self.directory, "latest.keras")
+        self.state_path = os.path.join(self.directory, "state.json")
+
+    def on_epoch_end(self, epoch, logs=None):
+        atomic_save_model(self.model, self.model_path)
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        _atomic_save_json(self.state_path, {"epoch": epoch + 1, "step": step})
+
+    def load(self):
+        """``(model, epochs_done)`` from the last checkpoint, or ``(None, 0)``."""
+        if not (os.path.exists(self.state_path) and os.path.exists(self.model_path)):
+            return None, 0
+        with open(self.state_path) as f:
+            state = json.load(f)
+        return keras.models.load_model(self.model_path), int(state["epoch"])
+
+
+class SampleGrid(keras.callbacks.Callback):
+    """Writes a grid of samples (one row per class for class-conditional models)."""
+
+    def __init__(self, path, config, every_epochs=1):
+        super().__init__()
+        self.path = path
+        self.config = config
+        self.every_epochs = max(int(every_epochs), 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_epochs == 0:
+            write_samples(self.model, self.path, self.config)
+
+
+def sample_labels(model, num_samples):
+    if model.conditioning != "class":
+        return None
+    # Rows of one class each when the grid is square-ish.
+    per_class = max(num_samples // model.num_classes, 1)
+    return np.repeat(np.arange(model.num_classes), per_class)[:num_samples]
+
+
+def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
+    """Generates ``num_samples`` images with the config's sampler and saves a grid."""
+    num_samples = num_samples or config["num_samples"]
+    labels = sample_labels(model, num_samples)
+    kwargs = dict(
+        num_steps=config["sample_steps"],
+        sampler=config["sampler"],
+        guidance_scale=config["guidance_scale"],
+        clip_denoised=config["clip_denoised"],
+        seed=seed,
+    )
+    kwargs.update(overrides)
+    if labels is None:
+        images = model.generate(num_samples, **kwargs)
+        columns = int(np.ceil(np.sqrt(num_samples)))
+    else:
+        images = model.generate(labels=labels, **kwargs)
+        columns = max(len(labels) // model.num_classes, 1)
+    save_image_grid(images, path, columns=columns)
+    return images
+
+
+def check_run_directory(run_dir, config):
+    """Refuses to resume a directory that holds a run with a different configuration."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(json.dumps(config, default=str))
+    changed = sorted(
+        k for k in set(previous) | set(current)
+        if k not in RESUMABLE_KEYS and previous.get(k) != current.get(k)
+    )
+    if changed:
+        raise ValueError(
+            f"{run_dir} already holds a run with a different configuration (changed: "
+            f"{', '.join(changed)}). It is never overwritten: pick a new --output-dir, or "
+            "repeat the original settings to resume it."
+        )
+
+
+def train(config, run_dir, verbose=None):
+    """Trains (or resumes) a run and returns the trained `DiffusionModel`.
+
+    ``verbose`` defaults to a live progress bar on a terminal and one line per epoch
+    otherwise (logs, CI).
+    """
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    os.makedirs(run_dir, exist_ok=True)
+    check_run_directory(run_dir, config)
+    _atomic_save_json(os.path.join(run_dir, "config.json"), config)
+    keras.utils.set_random_seed(config["seed"])
+
+    dataset, info = build_dataset(config)
+    checkpoint = RunCheckpoint(run_dir)
+    model, epochs_done = checkpoint.load()
+    if model is None:
+        model = build_model(config, info)
+    total_epochs = int(np.ceil(config["steps"] / config["steps_per_epoch"]))
+    if epochs_done:
+        print(f"Resuming {run_dir} after epoch {epochs_done} of {total_epochs}.")
+    callbacks = [
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
+        checkpoint,
+        SampleGrid(os.path.join(run_dir, "samples.png"), config, config["sample_every_epochs"]),
+    ]
+    start = time.time()
+    if epochs_done < total_epochs:
+        model.fit(
+            dataset,
+            epochs=total_epochs,
+            initial_epoch=epochs_done,
+            steps_per_epoch=config["steps_per_epoch"],
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # the tf.data pipeline shuffles with its own seed
+        )
+    atomic_save_model(model, os.path.join(run_dir, "model.keras"))
+    if not os.path.exists(os.path.join(run_dir, "samples.png")):
+        write_samples(model, os.path.join(run_dir, "samples.png"), config)
+    print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
+    return model
+
+
+def load_run(run_dir):
+    """The config and model of a run directory (final model, else last checkpoint)."""
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json).")
+    with open(config_path) as f:
+        config = json.load(f)
+    for name in ("model.keras", os.path.join("checkpoints", "latest.keras")):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            return config, keras.models.load_model(path)
+    raise FileNotFoundError(
+        f"{run_dir} has no model.keras nor checkpoints/latest.keras yet; train it first."
+    )
