@@ -96,6 +96,12 @@ def test_cli_trains_samples_and_refuses_to_overwrite(tmp_path, capsys):
                      "--sampler", "edm_heun", "--output", str(tmp_path / "s.png")]) == 0
     assert os.path.exists(tmp_path / "s.png")
 
+    assert cli.main(["evaluate", run, "--num-samples", "20", "--steps", "2"]) == 0
+    with open(os.path.join(run, "eval.json")) as f:
+        result = json.load(f)
+    assert result["extractor"] == "digits" and result["num_fake"] == 20
+    assert result["fid"] > 0 and result["step"] == 6
+
     # Same directory, different settings: refused, nothing overwritten.
     before = os.path.getmtime(os.path.join(run, "model.keras"))
     assert cli.main([*args[:-2], "--set", "steps_per_epoch=3", "--set", "gamma=1"]) == 2
