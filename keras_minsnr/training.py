@@ -33,6 +33,8 @@ DEFAULTS = {
     "data": "digits",
     "data_args": {},
     "image_size": None,
+    # encode raw images once into the latent cache named by `data` (see prepare_data)
+    "encode": {},
     "batch_size": 256,
     # model
     "backbone": "dit_s_2",
@@ -91,10 +93,24 @@ def parse_overrides(pairs):
     return overrides
 
 
+def _set_nested(mapping, path, value, key):
+    """A copy of ``mapping`` with ``value`` at ``path`` (``a.b.c`` reaches nested dicts)."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {**mapping, head: copy.deepcopy(value)}
+    inner = mapping.get(head)
+    if inner is None:
+        inner = {}
+    if not isinstance(inner, dict):
+        raise ValueError(f"{head!r} in {key!r} is not a dict; cannot set {key!r}.")
+    return {**mapping, head: _set_nested(inner, rest, value, key)}
+
+
 def resolve_config(recipe, overrides=None):
     """Defaults ← recipe ← overrides, with unknown keys rejected.
 
-    Dotted keys reach into dict-valued entries: ``backbone_args.depth=4``.
+    Dotted keys reach into dict-valued entries: ``backbone_args.depth=4``, also nested
+    ones: ``encode.source_args.data_dir=/data``.
     """
     config = copy.deepcopy(DEFAULTS)
     for source in (recipe, overrides or {}):
@@ -107,7 +123,7 @@ def resolve_config(recipe, overrides=None):
             if sub:
                 if not isinstance(config[top], dict):
                     raise ValueError(f"{top!r} is not a dict; cannot set {key!r}.")
-                config[top] = {**config[top], sub: value}
+                config[top] = _set_nested(config[top], sub.split("."), value, key)
             else:
                 config[top] = copy.deepcopy(value)
     if config["steps"] < 1 or config["steps_per_epoch"] < 1:
@@ -118,9 +134,107 @@ def resolve_config(recipe, overrides=None):
     return config
 
 
+ENCODE_KEYS = (
+    "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
+    "vocabulary", "batch_size", "sample_posterior",
+)
+
+
+def make_encoders(encode, needs_text):
+    """The frozen Stable Diffusion VAE encoder (and text encoder) named by ``encode``.
+
+    Missing weight files raise `FileNotFoundError` naming the file and KerasCV's URL
+    before anything is built; ``None`` paths give random weights (tests only).
+    """
+    from keras_minsnr.backbones import stable_diffusion as sd
+
+    version = encode.get("version", "v1")
+    sd.resolve_weights(encode.get("image_encoder_weights"), version, "image_encoder")
+    kwargs = dict(
+        version=version,
+        image_encoder_weights=encode.get("image_encoder_weights"),
+        sample_posterior=bool(encode.get("sample_posterior", False)),
+        seed=0,
+    )
+    if needs_text:
+        sd.resolve_weights(encode.get("text_encoder_weights"), version, "text_encoder")
+        return sd.StableDiffusionEncoders(
+            vocabulary=encode.get("vocabulary"),
+            text_encoder_weights=encode.get("text_encoder_weights"),
+            **kwargs,
+        )
+
+    class ImageOnlyEncoders(sd.StableDiffusionEncoders):
+        def _make_tokenizer(self, vocabulary):
+            return None  # no captions: no BPE vocabulary needed
+
+    return ImageOnlyEncoders(**kwargs)
+
+
+def prepare_data(config):
+    """Encodes ``encode.source`` into the latent cache ``config["data"]`` once.
+
+    A no-op unless ``config["encode"]`` is set. When ``data`` already holds a complete
+    cache it is reused; otherwise the raw data ``encode.source`` (a TFDS name or a
+    folder, loaded with ``encode.source_args``) is encoded with the Stable Diffusion VAE
+    (latents x 0.18215) and, for caption folders, the text encoder (``"context"``).
+    """
+    encode = config.get("encode") or {}
+    if not encode:
+        return None
+    unknown = sorted(set(encode) - set(ENCODE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"Unknown encode key(s) {unknown}. Valid keys: {', '.join(ENCODE_KEYS)}."
+        )
+    from keras_minsnr.data import latents
+    from keras_minsnr.data import make_dataset
+
+    cache_dir = os.path.expanduser(str(config["data"]))
+    manifest = latents.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
+    if manifest is not None:
+        return manifest
+    if not encode.get("source"):
+        raise FileNotFoundError(
+            f"No latent cache in data={cache_dir!r}. Encode one first: name the raw "
+            "data with --set encode.source=DATA (a TFDS name such as imagenet2012, an "
+            "image folder, or a caption folder with metadata.jsonl) and the VAE weights "
+            "with --set encode.image_encoder_weights=vae_encoder.h5; or write the cache "
+            "with keras_minsnr.data.cache_latents and pass --set data=CACHE_DIR."
+        )
+    if config["backbone"] in backbones.stable_diffusion.PRESETS:
+        # Fail on a missing UNet file before spending time on encoding.
+        version = backbones.PRESETS[config["backbone"]]["config"]["version"]
+        version = config["backbone_args"].get("version", version)
+        backbones.stable_diffusion.resolve_weights(
+            config["backbone_args"].get("weights"), version, "diffusion_model"
+        )
+    source_args = dict(encode.get("source_args") or {})
+    dataset, info = make_dataset(
+        encode["source"],
+        batch_size=int(encode.get("batch_size", 16)),
+        shuffle=False,
+        repeat=False,
+        drop_remainder=False,
+        **source_args,
+    )
+    encoders = make_encoders(encode, needs_text=info.has_text)
+    print(f"Encoding {encode['source']} into the latent cache {cache_dir} (once).")
+    return latents.cache_latents(
+        dataset,
+        encoders.encode_images,
+        cache_dir,
+        scale=latents.SD_LATENT_SCALE,
+        text_encode_fn=encoders.encode_text if info.has_text else None,
+        info=info,
+        verbose=1 if sys.stdout.isatty() else 0,
+    )
+
+
 def build_dataset(config):
     from keras_minsnr.data import make_dataset
 
+    prepare_data(config)
     kwargs = dict(config["data_args"])
     if config["image_size"] is not None:
         kwargs.setdefault("image_size", config["image_size"])
@@ -237,10 +351,30 @@ def sample_labels(model, num_samples):
     return np.repeat(np.arange(model.num_classes), per_class)[:num_samples]
 
 
+def sample_context(config, num_samples):
+    """Text contexts for samples of a text-conditional model: the first captions of the
+    run's latent cache (``config["data"]``), repeated as needed."""
+    from keras_minsnr.data import latents
+
+    cache_dir = os.path.expanduser(str(config["data"]))
+    manifest = latents.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
+    if manifest is None or not manifest.get("context_shape"):
+        raise ValueError(
+            f"This model is text-conditional but data={cache_dir!r} holds no latent "
+            "cache with text embeddings to sample from."
+        )
+    shard = manifest["shards"][0]
+    context = np.load(os.path.join(cache_dir, shard["context"]), mmap_mode="r")
+    context = np.asarray(context[:num_samples], dtype="float32")
+    return np.resize(context, (num_samples,) + context.shape[1:])
+
+
 def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
     """Generates ``num_samples`` images with the config's sampler and saves a grid."""
     num_samples = num_samples or config["num_samples"]
     labels = sample_labels(model, num_samples)
+    if model.conditioning == "context":
+        overrides.setdefault("context", sample_context(config, num_samples))
     kwargs = dict(
         num_steps=config["sample_steps"],
         sampler=config["sampler"],
