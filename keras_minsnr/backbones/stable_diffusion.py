@@ -94,13 +94,89 @@ def _load_legacy_h5(model, path):
     model.load_weights(path)
 
 
+def _built(layer):
+    layer.built = True
+
+
+def _build_conv(layer, in_channels):
+    """Builds a KerasCV PaddedConv2D; returns its output channels."""
+    layer.conv2d.build((None, None, None, in_channels))
+    _built(layer.padding2d)
+    _built(layer)
+    return layer.conv2d.filters
+
+
+def _build_kerascv_block(layer, inputs):
+    """Builds a KerasCV SD block from channel counts (they have no shape-only build()).
+
+    ``inputs`` mirrors the block's call: ``c`` or ``[c, emb_or_context_dim]``. Returns
+    the output channels.
+    """
+    from keras_cv.src.models.stable_diffusion.diffusion_model import ResBlock
+    from keras_cv.src.models.stable_diffusion.diffusion_model import SpatialTransformer
+    from keras_cv.src.models.stable_diffusion.diffusion_model import Upsample
+    from keras_cv.src.models.stable_diffusion.padded_conv2d import PaddedConv2D
+
+    def shape(c):
+        return (None, None, None, c)
+
+    if isinstance(layer, PaddedConv2D):
+        return _build_conv(layer, inputs)
+    if isinstance(layer, keras.layers.GroupNormalization):
+        layer.build(shape(inputs))
+        return inputs
+    if isinstance(layer, Upsample):
+        _built(layer.ups)
+        _built(layer)
+        return _build_conv(layer.conv, inputs)
+    if isinstance(layer, ResBlock):
+        c, emb = inputs
+        out = layer.output_dim
+        layer.entry_flow[0].build(shape(c))
+        _build_conv(layer.entry_flow[2], c)
+        layer.embedding_flow[1].build((None, emb))
+        layer.exit_flow[0].build(shape(out))
+        _build_conv(layer.exit_flow[2], out)
+        for act in (layer.entry_flow[1], layer.embedding_flow[0], layer.exit_flow[1]):
+            _built(act)
+        layer.build([shape(c), (None, emb)])  # creates the 1x1 skip projection if needed
+        if c != out:
+            _build_conv(layer.residual_projection, c)
+        return out
+    if isinstance(layer, SpatialTransformer):
+        c, context_dim = inputs
+        layer.norm.build(shape(c))
+        for proj in (layer.proj1, layer.proj2):
+            if isinstance(proj, PaddedConv2D):
+                _build_conv(proj, c)
+            else:
+                proj.build((None, None, c))
+        block = layer.transformer_block
+        for norm in (block.norm1, block.norm2, block.norm3):
+            norm.build((None, None, c))
+        for attn, kv_dim in ((block.attn1, c), (block.attn2, context_dim)):
+            attn.to_q.build((None, None, c))
+            attn.to_k.build((None, None, kv_dim))
+            attn.to_v.build((None, None, kv_dim))
+            attn.out_proj.build((None, None, c))
+            _built(attn)
+        block.geglu.dense.build((None, None, c))
+        _built(block.geglu)
+        block.dense.build((None, None, block.geglu.output_dim))
+        _built(block)
+        _built(layer)
+        return c
+    raise TypeError(f"Unexpected layer {layer!r} in the Stable Diffusion UNet.")
+
+
 class _SDUNetCore(keras.Model):
     """The KerasCV Stable Diffusion UNet with configurable widths, from KerasCV's blocks.
 
     Same blocks, wiring and weight order as `keras_cv...DiffusionModel` (v1) /
     `DiffusionModelV2` (v2), so KerasCV's `.h5` files load by layer order. Built by one
     eager pass on a minimal input: KerasCV's blocks have no shape-only `build`, and a
-    symbolic functional build takes about a minute even for a tiny model.
+    symbolic functional build takes about a minute even for a tiny model, so the blocks
+    are built from channel counts (`_build_kerascv_block`).
     Called with ``[latent, timestep_features (B, 320), context (B, L, D)]``.
     """
 
@@ -111,12 +187,10 @@ class _SDUNetCore(keras.Model):
         self.version = version
         self.out_channels = out_channels
         self.seq = []
+        # The creation pass runs on channel counts: layers are built from shapes alone,
+        # no op is executed (an eager pass costs minutes of op compilation on JAX).
         self._creating = True
-        self._forward(
-            ops.zeros((1, 8, 8, out_channels)),
-            ops.zeros((1, TIMESTEP_FEATURES)),
-            ops.zeros((1, 2, context_dim)),
-        )
+        self._forward(out_channels, TIMESTEP_FEATURES, context_dim)
         self._creating = False
         self.built = True
 
@@ -135,15 +209,11 @@ class _SDUNetCore(keras.Model):
             if not creating:
                 return next(stored)(*inputs)
             new = factory()
-            if isinstance(new, ResBlock):
-                new.build([inputs[0][0].shape, inputs[0][1].shape])
-            # KerasCV blocks have no shape-only build(); without this Keras would build
-            # each by a (nested, slow) symbolic trace. Their Keras sublayers build on call.
-            for sub in [new] + list(new._flatten_layers(include_self=False)):
-                if type(sub).__module__.startswith("keras_cv"):
-                    sub.built = True
             self.seq.append(new)
-            return new(*inputs)
+            return _build_kerascv_block(new, *inputs)
+
+        def cat(a, b):
+            return a + b if creating else ops.concatenate([a, b], axis=-1)
 
         def transformer(width):
             # v1: 8 heads per level; v2: 64-channel heads (KerasCV's choices).
@@ -158,11 +228,15 @@ class _SDUNetCore(keras.Model):
                 [keras.layers.Dense(4 * w0), PaddedConv2D(w0, kernel_size=3, padding=1),
                  keras.layers.Dense(4 * w0)]
             )
-            self.seq[1].built = True
         dense_1, conv_in, dense_2 = self.seq[:3]
-        t_emb = dense_2(ops.silu(dense_1(t_features)))
-
-        x = conv_in(latent)
+        if creating:
+            dense_1.build((None, t_features))
+            dense_2.build((None, 4 * w0))
+            t_emb = 4 * w0
+            x = _build_kerascv_block(conv_in, latent)
+        else:
+            t_emb = dense_2(ops.silu(dense_1(t_features)))
+            x = conv_in(latent)
         outputs = [x]
         for width in self.widths:
             for _ in range(2):
@@ -180,19 +254,19 @@ class _SDUNetCore(keras.Model):
         x = run(lambda: ResBlock(bottom), [x, t_emb])
 
         for _ in range(3):
-            x = ops.concatenate([x, outputs.pop()], axis=-1)
+            x = cat(x, outputs.pop())
             x = run(lambda: ResBlock(bottom), [x, t_emb])
         x = run(lambda: Upsample(bottom), x)
         for level, width in enumerate(reversed(self.widths)):
             for _ in range(3):
-                x = ops.concatenate([x, outputs.pop()], axis=-1)
+                x = cat(x, outputs.pop())
                 x = run(lambda: ResBlock(width), [x, t_emb])
                 x = run(lambda: transformer(width), [x, context])
             if level < len(self.widths) - 1:
                 x = run(lambda: Upsample(width), x)
 
         x = run(lambda: keras.layers.GroupNormalization(epsilon=1e-5), x)
-        x = ops.silu(x)
+        x = x if creating else ops.silu(x)
         return run(lambda: PaddedConv2D(self.out_channels, kernel_size=3, padding=1), x)
 
     def call(self, inputs, training=None):
