@@ -1,0 +1,73 @@
+"""The convergence benchmark: its quick mode writes well-formed results; the speed-up rule."""
+
+import csv
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import convergence  # noqa: E402
+
+
+def test_steps_to_reach_interpolates_first_crossing():
+    steps = [100, 200, 300, 400]
+    # 25 at 200, 15 at 300: 20 is reached halfway, at 250.
+    assert convergence.steps_to_reach(steps, [45, 25, 15, 10], 20.0) == pytest.approx(250.0)
+    # Already below at the first checkpoint: credited with that checkpoint.
+    assert convergence.steps_to_reach(steps, [5, 4, 3, 2], 20.0) == 100.0
+    assert convergence.steps_to_reach(steps, [50, 40, 30, 21], 20.0) is None
+    # Non-monotone: the first crossing counts (100 + 30/32 * 100).
+    assert convergence.steps_to_reach(steps, [50, 18, 30, 20], 20.0) == pytest.approx(193.75)
+
+
+def test_speedup_on_synthetic_curves():
+    steps = [100, 200, 300, 400]
+    value, base, cand, target = convergence.speedup(steps, [50, 40, 30, 20], [45, 25, 15, 10])
+    assert target == 20.0 and base == 400.0 and cand == pytest.approx(250.0)
+    assert value == pytest.approx(1.6)
+    value, _, cand, _ = convergence.speedup(steps, [50, 40, 30, 20], [60, 55, 50, 45])
+    assert value is None and cand is None
+    with pytest.raises(ValueError, match="equal length"):
+        convergence.steps_to_reach([1, 2], [1.0], 0.5)
+
+
+def test_bad_step_grid_is_rejected():
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--steps", "30", "--eval-every", "20"])
+
+
+def test_quick_run_writes_the_three_files(tmp_path):
+    out = tmp_path / "results"
+    assert convergence.main(
+        ["--quick", "--targets", "epsilon", "--output-dir", str(out)]
+    ) == 0
+    assert {p.name for p in out.iterdir()} >= {
+        "convergence.csv", "convergence.png", "convergence.json"
+    }
+    with open(out / "convergence.csv") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == convergence.CSV_COLUMNS
+        rows = list(reader)
+    # 2 runs (constant, min_snr γ=5) x 1 seed x checkpoints at 20 and 40.
+    assert len(rows) == 4
+    assert {r["run"] for r in rows} == {"epsilon/constant", "epsilon/min_snr_5"}
+    assert sorted({int(r["step"]) for r in rows}) == [20, 40]
+    for r in rows:
+        assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0
+        assert math.isfinite(float(r["kid_mean"]))
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "convergence.json").read_text())
+    assert summary["quick"] is True and summary["checkpoints"] == [20, 40]
+    entry = summary["speedups"]["epsilon"]
+    assert set(entry) >= {"target_fid", "baseline_steps", "min_snr_steps", "speedup"}
+    assert isinstance(entry["target_fid"], float) and math.isfinite(entry["target_fid"])
+    assert entry["speedup"] is None or (
+        isinstance(entry["speedup"], float) and entry["speedup"] > 0
+    )
+    curve = summary["mean_curves"]["epsilon/constant"]
+    assert curve["steps"] == [20, 40] and len(curve["fid"]) == 2
