@@ -1,0 +1,42 @@
+"""The guides run end to end (with few steps) and their notebooks match the sources."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUIDES = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "guides", "*.py")) if not p.endswith("make_notebooks.py")
+)
+sys.path.insert(0, os.path.join(ROOT, "guides"))
+import make_notebooks  # noqa: E402
+
+
+@pytest.mark.parametrize("path", GUIDES, ids=os.path.basename)
+def test_notebook_is_generated_from_the_guide(path):
+    with open(path) as f:
+        expected = make_notebooks.to_notebook(make_notebooks.split_cells(f.read()))
+    with open(path[:-3] + ".ipynb") as f:
+        assert json.load(f) == expected, "run `python guides/make_notebooks.py`"
+
+
+@pytest.mark.parametrize("path", GUIDES, ids=os.path.basename)
+def test_guide_runs(path, tmp_path):
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": keras.backend.backend(),
+        "KMS_GUIDE_STEPS": "8",
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": ROOT,
+    }
+    result = subprocess.run(
+        [sys.executable, path], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'fid'" in result.stdout
+    assert os.path.exists(tmp_path / "digits_min_snr.keras")
