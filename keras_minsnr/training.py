@@ -385,10 +385,11 @@ def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
     kwargs.update(overrides)
     if labels is None:
         images = model.generate(num_samples, **kwargs)
-        columns = int(np.ceil(np.sqrt(num_samples)))
     else:
         images = model.generate(labels=labels, **kwargs)
-        columns = max(len(labels) // model.num_classes, 1)
+    per_class = 0 if labels is None else len(labels) // model.num_classes
+    # One row per class when every class gets a full row; otherwise a square-ish grid.
+    columns = per_class if per_class > 1 else int(np.ceil(np.sqrt(len(images))))
     save_image_grid(images, path, columns=columns)
     return images
 
