@@ -44,7 +44,8 @@ def test_bad_step_grid_is_rejected():
 def test_quick_run_writes_the_three_files(tmp_path):
     out = tmp_path / "results"
     assert convergence.main(
-        ["--quick", "--targets", "epsilon", "--output-dir", str(out)]
+        ["--quick", "--targets", "epsilon", "--num-samples", "64", "--sample-steps", "5",
+         "--output-dir", str(out)]
     ) == 0
     assert {p.name for p in out.iterdir()} >= {
         "convergence.csv", "convergence.png", "convergence.json"
