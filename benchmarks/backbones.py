@@ -26,6 +26,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _common import device_description  # noqa: E402
+from _common import device_peak_mb  # noqa: E402
+from _common import rss_mb  # noqa: E402
 
 # (label, preset, overrides, batch size)
 DIT_CASES = [
@@ -38,32 +44,6 @@ DIT_CASES = [
     ),
 ]
 QUICK_OVERRIDES = {"depth": 2}
-
-
-def _rss_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _device_peak_mb(backend):
-    try:
-        if backend == "jax":
-            import jax
-
-            stats = jax.devices()[0].memory_stats()
-            if stats and "peak_bytes_in_use" in stats:
-                return stats["peak_bytes_in_use"] / 2**20
-        else:
-            import tensorflow as tf
-
-            if tf.config.list_physical_devices("GPU"):
-                return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    except Exception:  # not every device reports allocator statistics
-        pass
-    return None
 
 
 def _make_batch(model, batch_size, seed=0):
@@ -132,7 +112,7 @@ def run_case(args):
 
     backend = keras.backend.backend()
     overrides = json.loads(args.overrides)
-    rss_before = _rss_mb("VmRSS")
+    rss_before = rss_mb("VmRSS")
     t0 = time.perf_counter()
     model = backbones.get(args.preset, **overrides)
     build_s = time.perf_counter() - t0
@@ -155,8 +135,8 @@ def run_case(args):
         "first_step_s": round(first_step_s, 3),
         "step_time_s_median": round(statistics.median(times), 4),
         "step_times_s": [round(t, 4) for t in times],
-        "peak_rss_delta_mb": round(_rss_mb("VmHWM") - rss_before, 1),
-        "device_peak_mb": _device_peak_mb(backend),
+        "peak_rss_delta_mb": round(rss_mb("VmHWM") - rss_before, 1),
+        "device_peak_mb": device_peak_mb(backend),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -173,18 +153,6 @@ def _cases(quick):
     for name in sorted(getattr(unet, "PRESETS", {})):
         cases.append((name, name, {}, 2))
     return cases
-
-
-def _device_description(backend):
-    if backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return f"{device.platform}: {device.device_kind}"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    return "gpu: " + gpus[0].name if gpus else "cpu"
 
 
 def main(argv=None):
@@ -247,7 +215,7 @@ def main(argv=None):
 
     report = {
         "backend": args.backend,
-        "device": _device_description(args.backend),
+        "device": device_description(args.backend),
         "keras": keras.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),

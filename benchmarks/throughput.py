@@ -26,7 +26,6 @@ Writes ``docs/results/throughput_<backend>.json`` (``--output-dir``).
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _common import device_description  # noqa: E402,F401 - the child prints it
+from _common import device_peak_mb  # noqa: E402
+from _common import gpu_name  # noqa: E402
+from _common import rss_mb  # noqa: E402
 
 IMAGE_SHAPE = (16, 16, 3)
 NUM_CLASSES = 10
@@ -50,49 +56,6 @@ CASES = {
 }
 
 
-def _rss_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _gpu(backend):
-    try:
-        if backend == "jax":
-            import jax
-
-            device = jax.devices()[0]
-            return device.device_kind if device.platform == "gpu" else None
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    except Exception:  # noqa: BLE001 - a missing GPU stack means CPU
-        return None
-    return None
-
-
-def _device_peak_mb(backend):
-    try:
-        if backend == "jax":
-            import jax
-
-            stats = jax.devices()[0].memory_stats()
-            if stats and "peak_bytes_in_use" in stats:
-                return stats["peak_bytes_in_use"] / 2**20
-        else:
-            import tensorflow as tf
-
-            if tf.config.list_physical_devices("GPU"):
-                return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    except Exception:  # noqa: BLE001
-        return None
-    return None
-
-
 def child(case, batch_size, steps, warmup, sample_batch):
     import keras
     import numpy as np
@@ -101,10 +64,10 @@ def child(case, batch_size, steps, warmup, sample_batch):
     from keras_minsnr.diffusion_model import DiffusionModel
 
     backend = keras.backend.backend()
-    gpu = _gpu(backend)
+    gpu = gpu_name(backend)
     if gpu:
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    rss_before = _rss_mb("VmRSS")
+    rss_before = rss_mb("VmRSS")
     preset, overrides = CASES[case]
 
     def make(weighting):
@@ -158,23 +121,9 @@ def child(case, batch_size, steps, warmup, sample_batch):
         "images_per_s_train": batch_size / medians["min_snr"],
         "ddim50_images_per_s": sample_batch / sample_seconds,
         "sample_batch": sample_batch,
-        "peak_rss_growth_mb": _rss_mb("VmHWM") - rss_before,
-        "device_peak_mb": _device_peak_mb(backend),
+        "peak_rss_growth_mb": rss_mb("VmHWM") - rss_before,
+        "device_peak_mb": device_peak_mb(backend),
     }
-
-
-def device_description(backend):
-    gpu = _gpu(backend)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return gpu or f"CPU: {cpu}, {os.cpu_count()} cores (shared, noisy machine)"
 
 
 def run_backend(backend, args):

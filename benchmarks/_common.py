@@ -1,0 +1,65 @@
+"""Small helpers the benchmarks share: process memory and a description of the device."""
+
+import os
+import platform
+
+
+def rss_mb(field):
+    """A memory field of this process from /proc (``VmRSS``, ``VmHWM`` = peak), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def gpu_name(backend):
+    """The first GPU's name as the backend sees it, or None on CPU."""
+    try:
+        if backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            return device.device_kind if device.platform == "gpu" else None
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    except Exception:  # noqa: BLE001 - a missing GPU stack means CPU
+        return None
+    return None
+
+
+def device_peak_mb(backend):
+    """The device allocator's peak in MiB where the backend reports one (GPU), else None."""
+    try:
+        if backend == "jax":
+            import jax
+
+            stats = jax.devices()[0].memory_stats()
+            if stats and "peak_bytes_in_use" in stats:
+                return stats["peak_bytes_in_use"] / 2**20
+        else:
+            import tensorflow as tf
+
+            if tf.config.list_physical_devices("GPU"):
+                return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    except Exception:  # noqa: BLE001 - not every device reports allocator statistics
+        return None
+    return None
+
+
+def device_description(backend):
+    """The GPU's name, or the CPU model and core count."""
+    gpu = gpu_name(backend)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return gpu or f"CPU: {cpu}, {os.cpu_count()} cores (shared, noisy machine)"
