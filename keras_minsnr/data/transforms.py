@@ -21,34 +21,24 @@ AUTOTUNE = tf.data.AUTOTUNE
 RESIZE_METHODS = ("bilinear", "area", "bicubic", "nearest", "lanczos3")
 
 
+def check_positive_int(name, value, allow_none=False):
+    """Returns `value` as an int (None passes when allowed), or raises a ValueError naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        allowed = "a positive integer or None" if allow_none else "a positive integer"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+    return int(value)
+
+
 def check_image_size(image_size, allow_none=False):
     """Returns `image_size` as an int, or raises a `ValueError` naming the value."""
-    if image_size is None and allow_none:
-        return None
-    if (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, (int, np.integer))
-        or image_size <= 0
-    ):
-        raise ValueError(
-            f"image_size must be a positive integer, got {image_size!r}."
-        )
-    return int(image_size)
+    return check_positive_int("image_size", image_size, allow_none=allow_none)
 
 
 def check_batch_size(batch_size):
     """Returns `batch_size` as an int (or None for unbatched), or raises a ValueError."""
-    if batch_size is None:
-        return None
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or batch_size <= 0
-    ):
-        raise ValueError(
-            f"batch_size must be a positive integer or None, got {batch_size!r}."
-        )
-    return int(batch_size)
+    return check_positive_int("batch_size", batch_size, allow_none=True)
 
 
 def check_resize_method(method):
