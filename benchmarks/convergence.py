@@ -28,6 +28,9 @@ checkpoints (first crossing). A curve already below the target at its first chec
 credited with that first checkpoint (no extrapolation towards step 0), so the speed-up is then
 a lower bound. If Min-SNR never reaches the baseline's final FID the speed-up is ``null``.
 
+Each finished run is recorded in ``OUTPUT_DIR/convergence_runs/`` (removed at the end), so a
+killed benchmark started again with the same settings skips the runs it already finished.
+
 Usage::
 
     python benchmarks/convergence.py                 # ~1 hour on a 2-core CPU
@@ -42,8 +45,8 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -156,6 +159,8 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
     model.backbone.set_weights(initial_weights)
     model.reset_ema()
     path = os.path.join(workdir, f"{seed}_{name.replace('/', '_')}.csv")
+    if os.path.exists(path):  # left by a killed run; the callback appends
+        os.remove(path)
     callback = FIDCallback(
         real,
         path,
@@ -355,20 +360,65 @@ def main(argv=None):
     rows = []
     bar = keras.utils.Progbar(total, unit_name="run")
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir:
-        done = 0
-        for seed in args.seeds:
-            initial = initial_backbone_weights(args, seed)
-            for name, target, weighting, gamma in runs:
-                rows.extend(train_and_evaluate(args, name, target, weighting, gamma, seed,
-                                               initial, real, extractor, workdir))
-                done += 1
-                last = rows[-1]
-                print(f"\n[{done}/{total}] seed {seed} {name}: FID {last['fid']:.3f} at step "
-                      f"{last['step']} ({time.perf_counter() - start:.0f} s so far)", flush=True)
-                bar.update(done)
+    # Finished runs are kept in WORKDIR until the end, so a killed benchmark resumes
+    # where it stopped instead of starting the hour again.
+    workdir = os.path.join(args.output_dir, "convergence_runs")
+    os.makedirs(workdir, exist_ok=True)
+    settings = run_settings(args)
+    done = 0
+    for seed in args.seeds:
+        initial = None
+        for name, target, weighting, gamma in runs:
+            record = os.path.join(workdir, f"{seed}_{name.replace('/', '_')}.json")
+            run_rows = load_finished_run(record, settings)
+            if run_rows is None:
+                if initial is None:
+                    initial = initial_backbone_weights(args, seed)
+                run_rows = train_and_evaluate(args, name, target, weighting, gamma, seed,
+                                              initial, real, extractor, workdir)
+                save_finished_run(record, settings, run_rows)
+                resumed = ""
+            else:
+                resumed = " (finished earlier, reused)"
+            rows.extend(run_rows)
+            done += 1
+            last = rows[-1]
+            print(f"\n[{done}/{total}] seed {seed} {name}: FID {last['fid']:.3f} at step "
+                  f"{last['step']}{resumed} ({time.perf_counter() - start:.0f} s so far)",
+                  flush=True)
+            bar.update(done)
     write_outputs(args, runs, rows, checkpoints, time.perf_counter() - start)
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def run_settings(args):
+    """What a finished run's rows depend on besides its name and seed."""
+    return {
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "num_samples": args.num_samples,
+        "sample_steps": args.sample_steps,
+        "sample_seed": args.sample_seed,
+        "num_real": args.num_real,
+        "backend": os.environ.get("KERAS_BACKEND", ""),
+    }
+
+
+def load_finished_run(path, settings):
+    """A run's rows from an earlier, interrupted benchmark, or None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return record["rows"] if record.get("settings") == settings else None
+
+
+def save_finished_run(path, settings, rows):
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        json.dump({"settings": settings, "rows": rows}, f)
+    os.replace(partial, path)
 
 
 def write_outputs(args, runs, rows, checkpoints, seconds):

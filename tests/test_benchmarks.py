@@ -41,12 +41,33 @@ def test_bad_step_grid_is_rejected():
         convergence.parse_args(["--steps", "30", "--eval-every", "20"])
 
 
-def test_quick_run_writes_the_three_files(tmp_path):
+def _planted_rows(run, weighting, gamma, fids):
+    return [
+        {"seed": 0, "run": run, "target": "epsilon", "weighting": weighting, "gamma": gamma,
+         "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0, "train_seconds": 1.0}
+        for step, fid in zip((20, 40), fids)
+    ]
+
+
+def test_quick_run_writes_the_three_files_and_resumes(tmp_path):
     out = tmp_path / "results"
-    assert convergence.main(
-        ["--quick", "--targets", "epsilon", "--num-samples", "64", "--sample-steps", "5",
-         "--output-dir", str(out)]
-    ) == 0
+    argv = ["--quick", "--targets", "epsilon", "--num-samples", "64", "--sample-steps", "5",
+            "--output-dir", str(out)]
+    # As if an earlier benchmark was killed after finishing the constant run: it is reused,
+    # while a record written under other settings is not.
+    workdir = out / "convergence_runs"
+    workdir.mkdir(parents=True)
+    settings = convergence.run_settings(convergence.parse_args(argv))
+    convergence.save_finished_run(
+        str(workdir / "0_epsilon_constant.json"), settings,
+        _planted_rows("epsilon/constant", "constant", "", (777.0, 555.0)),
+    )
+    convergence.save_finished_run(
+        str(workdir / "0_epsilon_min_snr_5.json"), {**settings, "steps": 4000},
+        _planted_rows("epsilon/min_snr_5", "min_snr", 5.0, (999.0, 888.0)),
+    )
+    assert convergence.main(argv) == 0
+    assert not workdir.exists()
     assert {p.name for p in out.iterdir()} >= {
         "convergence.csv", "convergence.png", "convergence.json"
     }
@@ -58,6 +79,9 @@ def test_quick_run_writes_the_three_files(tmp_path):
     assert len(rows) == 4
     assert {r["run"] for r in rows} == {"epsilon/constant", "epsilon/min_snr_5"}
     assert sorted({int(r["step"]) for r in rows}) == [20, 40]
+    fids = {(r["run"], int(r["step"])): float(r["fid"]) for r in rows}
+    assert fids[("epsilon/constant", 20)] == 777.0 and fids[("epsilon/constant", 40)] == 555.0
+    assert fids[("epsilon/min_snr_5", 20)] not in (999.0, 888.0)
     for r in rows:
         assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0
         assert math.isfinite(float(r["kid_mean"]))
