@@ -51,6 +51,10 @@ class DiffusionModel(keras.Model):
         ema_warmup: use ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` so the EMA
             is useful early in training.
         seed: seed of the model's random draws (timesteps, noise, label dropout).
+        null_context: for a text-conditional backbone, the context that stands for "no
+            caption" in label dropout and classifier-free guidance: the text encoder's
+            embedding of the empty caption, ``(L, D)``. Kept as a non-trainable weight,
+            so it is saved with the model; zeros until given (or `set_null_context`).
 
     Example:
     ```python
@@ -80,6 +84,7 @@ class DiffusionModel(keras.Model):
         ema_decay=0.9999,
         ema_warmup=True,
         seed=None,
+        null_context=None,
         **kwargs,
     ):
         kms_backend.check_backend()
@@ -124,6 +129,19 @@ class DiffusionModel(keras.Model):
                 f"label_dropout={label_dropout} needs a conditional backbone; this "
                 "backbone takes no condition."
             )
+        self.null_context = None
+        if self.conditioning == "context":
+            self.null_context = self.add_weight(
+                shape=self.context_shape, initializer="zeros", trainable=False,
+                name="null_context",
+            )
+            if null_context is not None:
+                self.set_null_context(null_context)
+        elif null_context is not None:
+            raise ValueError(
+                "null_context is only for a text-conditional backbone (conditioning "
+                f"'context'); this backbone's conditioning is {self.conditioning!r}."
+            )
         self.seed_generator = keras.random.SeedGenerator(seed)
         if not backbone.built:
             backbone(self._dummy_inputs(1))
@@ -164,12 +182,26 @@ class DiffusionModel(keras.Model):
         if self.conditioning == "class":
             return ops.full((batch_size,), self.num_classes, dtype="int32")
         if self.conditioning == "context":
-            null = getattr(self.backbone, "null_context", None)
-            if null is None:
-                return ops.zeros((batch_size,) + self.context_shape)
-            null = ops.convert_to_tensor(null, dtype="float32")
-            return ops.broadcast_to(null, (batch_size,) + self.context_shape)
+            return ops.broadcast_to(
+                ops.cast(self.null_context, "float32"), (batch_size,) + self.context_shape
+            )
         return None
+
+    def set_null_context(self, null_context):
+        """Sets the "no caption" context, e.g. ``encoders.encode_text([""])[0]``."""
+        if self.conditioning != "context":
+            raise ValueError("set_null_context needs a text-conditional backbone.")
+        value = np.asarray(null_context, dtype="float32")
+        if value.ndim == len(self.context_shape) + 1 and value.shape[0] == 1:
+            value = value[0]
+        if tuple(value.shape) != self.context_shape:
+            raise ValueError(
+                f"null_context must have shape {self.context_shape} (or (1, "
+                f"{', '.join(map(str, self.context_shape))})), got {value.shape}."
+            )
+        if not np.all(np.isfinite(value)):
+            raise ValueError("null_context holds NaN or Inf values.")
+        self.null_context.assign(value)
 
     def unpack_batch(self, data):
         """Splits a batch into ``(images, condition, timesteps, noise)``."""

@@ -272,6 +272,8 @@ def build_model(config, info):
         ema_decay=config["ema_decay"],
         seed=config["seed"],
     )
+    if model.conditioning == "context" and getattr(info, "null_context_file", None):
+        model.set_null_context(np.load(info.null_context_file))
     learning_rate = config["learning_rate"]
     if config["warmup_steps"]:
         learning_rate = keras.optimizers.schedules.CosineDecay(

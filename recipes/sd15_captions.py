@@ -22,8 +22,9 @@ Data: a caption folder — images plus `metadata.jsonl` with one
         --set encode.text_encoder_weights=/weights/kcv_encoder.h5 \\
         --set encode.vocabulary=/weights/bpe_simple_vocab_16e6.txt.gz
 
-The first run encodes the images (VAE posterior mean x 0.18215) and captions (CLIP
-text embeddings (77, 768) as the context) into `data`; later runs reuse the cache.
+The first run encodes the images (VAE posterior mean x 0.18215), the captions (CLIP
+text embeddings (77, 768) as the context) and the empty caption (the null context of
+label dropout and guidance) into `data`; later runs reuse the cache.
 Samples use the first cached captions; `samples.png` shows the first three latent
 channels (decode with KerasCV's decoder for pictures).
 """
@@ -55,7 +56,8 @@ RECIPE = {
     "prediction_type": "epsilon",
     "weighting": "min_snr",
     "gamma": 5.0,
-    # The null context would be zeros, not the empty caption's embedding: no CFG.
+    # diffengine's config drops no captions. The null context is the cached embedding of
+    # the empty caption, so `--set label_dropout=0.1` trains for classifier-free guidance.
     "label_dropout": 0.0,
     "ema_decay": 0.0,
     "learning_rate": 1e-5,

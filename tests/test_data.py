@@ -520,7 +520,7 @@ def test_latent_cache_with_text_embeddings(tmp_path):
                                       drop_remainder=False, channels=1)
 
     def encode_text(captions):
-        lengths = np.array([len(c) for c in captions], np.float32)
+        lengths = np.array([len(c) + 0.5 for c in captions], np.float32)
         return np.broadcast_to(lengths[:, None, None], (len(captions), 3, 2))
 
     def encode_image(x):
@@ -533,11 +533,13 @@ def test_latent_cache_with_text_embeddings(tmp_path):
     # By default the captions stay out of batches that carry their embeddings.
     default, dinfo = kd.load_latent_cache(cache, batch_size=3)
     assert set(default.element_spec) == {"images", "context"} and not dinfo.has_text
+    # The empty caption's embedding is cached as the null condition.
+    np.testing.assert_array_equal(np.load(dinfo.null_context_file), np.full((3, 2), 0.5))
     for in_memory in (True, False):
         got = _epoch(kd.load_latent_cache(cache, batch_size=3, shuffle=False,
                                           in_memory=in_memory, include_text=True)[0])
         assert [t.decode() for t in got["text"]] == ["x", "xx", "xxx"]
-        np.testing.assert_array_equal(got["context"][:, 0, 0], [1.0, 2.0, 3.0])
+        np.testing.assert_array_equal(got["context"][:, 0, 0], [1.5, 2.5, 3.5])
         assert got["context"].shape == (3, 3, 2)
         # Grey levels 0, 50, 100 -> [-1, 1].
         levels = np.array([0, 50, 100]) / 127.5 - 1.0

@@ -15,6 +15,7 @@ import keras_minsnr as kms
 from tests.tiny_backbones import GaussianOptimalDenoiser
 from tests.tiny_backbones import PixelLinearBackbone
 from tests.tiny_backbones import TinyConvBackbone
+from tests.tiny_backbones import TinyContextBackbone
 
 T = 1000
 
@@ -245,6 +246,50 @@ def test_label_dropout_reaches_the_null_class():
     assert 0.35 < dropped < 0.65
     kept = seen[-1] != 10
     np.testing.assert_array_equal(seen[-1][kept], labels[kept])
+
+
+def test_null_context_is_used_by_label_dropout_and_saved(tmp_path):
+    empty = np.array([[0.25, -1.0], [2.0, 0.5], [-0.75, 1.5]], "float32")
+    model = kms.DiffusionModel(TinyContextBackbone(), "cosine", label_dropout=0.5, seed=4,
+                               ema_decay=0, null_context=empty)
+    np.testing.assert_array_equal(ops.convert_to_numpy(model.null_condition(2)),
+                                  np.stack([empty, empty]))
+    seen = []
+    original_call = model.backbone.call
+
+    def spy(inputs):
+        seen.append(ops.convert_to_numpy(inputs["y"]))
+        return original_call(inputs)
+
+    model.backbone.call = spy
+    context = np.random.default_rng(0).normal(size=(200, 3, 2)).astype("float32")
+    images = np.zeros((200, 8, 8, 1), "float32")
+    model.compute_training_loss({"images": images, "context": context}, training=True)
+    dropped = np.all(seen[-1] == empty, axis=(1, 2))
+    assert 0.35 < dropped.mean() < 0.65
+    np.testing.assert_array_equal(seen[-1][~dropped], context[~dropped])
+    model.backbone.call = original_call
+
+    path = str(tmp_path / "context.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded.null_context), empty)
+
+
+def test_null_context_errors_name_the_problem():
+    model = kms.DiffusionModel(TinyContextBackbone(), "cosine", ema_decay=0)
+    # Zeros until set.
+    np.testing.assert_array_equal(ops.convert_to_numpy(model.null_condition(1)),
+                                  np.zeros((1, 3, 2)))
+    model.set_null_context(np.ones((1, 3, 2)))  # a batch of one is accepted
+    np.testing.assert_array_equal(ops.convert_to_numpy(model.null_context), np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"shape \(3, 2\).*got \(77, 768\)"):
+        model.set_null_context(np.zeros((77, 768)))
+    with pytest.raises(ValueError, match="NaN"):
+        model.set_null_context(np.full((3, 2), np.nan))
+    with pytest.raises(ValueError, match="conditioning 'context'.*'class'"):
+        kms.DiffusionModel(TinyConvBackbone((8, 8, 1), num_classes=10, width=8),
+                           null_context=np.zeros((3, 2)))
 
 
 def test_fit_lowers_the_loss_and_evaluation_is_deterministic():

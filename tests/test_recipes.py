@@ -8,6 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from keras import ops
 from PIL import Image
 
 from keras_minsnr import training
@@ -300,6 +301,10 @@ def test_sd15_captions_fine_tunes_a_tiny_sd_through_the_cli(tmp_path, monkeypatc
     assert manifest["count"] == 4
     _, model = training.load_run(run)
     assert model.backbone.conditioning == "context" and model.schedule.name == "scaled_linear"
+    # The null condition is the empty caption's embedding, cached and saved with the model.
+    empty = np.asarray(encoders.encode_text([""]))[0]
+    assert np.abs(empty).max() > 0
+    np.testing.assert_allclose(ops.convert_to_numpy(model.null_context), empty, atol=1e-6)
     assert os.path.exists(os.path.join(run, "samples.png"))
 
 

@@ -41,6 +41,34 @@ class TinyConvBackbone(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_minsnr_tests")
+class TinyContextBackbone(keras.Model):
+    """A text-conditional toy: a 3x3 convolution shifted by a projection of the context."""
+
+    def __init__(self, image_shape=(8, 8, 1), context_shape=(3, 2), **kwargs):
+        super().__init__(**kwargs)
+        self.image_shape = tuple(image_shape)
+        self.context_shape = tuple(context_shape)
+        self.conditioning = "context"
+        self.time_embedding = TimestepEmbedding(8, frequency_dim=16)
+        self.context_projection = keras.layers.Dense(8)
+        self.conv_in = keras.layers.Conv2D(8, 3, padding="same")
+        self.conv_out = keras.layers.Conv2D(self.image_shape[-1], 3, padding="same")
+
+    def call(self, inputs):
+        emb = self.time_embedding(inputs["t"])
+        emb = emb + self.context_projection(ops.mean(inputs["y"], axis=1))
+        h = keras.activations.silu(self.conv_in(inputs["x"]) + emb[:, None, None, :])
+        return self.conv_out(h)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "image_shape": self.image_shape,
+            "context_shape": self.context_shape,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_minsnr_tests")
 class PixelLinearBackbone(keras.Model):
     """``pred = a * x_t + b`` with two scalar weights: its gradient is easy by hand."""
 

@@ -21,6 +21,8 @@ class DatasetInfo:
         has_text: whether batches carry `"text"` (`tf.string`, shape `(B,)`).
         latent_scale: the factor latents were multiplied by (latent caches only).
         context_shape: `(L, D)` of cached text embeddings in `batch["context"]`, or `None`.
+        null_context_file: `.npy` file with the empty caption's embedding `(L, D)`, the
+            null condition of a text-conditional model (latent caches with text only).
 
     Example:
         >>> ds, info = keras_minsnr.data.make_dataset("digits", batch_size=32)
@@ -37,3 +39,4 @@ class DatasetInfo:
     has_text: bool = False
     latent_scale: Optional[float] = None
     context_shape: Optional[Tuple[int, int]] = None
+    null_context_file: Optional[str] = None

@@ -34,6 +34,7 @@ SD_LATENT_SCALE = 0.18215
 # load_latent_cache keeps caches up to this size in memory (see its `in_memory`).
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _SHARD_PATTERNS = ("latents-*.npy", "labels-*.npy", "context-*.npy", "text-*.json")
+NULL_CONTEXT_FILE = "null-context.npy"
 
 
 def _atomic_write(path, write):
@@ -178,6 +179,7 @@ def cache_latents(
 
     os.makedirs(cache_dir, exist_ok=True)
     stale = [os.path.join(cache_dir, MANIFEST)]
+    stale.append(os.path.join(cache_dir, NULL_CONTEXT_FILE))
     for pattern in _SHARD_PATTERNS:
         stale += glob.glob(os.path.join(cache_dir, pattern))
     for path in stale:
@@ -258,6 +260,18 @@ def cache_latents(
     flush()
     if state["count"] == 0:
         raise ValueError("cache_latents got an empty dataset.")
+    null_context = None
+    if state["context_shape"] is not None:
+        # The empty caption's embedding: the "no text" condition of label dropout and
+        # classifier-free guidance (what Stable Diffusion was trained with).
+        empty = _to_numpy(text_encode_fn([""])).astype(np.float32)
+        if list(empty.shape) != [1] + state["context_shape"]:
+            raise ValueError(
+                f"text_encode_fn(['']) returned shape {empty.shape}; expected "
+                f"(1, {', '.join(map(str, state['context_shape']))})."
+            )
+        _save_npy(os.path.join(cache_dir, NULL_CONTEXT_FILE), empty[0])
+        null_context = NULL_CONTEXT_FILE
 
     manifest = {
         "format": CACHE_FORMAT,
@@ -269,6 +283,7 @@ def cache_latents(
         "has_labels": bool(state["has_labels"]),
         "has_text": bool(state["has_text"]),
         "context_shape": state["context_shape"],
+        "null_context": null_context,
         "num_classes": None if info is None else info.num_classes,
         "class_names": None if info is None or info.class_names is None
         else list(info.class_names),
@@ -360,6 +375,8 @@ def load_latent_cache(
         latent_scale=manifest["scale"],
         context_shape=None if manifest["context_shape"] is None
         else tuple(manifest["context_shape"]),
+        null_context_file=os.path.join(cache_dir, manifest["null_context"])
+        if manifest.get("null_context") else None,
     )
     nbytes = sum(a.nbytes for group in (latents, labels or [], context or [])
                  for a in group)
