@@ -22,6 +22,7 @@ import time
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_minsnr import backbones
 from keras_minsnr.diffusion_model import DiffusionModel
@@ -136,7 +137,7 @@ def resolve_config(recipe, overrides=None):
 
 ENCODE_KEYS = (
     "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
-    "vocabulary", "batch_size", "sample_posterior",
+    "vocabulary", "batch_size", "sample_posterior", "decoder_weights",
 )
 
 
@@ -186,6 +187,10 @@ def prepare_data(config):
     if unknown:
         raise ValueError(
             f"Unknown encode key(s) {unknown}. Valid keys: {', '.join(ENCODE_KEYS)}."
+        )
+    if encode.get("decoder_weights"):  # a typo should fail now, not at the first samples
+        backbones.stable_diffusion.resolve_weights(
+            encode["decoder_weights"], encode.get("version", "v1"), "decoder"
         )
     from keras_minsnr.data import latents
     from keras_minsnr.data import make_dataset
@@ -392,8 +397,33 @@ def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
     per_class = 0 if labels is None else len(labels) // model.num_classes
     # One row per class when every class gets a full row; otherwise a square-ish grid.
     columns = per_class if per_class > 1 else int(np.ceil(np.sqrt(len(images))))
-    save_image_grid(images, path, columns=columns)
+    save_image_grid(decode_for_display(images, config), path, columns=columns)
     return images
+
+
+_DECODERS = {}
+
+
+def decode_for_display(images, config):
+    """Latent samples decoded to pictures with the VAE named by ``encode.decoder_weights``.
+
+    Anything else (pixel samples, or latents without a decoder file, which the grid shows
+    as their first three channels) is returned as is.
+    """
+    encode = config.get("encode") or {}
+    images = np.asarray(ops.convert_to_numpy(images))
+    if not encode.get("decoder_weights") or images.shape[-1] != 4:
+        return images
+    version = encode.get("version", "v1")
+    height, width = images.shape[1] * 8, images.shape[2] * 8
+    key = (version, encode["decoder_weights"], height, width)
+    if key not in _DECODERS:
+        _DECODERS[key] = backbones.stable_diffusion.latent_decoder(
+            version, encode["decoder_weights"], height, width
+        )
+    decoder = _DECODERS[key]
+    decoded = [decoder.predict_on_batch(images[i : i + 4]) for i in range(0, len(images), 4)]
+    return np.concatenate([ops.convert_to_numpy(d) for d in decoded])
 
 
 def check_run_directory(run_dir, config):

@@ -25,8 +25,9 @@ Data: a caption folder — images plus `metadata.jsonl` with one
 The first run encodes the images (VAE posterior mean x 0.18215), the captions (CLIP
 text embeddings (77, 768) as the context) and the empty caption (the null context of
 label dropout and guidance) into `data`; later runs reuse the cache.
-Samples use the first cached captions; `samples.png` shows the first three latent
-channels (decode with KerasCV's decoder for pictures).
+Samples use the first cached captions. Add
+`--set encode.decoder_weights=/weights/kcv_decoder.h5` (KerasCV's VAE decoder) to see them
+decoded in `samples.png`; without it the grid shows the first three latent channels.
 """
 
 from recipes._main import run_recipe

@@ -126,6 +126,7 @@ def test_urls_are_the_ones_in_kerascv_source():
         "diffusion_model": _kcv_source("diffusion_model.py"),
         "text_encoder": _kcv_source("text_encoder.py"),
         "image_encoder": _kcv_source("image_encoder.py"),
+        "decoder": _kcv_source("decoder.py"),
     }
     for version in ("v1", "v2"):
         for component, (url, file_hash) in sd.WEIGHT_URLS[version].items():
@@ -325,3 +326,34 @@ def test_full_sd_unet_min_snr_training_step():
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"\nSD v1 64x64 Min-SNR step: {time.time() - start:.1f} s, peak RSS {peak_gb:.1f} GB, "
           f"{model.count_params():,} parameters")
+
+
+def test_latent_samples_are_decoded_with_the_named_vae_decoder(tmp_path):
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+
+    from keras_minsnr import training
+
+    # A decoder file as KerasCV's would be, with random weights saved by the test.
+    path = str(tmp_path / "kcv_decoder.weights.h5")
+    keras.utils.set_random_seed(0)
+    reference = Decoder(64, 64, download_weights=False)
+    reference.save_weights(path)
+    latents = np.random.default_rng(0).normal(size=(5, 8, 8, 4)).astype("float32")
+    config = {"encode": {"version": "v1", "decoder_weights": path}}
+    # 5 latents: decoded in chunks of 4, all kept in order.
+    decoded = training.decode_for_display(latents, config)
+    expected = keras.ops.convert_to_numpy(reference(latents))
+    assert decoded.shape == (5, 64, 64, 3)
+    np.testing.assert_allclose(decoded, expected, rtol=1e-4, atol=1e-4)
+    # Pixels, or latents without a decoder file, pass through for the grid.
+    np.testing.assert_array_equal(training.decode_for_display(latents, {}), latents)
+    pixels = latents[..., :3]
+    np.testing.assert_array_equal(training.decode_for_display(pixels, config), pixels)
+    # A missing decoder file fails before any encoding or training, naming KerasCV's URL.
+    missing = str(tmp_path / "nowhere" / "kcv_decoder.h5")
+    with pytest.raises(FileNotFoundError) as err:
+        training.prepare_data({"encode": {"decoder_weights": missing}, "data": "x"})
+    assert missing in str(err.value) and "kcv_decoder.h5" in sd.WEIGHT_URLS["v1"]["decoder"][0]
+    assert sd.WEIGHT_URLS["v1"]["decoder"][0] in str(err.value)
+    with pytest.raises(ValueError, match="multiple of 8, got 60"):
+        sd.latent_decoder("v1", None, 60, 64)

@@ -35,6 +35,10 @@ WEIGHT_URLS = {
             f"{_HF}/fchollet/stable-diffusion/resolve/main/vae_encoder.h5",
             "c60fb220a40d090e0f86a6ab4c312d113e115c87c40ff75d11ffcf380aab7ebb",
         ),
+        "decoder": (
+            f"{_HF}/fchollet/stable-diffusion/resolve/main/kcv_decoder.h5",
+            "ad350a65cc8bc4a80c8103367e039a3329b4231c2469a1093869a345f55b1962",
+        ),
     },
     "v2": {
         "diffusion_model": (
@@ -45,10 +49,14 @@ WEIGHT_URLS = {
             f"{_HF}/ianstenbit/keras-sd2.1/resolve/main/text_encoder_v2_1.h5",
             "985002e68704e1c5c3549de332218e99c5b9b745db7171d5f31fcd9a6089f25b",
         ),
-        # KerasCV's StableDiffusionV2 reuses the v1 VAE encoder.
+        # KerasCV's StableDiffusionV2 reuses the v1 VAE (encoder and decoder).
         "image_encoder": (
             f"{_HF}/fchollet/stable-diffusion/resolve/main/vae_encoder.h5",
             "c60fb220a40d090e0f86a6ab4c312d113e115c87c40ff75d11ffcf380aab7ebb",
+        ),
+        "decoder": (
+            f"{_HF}/fchollet/stable-diffusion/resolve/main/kcv_decoder.h5",
+            "ad350a65cc8bc4a80c8103367e039a3329b4231c2469a1093869a345f55b1962",
         ),
     },
 }
@@ -579,6 +587,37 @@ class StableDiffusionEncoders:
             for caption, row in zip(missing, context):
                 self.text_cache[caption] = row
         return np.stack([self.text_cache[c] for c in captions])
+
+
+def latent_decoder(version="v1", weights=None, img_height=512, img_width=512,
+                   allow_download=False):
+    """KerasCV's VAE decoder: latents ``x 0.18215`` ``(B, h/8, w/8, 4)`` → images in [-1, 1].
+
+    Latents from `keras_minsnr.data.cache_latents` (and samples of a model trained on
+    them) are already scaled by 0.18215, which this decoder undoes first.
+
+    Args:
+        version: ``"v1"`` or ``"v2"`` (both use the same VAE).
+        weights: local path of ``kcv_decoder.h5``; ``None`` gives random weights (tests).
+        img_height, img_width: the decoded image size (multiples of 8).
+        allow_download: fetch a missing file from KerasCV's URL.
+
+    Example:
+    ```python
+    decoder = latent_decoder("v1", "weights/sd15/kcv_decoder.h5", 512, 512)
+    images = decoder.predict_on_batch(model.generate(context=context))
+    ```
+    """
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+
+    path = resolve_weights(weights, version, "decoder", allow_download)
+    for name, size in (("img_height", img_height), ("img_width", img_width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {size!r}.")
+    decoder = Decoder(img_height, img_width, download_weights=False)
+    if path is not None:
+        _load_legacy_h5(decoder, path)
+    return decoder
 
 
 PRESETS = {
