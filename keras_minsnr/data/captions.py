@@ -15,8 +15,6 @@ import json
 import os
 
 from keras_minsnr.data import folders
-from keras_minsnr.data import transforms
-from keras_minsnr.data.info import DatasetInfo
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -101,17 +99,10 @@ def caption_folder_dataset(
         >>> ds, info = caption_folder_dataset("pokemon/", 512, batch_size=4, seed=0)
     """
     path = folders.check_folder(path)
-    image_size = transforms.check_image_size(image_size)
-    batch_size = transforms.check_batch_size(batch_size)
-    transforms.check_resize_method(resize_method)
-    folders.check_channels(channels)
+    folders.check_pipeline_args(image_size, batch_size, resize_method, channels)
     files, texts = read_caption_metadata(path, metadata, image_key, text_key)
-    files, (texts,), skipped = folders.filter_readable(
-        files, texts, validate=validate, source=path
-    )
-    if not files:
-        raise ValueError(f"Caption folder {path!r} has no readable images.")
-    ds = folders.files_pipeline(
+    return folders.dataset_from_files(
+        path,
         files,
         image_size,
         texts=texts,
@@ -123,12 +114,5 @@ def caption_folder_dataset(
         random_flip=random_flip,
         drop_remainder=drop_remainder,
         resize_method=resize_method,
+        validate=validate,
     )
-    info = DatasetInfo(
-        name=path,
-        image_shape=(image_size, image_size, channels),
-        size=len(files),
-        num_skipped=len(skipped),
-        has_text=True,
-    )
-    return ds, info

@@ -106,7 +106,7 @@ def filter_readable(files, *extra, validate=True, source=""):
         warnings.warn(
             f"Skipped {len(skipped)} unreadable or corrupt image file(s) in "
             f"{source!r}: {shown}{more}.",
-            stacklevel=3,
+            stacklevel=4,  # the user's call of image_folder_dataset or caption_folder_dataset
         )
     files = [f for f, k in zip(files, keep) if k]
     extra = tuple(
@@ -127,6 +127,15 @@ def check_channels(channels):
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}.")
     return channels
+
+
+def check_pipeline_args(image_size, batch_size, resize_method, channels):
+    """Validates a folder pipeline's arguments; returns `(image_size, batch_size)` as ints."""
+    image_size = transforms.check_image_size(image_size)
+    batch_size = transforms.check_batch_size(batch_size)
+    transforms.check_resize_method(resize_method)
+    check_channels(channels)
+    return image_size, batch_size
 
 
 def files_pipeline(
@@ -214,20 +223,14 @@ def image_folder_dataset(
         >>> ds, info = image_folder_dataset("photos/", 64, random_flip=True, seed=0)
     """
     path = check_folder(path)
-    image_size = transforms.check_image_size(image_size)
-    batch_size = transforms.check_batch_size(batch_size)
-    transforms.check_resize_method(resize_method)
-    check_channels(channels)
+    check_pipeline_args(image_size, batch_size, resize_method, channels)
     files, labels, class_names = list_image_folder(path)
-    files, (labels,), skipped = filter_readable(
-        files, labels, validate=validate, source=path
-    )
-    if not files:
-        raise ValueError(f"Image folder {path!r} has no readable images.")
-    ds = files_pipeline(
+    return dataset_from_files(
+        path,
         files,
         image_size,
         labels=labels,
+        class_names=class_names,
         channels=channels,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -236,13 +239,53 @@ def image_folder_dataset(
         random_flip=random_flip,
         drop_remainder=drop_remainder,
         resize_method=resize_method,
+        validate=validate,
+    )
+
+
+def dataset_from_files(
+    source,
+    files,
+    image_size,
+    *,
+    labels=None,
+    class_names=None,
+    texts=None,
+    channels=3,
+    batch_size=64,
+    validate=True,
+    **pipeline_args,
+):
+    """Checks the arguments, skips unreadable files and returns `(dataset, info)`.
+
+    The common end of `image_folder_dataset` and `caption_folder_dataset`: `labels` and
+    `texts` are lists parallel to `files`; `pipeline_args` go to `files_pipeline`.
+    """
+    image_size, batch_size = check_pipeline_args(
+        image_size, batch_size, pipeline_args.get("resize_method", "bilinear"), channels
+    )
+    files, (labels, texts), skipped = filter_readable(
+        files, labels, texts, validate=validate, source=source
+    )
+    if not files:
+        kind = "Caption folder" if texts is not None else "Image folder"
+        raise ValueError(f"{kind} {source!r} has no readable images.")
+    ds = files_pipeline(
+        files,
+        image_size,
+        labels=labels,
+        texts=texts,
+        channels=channels,
+        batch_size=batch_size,
+        **pipeline_args,
     )
     info = DatasetInfo(
-        name=path,
+        name=source,
         image_shape=(image_size, image_size, channels),
         num_classes=None if class_names is None else len(class_names),
         class_names=None if class_names is None else tuple(class_names),
         size=len(files),
         num_skipped=len(skipped),
+        has_text=texts is not None,
     )
     return ds, info
