@@ -17,35 +17,20 @@ can share one cache)::
         --set encode.image_encoder_weights=/weights/vae_encoder.h5
 """
 
-from recipes._main import run_recipe
+import copy
 
+from recipes._main import run_recipe
+from recipes.imagenet256_vit_b2 import RECIPE as VIT_B2_RECIPE
+
+# Same data, cache, encoder, target, weighting, CFG and sampler as ViT-B/2: only the
+# backbone differs.
 RECIPE = {
+    **copy.deepcopy(VIT_B2_RECIPE),
     "description": "Class-conditional in-context ViT-XL/2 (451M) on ImageNet-256 SD-VAE "
     "latents (32x32x4 x 0.18215), x0 target, CFG 1.5.",
     "paper_source": "Min-SNR-γ (Hang et al. 2023), ImageNet 256x256 table, ViT-XL/2, FID "
     "2.06 (CFG 1.5, EDM Heun 50 steps; official configs/in256/inference.sh, x0 target).",
-    "data": "latents/imagenet256_sd_vae",
-    "encode": {
-        "source": "imagenet2012",
-        "source_args": {"split": "train", "image_size": 256, "download": False},
-        "version": "v1",
-        "image_encoder_weights": "weights/vae_encoder.h5",
-        "batch_size": 32,
-    },
-    "batch_size": 256,
     "backbone": "vit_xl_2_in256",
-    "prediction_type": "sample",
-    "weighting": "min_snr",
-    "gamma": 5.0,
-    "label_dropout": 0.15,
-    "steps": 400_000,
-    "steps_per_epoch": 5000,
-    "sample_every_epochs": 4,
-    "num_samples": 64,
-    "sampler": "edm_heun",
-    "sample_steps": 50,
-    "guidance_scale": 1.5,
-    "clip_denoised": False,
 }
 
 if __name__ == "__main__":
