@@ -44,15 +44,17 @@ import csv
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for path in (ROOT, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from _common import device_description  # noqa: E402
 
 TARGETS = ("sample", "epsilon", "v_prediction")
 CSV_COLUMNS = (
@@ -247,6 +249,8 @@ def summarise(rows, runs):
             "min_snr_steps": c_steps,
             "speedup": value,
             "min_snr_final_fid": curves[cand][1][-1],
+            # The same measure on each seed's own curves: the spread behind the mean.
+            "per_seed": per_seed_speedups(rows, base, cand),
         }
     for name, target, _, _ in runs:
         base = f"{target}/constant"
@@ -266,6 +270,32 @@ def summarise(rows, runs):
         run: {"steps": s, "fid": f} for run, (s, f) in sorted(curves.items())
     }
     return result
+
+
+def per_seed_speedups(rows, baseline, candidate):
+    """``{seed: speed-up}`` of `candidate` over `baseline`, each seed's curves alone."""
+    result = {}
+    for seed in sorted({row["seed"] for row in rows}):
+        curves = mean_curves([row for row in rows if row["seed"] == seed])
+        if baseline in curves and candidate in curves:
+            steps, base_fids = curves[baseline]
+            result[str(seed)] = speedup(steps, base_fids, curves[candidate][1])[0]
+    return result
+
+
+def read_rows(path):
+    """The rows of a ``convergence.csv``, typed as `train_and_evaluate` returns them."""
+    rows = []
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            row = dict(record)
+            row["seed"] = int(row["seed"])
+            row["step"] = int(row["step"])
+            for key in ("fid", "kid_mean", "kid_std", "train_seconds"):
+                row[key] = float(row[key])
+            row["gamma"] = float(row["gamma"]) if row["gamma"] else ""
+            rows.append(row)
+    return rows
 
 
 def plot(rows, path):
@@ -319,6 +349,10 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "docs", "results"))
     parser.add_argument("--verbose", type=int, default=None,
                         help="fit verbosity (default 2, quick 0)")
+    parser.add_argument("--from-csv", action="store_true",
+                        help="train nothing: recompute convergence.json and .png from the "
+                        "convergence.csv (and the settings in convergence.json) in "
+                        "--output-dir")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     args.ablation = defaults["ablation"] and not args.no_ablation
@@ -339,6 +373,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.from_csv:
+        return resummarise(args.output_dir)
     import keras
 
     from keras_minsnr.evaluation import real_images_for
@@ -434,7 +470,7 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
         {
             "quick": bool(args.quick),
             "backend": keras.backend.backend(),
-            "device": platform.processor() or platform.machine(),
+            "device": device_description(keras.backend.backend()),
             "cpu_count": os.cpu_count(),
             "seeds": list(args.seeds),
             "steps": args.steps,
@@ -457,6 +493,26 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
         value = entry["speedup"]
         print(f"{target}: speed-up {'never reached (null)' if value is None else f'{value:.2f}x'}"
               f" (baseline final FID {entry['target_fid']:.3f})")
+
+
+def resummarise(output_dir):
+    """Rewrites the summary and plot from a finished run's CSV (after a change to them)."""
+    summary_path = os.path.join(output_dir, "convergence.json")
+    csv_path = os.path.join(output_dir, "convergence.csv")
+    for path in (csv_path, summary_path):
+        if not os.path.exists(path):
+            raise SystemExit(f"--from-csv needs {path} from an earlier run.")
+    with open(summary_path) as f:
+        previous = json.load(f)
+    rows = read_rows(csv_path)
+    runs = [(name, name.split("/", 1)[0], None, None)
+            for name in dict.fromkeys(row["run"] for row in rows)]
+    summary = {**previous, **summarise(rows, runs)}
+    plot(rows, os.path.join(output_dir, "convergence.png"))
+    with open(summary_path, "w") as f:
+        json.dump(_finite_or_null(summary), f, indent=2)
+    print(f"rewrote {summary_path} and convergence.png from {csv_path}")
+    return 0
 
 
 def _finite_or_null(obj):

@@ -96,3 +96,15 @@ def test_quick_run_writes_the_three_files_and_resumes(tmp_path):
     )
     curve = summary["mean_curves"]["epsilon/constant"]
     assert curve["steps"] == [20, 40] and len(curve["fid"]) == 2
+    # One seed: its own speed-up is the mean curves' one.
+    assert entry["per_seed"] == {"0": entry["speedup"]}
+    # --from-csv recomputes the summary from the CSV alone, without training.
+    (out / "convergence.png").unlink()
+    before = dict(summary)
+    summary["speedups"] = {}
+    (out / "convergence.json").write_text(json.dumps(summary))
+    assert convergence.main(["--from-csv", "--output-dir", str(out)]) == 0
+    again = json.loads((out / "convergence.json").read_text())
+    assert again["speedups"] == before["speedups"] and again["quick"] is True
+    assert again["mean_curves"] == before["mean_curves"]
+    assert (out / "convergence.png").exists()
