@@ -99,7 +99,9 @@ def caption_folder_dataset(
         >>> ds, info = caption_folder_dataset("pokemon/", 512, batch_size=4, seed=0)
     """
     path = folders.check_folder(path)
-    folders.check_pipeline_args(image_size, batch_size, resize_method, channels)
+    image_size, batch_size = folders.check_pipeline_args(
+        image_size, batch_size, resize_method, channels
+    )
     files, texts = read_caption_metadata(path, metadata, image_key, text_key)
     return folders.dataset_from_files(
         path,

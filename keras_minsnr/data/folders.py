@@ -223,7 +223,7 @@ def image_folder_dataset(
         >>> ds, info = image_folder_dataset("photos/", 64, random_flip=True, seed=0)
     """
     path = check_folder(path)
-    check_pipeline_args(image_size, batch_size, resize_method, channels)
+    image_size, batch_size = check_pipeline_args(image_size, batch_size, resize_method, channels)
     files, labels, class_names = list_image_folder(path)
     return dataset_from_files(
         path,
@@ -256,14 +256,12 @@ def dataset_from_files(
     validate=True,
     **pipeline_args,
 ):
-    """Checks the arguments, skips unreadable files and returns `(dataset, info)`.
+    """Skips unreadable files and returns `(dataset, info)`.
 
-    The common end of `image_folder_dataset` and `caption_folder_dataset`: `labels` and
-    `texts` are lists parallel to `files`; `pipeline_args` go to `files_pipeline`.
+    The common end of `image_folder_dataset` and `caption_folder_dataset`, which check
+    their arguments with `check_pipeline_args` first: `labels` and `texts` are lists
+    parallel to `files`; `pipeline_args` go to `files_pipeline`.
     """
-    image_size, batch_size = check_pipeline_args(
-        image_size, batch_size, pipeline_args.get("resize_method", "bilinear"), channels
-    )
     files, (labels, texts), skipped = filter_readable(
         files, labels, texts, validate=validate, source=source
     )

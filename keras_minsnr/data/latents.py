@@ -178,8 +178,7 @@ def cache_latents(
             return existing
 
     os.makedirs(cache_dir, exist_ok=True)
-    stale = [os.path.join(cache_dir, MANIFEST)]
-    stale.append(os.path.join(cache_dir, NULL_CONTEXT_FILE))
+    stale = [os.path.join(cache_dir, MANIFEST), os.path.join(cache_dir, NULL_CONTEXT_FILE)]
     for pattern in _SHARD_PATTERNS:
         stale += glob.glob(os.path.join(cache_dir, pattern))
     for path in stale:
