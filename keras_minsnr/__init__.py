@@ -1,6 +1,10 @@
 """keras_minsnr: Min-SNR-gamma diffusion training for Keras 3 (TensorFlow and JAX)."""
 
-from keras_minsnr import backbones
+from keras_minsnr import xla_flags
+
+xla_flags.configure()  # before anything makes a JAX device: see xla_flags
+
+from keras_minsnr import backbones  # noqa: E402
 from keras_minsnr import samplers
 from keras_minsnr import weighting
 from keras_minsnr.diffusion_model import DiffusionModel

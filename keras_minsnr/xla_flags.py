@@ -1,0 +1,89 @@
+"""XLA:CPU flags that make the JAX train step fast on CPU, set before JAX starts.
+
+On CPU, XLA (jaxlib 0.10) fuses each block's weight-gradient matmuls with a copy of the
+residual-add and LayerNorm-backward chain of every later block, so the backward pass grows
+with the square of depth (a `dit_s_2` step: 4.2 s; with the flag below: 1.8 s; the loss and
+gradients are the same). ``--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce``
+stops the duplication. `benchmarks/xla_cpu_fusion.py` reproduces it.
+
+`import keras_minsnr` calls `configure()`, which adds the flag to ``XLA_FLAGS`` only when
+all of these hold, and says once on stderr what it set:
+
+- the Keras backend is JAX and JAX has not created its devices yet (XLA reads
+  ``XLA_FLAGS`` once, when the first device is made);
+- no GPU or TPU plugin for JAX is installed (the flag is about XLA:CPU only);
+- the installed jaxlib is one this flag was verified on (an unknown flag aborts XLA);
+- ``XLA_FLAGS`` does not already name the option;
+- ``KERAS_MINSNR_XLA_CPU_FLAGS`` is not ``0`` (the opt-out).
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+OPT_OUT_VARIABLE = "KERAS_MINSNR_XLA_CPU_FLAGS"
+# jaxlib versions on which FUSION_FLAG exists and was measured (>= this, < the next major).
+VERIFIED_JAXLIB = ((0, 10), (0, 11))
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
+
+
+def _jaxlib_version():
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _jax_devices_created():
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # a JAX without this private module: assume it has started
+        return True
+    return bool(getattr(xla_bridge, "_backends", True))
+
+
+def _reason_not_to_set(backend, environ):
+    if environ.get(OPT_OUT_VARIABLE, "1") == "0":
+        return f"{OPT_OUT_VARIABLE}=0"
+    if backend != "jax":
+        return f"the Keras backend is {backend}"
+    if "xla_cpu_experimental_ynn_fusion_type" in environ.get("XLA_FLAGS", ""):
+        return "XLA_FLAGS already sets it"
+    platforms = environ.get("JAX_PLATFORMS", "")
+    cpu_only = platforms.strip().lower() == "cpu"
+    if not cpu_only and any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS):
+        return "a GPU/TPU plugin for JAX is installed"
+    version = _jaxlib_version()
+    low, high = VERIFIED_JAXLIB
+    if version is None or not low <= version < high:
+        return f"jaxlib {version} is not one the flag was verified on"
+    if _jax_devices_created():
+        return "JAX has already created its devices"
+    return None
+
+
+def configure(backend=None, environ=None, stream=None):
+    """Adds `FUSION_FLAG` to ``XLA_FLAGS`` where it helps; returns whether it did."""
+    environ = os.environ if environ is None else environ
+    if backend is None:
+        import keras
+
+        backend = keras.backend.backend()
+    if _reason_not_to_set(backend, environ) is not None:
+        return False
+    environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + FUSION_FLAG).strip()
+    print(
+        f"keras_minsnr: added {FUSION_FLAG} to XLA_FLAGS (faster JAX training on CPU; "
+        f"set {OPT_OUT_VARIABLE}=0 to opt out).",
+        file=stream or sys.stderr,
+    )
+    return True
