@@ -33,21 +33,42 @@ def spaced_timesteps(num_timesteps, num_steps):
     return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(int))[::-1]
 
 
-def karras_timesteps(schedule, num_steps, rho=7.0):
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+EDM_RHO = 7.0
+
+
+def check_karras_args(sigma_min, sigma_max, rho):
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if sigma_min >= sigma_max:
+        raise ValueError(
+            f"sigma_min must be < sigma_max, got sigma_min={sigma_min!r}, "
+            f"sigma_max={sigma_max!r}."
+        )
+
+
+def karras_timesteps(
+    schedule, num_steps, sigma_min=EDM_SIGMA_MIN, sigma_max=EDM_SIGMA_MAX, rho=EDM_RHO
+):
     """Discrete timesteps whose σ levels follow the EDM ρ-spacing (Karras et al. 2022).
 
-    EDM's σ is ``σ_t / α_t = 1 / sqrt(SNR)``. The continuous ρ-spaced levels between the
-    schedule's smallest and largest finite σ are snapped to the nearest discrete step (in
-    log σ) and de-duplicated, so there can be fewer than ``num_steps`` levels. A
-    zero-terminal step (σ = ∞) is skipped.
+    EDM's σ is ``σ_t / α_t = 1 / sqrt(SNR)``. ``sigma_min`` and ``sigma_max`` (EDM's
+    defaults 0.002 and 80) are first clamped to the schedule's smallest and largest finite
+    σ; the levels ``(σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` are then snapped
+    to the nearest discrete step (in log σ) and de-duplicated, so there can be fewer than
+    ``num_steps`` levels. A zero-terminal step (σ = ∞) is never used.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+    check_karras_args(sigma_min, sigma_max, rho)
     snr = schedule.snr(np.arange(schedule.num_timesteps))
     valid = np.nonzero(snr > 0)[0]
     log_sigma = -0.5 * np.log(snr[valid])
-    s_min, s_max = np.exp(log_sigma.min()), np.exp(log_sigma.max())
-    ramp = np.linspace(0.0, 1.0, num_steps)
+    lo, hi = np.exp(log_sigma.min()), np.exp(log_sigma.max())
+    s_min, s_max = np.clip(sigma_min, lo, hi), np.clip(sigma_max, lo, hi)
+    ramp = np.linspace(0.0, 1.0, int(num_steps))
     sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     nearest = np.abs(np.log(sigmas)[:, None] - log_sigma[None, :]).argmin(axis=1)
     steps = valid[nearest]
@@ -135,6 +156,9 @@ def sample(
     eta=0.0,
     seed=None,
     progress=None,
+    sigma_min=EDM_SIGMA_MIN,
+    sigma_max=EDM_SIGMA_MAX,
+    rho=EDM_RHO,
 ):
     """Runs a sampler from pure noise to ``x_0``.
 
@@ -150,6 +174,8 @@ def sample(
         eta: DDIM stochasticity (0 deterministic, 1 ≡ DDPM).
         seed: seeds the numpy generator of the starting and per-step noise.
         progress: an optional `keras.utils.Progbar`-like object with ``update(i)``.
+        sigma_min, sigma_max, rho: EDM-Heun's σ range and ρ-spacing (EDM's defaults 0.002,
+            80 and 7), clamped to the schedule's finite σ range; see `karras_timesteps`.
 
     Returns:
         float32 numpy samples of ``shape``.
@@ -157,6 +183,7 @@ def sample(
     check_sampler(sampler)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}.")
+    check_karras_args(sigma_min, sigma_max, rho)
     rng = np.random.default_rng(seed)
     normal = lambda: rng.standard_normal(shape).astype("float32")  # noqa: E731
     abar = schedule.alphas_cumprod
@@ -181,7 +208,7 @@ def sample(
                 progress.update(i + 1)
         return ops.convert_to_numpy(x).astype("float32")
 
-    steps = karras_timesteps(schedule, num_steps)
+    steps = karras_timesteps(schedule, num_steps, sigma_min, sigma_max, rho)
     sigma = np.sqrt((1 - abar[steps]) / abar[steps])
     alpha = np.sqrt(abar[steps])
     x = (x * sigma[0]).astype("float32")
@@ -204,8 +231,11 @@ def sample(
     return ops.convert_to_numpy(x).astype("float32")
 
 
-def num_progress_steps(schedule, sampler, num_steps):
-    """How many loop iterations `sample` will report (for a progress bar's target)."""
+def num_progress_steps(schedule, sampler, num_steps, **karras_args):
+    """How many loop iterations `sample` will report (for a progress bar's target).
+
+    ``karras_args`` (``sigma_min``, ``sigma_max``, ``rho``) as given to `sample`.
+    """
     if sampler == "edm_heun":
-        return len(karras_timesteps(schedule, num_steps))
+        return len(karras_timesteps(schedule, num_steps, **karras_args))
     return len(spaced_timesteps(schedule.num_timesteps, num_steps))
