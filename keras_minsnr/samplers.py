@@ -25,12 +25,19 @@ def check_sampler(sampler):
 
 
 def spaced_timesteps(num_timesteps, num_steps):
-    """``num_steps`` integer timesteps from ``T-1`` down to 0, evenly spaced."""
-    if not 1 <= num_steps <= num_timesteps:
+    """``num_steps`` integer timesteps from ``T-1`` down, "trailing" spacing.
+
+    ``t_i = round(T − i·T/n) − 1`` for ``i = 0 … n−1`` (diffusers' ``"trailing"``): the first
+    step is always ``T−1``, the last is ``round(T/n) − 1``, from which one step goes to
+    the clean sample. Every ``n`` in ``[1, T]`` gives ``n`` distinct steps.
+    """
+    if int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
         raise ValueError(
-            f"num_steps must lie in [1, {num_timesteps}] for this schedule, got {num_steps}."
+            f"num_steps must be an integer in [1, {num_timesteps}] for this schedule, "
+            f"got {num_steps!r}."
         )
-    return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(int))[::-1]
+    i = np.arange(int(num_steps))
+    return np.round(num_timesteps - i * num_timesteps / num_steps).astype(int) - 1
 
 
 EDM_SIGMA_MIN = 0.002
@@ -129,20 +136,22 @@ def make_step_functions(denoise):
         x0, _ = denoise(params, x_edm * alpha, batch_t(x_edm, t))
         return x0
 
-    def heun_step(params, x, t, t_next, alpha, alpha_next, sigma, sigma_next, second_order):
+    def heun_step(params, x, t, t_next, alpha, alpha_next, sigma, sigma_next):
         d = (x - edm_denoised(params, x, t, alpha)) / sigma
         x_euler = x + (sigma_next - sigma) * d
-        # On the last step (σ_next = 0) the Euler step is final; the Heun correction is
-        # computed with a safe σ and discarded.
-        safe_sigma_next = ops.maximum(sigma_next, 1e-12)
-        d_next = (x_euler - edm_denoised(params, x_euler, t_next, alpha_next)) / safe_sigma_next
-        x_heun = x + (sigma_next - sigma) * 0.5 * (d + d_next)
-        return ops.where(second_order > 0, x_heun, x_euler)
+        d_next = (x_euler - edm_denoised(params, x_euler, t_next, alpha_next)) / sigma_next
+        return x + (sigma_next - sigma) * 0.5 * (d + d_next)
+
+    def euler_step(params, x, t, alpha, sigma, sigma_next):
+        # EDM's last step (to σ = 0) takes no Heun correction: one network call.
+        d = (x - edm_denoised(params, x, t, alpha)) / sigma
+        return x + (sigma_next - sigma) * d
 
     return {
         "ddim": compile_function(ddim_step),
         "ddpm": compile_function(ddpm_step),
         "edm_heun": compile_function(heun_step),
+        "edm_euler": compile_function(euler_step),
     }
 
 
@@ -169,7 +178,8 @@ def sample(
         shape: ``(B, H, W, C)`` of the samples.
         sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (η-DDIM) or ``"edm_heun"`` (Karras et al.
             2022 second-order Heun on the schedule's discrete σ levels).
-        num_steps: sampling steps (DDPM/DDIM: timesteps visited; EDM-Heun: σ levels, with
+        num_steps: sampling steps (DDPM/DDIM: timesteps visited, "trailing" spacing from
+            ``T−1``, see `spaced_timesteps`; EDM-Heun: σ levels, with
             2·levels − 1 model evaluations).
         eta: DDIM stochasticity (0 deterministic, 1 ≡ DDPM).
         seed: seeds the numpy generator of the starting and per-step noise.
@@ -213,19 +223,22 @@ def sample(
     alpha = np.sqrt(abar[steps])
     x = (x * sigma[0]).astype("float32")
     for i, t in enumerate(steps):
-        last = i + 1 == len(steps)
-        t_next = steps[i] if last else steps[i + 1]
-        x = step_functions["edm_heun"](
-            params,
-            x,
-            _as_tensor(t, "int32"),
-            _as_tensor(t_next, "int32"),
-            _as_tensor(alpha[i]),
-            _as_tensor(alpha[i] if last else alpha[i + 1]),
-            _as_tensor(sigma[i]),
-            _as_tensor(0.0 if last else sigma[i + 1]),
-            _as_tensor(0.0 if last else 1.0),
-        )
+        if i + 1 < len(steps):
+            x = step_functions["edm_heun"](
+                params,
+                x,
+                _as_tensor(t, "int32"),
+                _as_tensor(steps[i + 1], "int32"),
+                _as_tensor(alpha[i]),
+                _as_tensor(alpha[i + 1]),
+                _as_tensor(sigma[i]),
+                _as_tensor(sigma[i + 1]),
+            )
+        else:
+            x = step_functions["edm_euler"](
+                params, x, _as_tensor(t, "int32"), _as_tensor(alpha[i]), _as_tensor(sigma[i]),
+                _as_tensor(0.0),
+            )
         if progress is not None:
             progress.update(i + 1)
     return ops.convert_to_numpy(x).astype("float32")

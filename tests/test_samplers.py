@@ -105,6 +105,36 @@ def reference_edm_heun(abar, steps):
     return offset, abs(scale)
 
 
+def reference_trailing_timesteps(T, n):
+    """diffusers' "trailing" spacing: ``round(T − i·T/n) − 1``, starting at ``T − 1``."""
+    return [int(round(T - i * T / n)) - 1 for i in range(n)]
+
+
+def reference_ddim_or_ddpm(abar, steps, sampler):
+    """Mean and std after DDIM (η = 0, Song et al. 2021 eq. 12) or ancestral DDPM steps
+    (the posterior q(x_s | x_t, x̂0) of Ho et al. 2020 eq. 7 on the respaced steps), from
+    ``x ~ N(0, 1)``; the last step goes to ᾱ = 1."""
+    mean, var = 0.0, 1.0
+    for i, t in enumerate(steps):
+        abar_t = abar[t]
+        abar_s = abar[steps[i + 1]] if i + 1 < len(steps) else 1.0
+        k, c = optimal_x0(abar_t)
+        if sampler == "ddim":
+            # x_s = sqrt(ᾱ_s) x̂0 + sqrt(1 − ᾱ_s) ε̂,  ε̂ = (x − sqrt(ᾱ_t) x̂0) / sqrt(1 − ᾱ_t)
+            r = math.sqrt((1 - abar_s) / (1 - abar_t))
+            slope = math.sqrt(abar_s) * k + r * (1 - math.sqrt(abar_t) * k)
+            offset = math.sqrt(abar_s) * c - r * math.sqrt(abar_t) * c
+            noise_var = 0.0
+        else:
+            beta = 1 - abar_t / abar_s
+            c_x0 = math.sqrt(abar_s) * beta / (1 - abar_t)
+            c_xt = math.sqrt(1 - beta) * (1 - abar_s) / (1 - abar_t)
+            slope, offset = c_x0 * k + c_xt, c_x0 * c
+            noise_var = beta * (1 - abar_s) / (1 - abar_t)
+        mean, var = slope * mean + offset, slope**2 * var + noise_var
+    return mean, math.sqrt(var)
+
+
 def run(sampler, num_steps, abar=ABAR, seed=0, **kwargs):
     schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
     step_functions = samplers.make_step_functions(make_denoise(abar))
@@ -126,6 +156,70 @@ def test_edm_heun_matches_the_exact_answer_on_edm_sigma_range(num_steps):
     steps = reference_karras_levels(ABAR, num_steps)
     mean, std = reference_edm_heun(ABAR, steps)
     assert_gaussian(run("edm_heun", num_steps), mean, std)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("num_steps", [10, 20, 50])
+def test_ddim_and_ddpm_match_the_exact_answer(sampler, num_steps):
+    # DDPM adds fresh noise at every step; the reference variance includes it, and the
+    # sample std still has the standard error of 65536 independent Gaussian values.
+    steps = reference_trailing_timesteps(T, num_steps)
+    mean, std = reference_ddim_or_ddpm(ABAR, steps, sampler)
+    assert_gaussian(run(sampler, num_steps), mean, std)
+
+
+def test_spacing_is_trailing_and_starts_at_the_last_step():
+    for n in (1, 2, 3, 7, 10, 50, 333, 999, 1000):
+        got = samplers.spaced_timesteps(T, n)
+        assert got.tolist() == reference_trailing_timesteps(T, n)
+        assert got[0] == T - 1 and len(set(got.tolist())) == n
+    schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
+    assert samplers.num_progress_steps(schedule, "ddim", 1) == 1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "edm_heun"])
+def test_one_step_gives_the_optimal_denoisers_answer(sampler):
+    """One step is one denoiser call from pure noise: x̂0 = k·x + c at the noisiest level."""
+    if sampler == "edm_heun":
+        t = reference_karras_levels(ABAR, 1)[0]
+        start_std = math.sqrt((1 - ABAR[t]) / ABAR[t])  # x_edm = σ z; the net sees α x_edm
+        input_std = math.sqrt(ABAR[t]) * start_std
+    else:
+        t, input_std = T - 1, 1.0
+    k, c = optimal_x0(ABAR[t])
+    samples = run(sampler, 1)
+    assert_gaussian(samples, c, k * input_std)
+    # The starting noise (std 1, or 80 for EDM) would be what a step at t = 0 returns.
+    assert samples.std() < 0.01
+
+
+def test_edm_heun_makes_two_calls_per_level_but_one_on_the_last(monkeypatch):
+    """EDM Algorithm 1: the last step (to σ = 0) is a plain Euler step: 2·levels − 1 calls."""
+    calls = []
+    denoise = make_denoise()
+
+    def counting_denoise(params, x, t):
+        calls.append(1)
+        return denoise(params, x, t)
+
+    # Run the step functions eagerly so every call to the denoiser is a Python call.
+    monkeypatch.setattr(samplers, "compile_function", lambda fn: fn)
+    schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
+    for num_steps in (1, 2, 7):
+        calls.clear()
+        step_functions = samplers.make_step_functions(counting_denoise)
+        samplers.sample(
+            step_functions, None, schedule, (2, 4, 4, 1), sampler="edm_heun",
+            num_steps=num_steps, seed=0,
+        )
+        levels = len(reference_karras_levels(ABAR, num_steps))
+        assert len(calls) == 2 * levels - 1
+        calls.clear()
+        samplers.sample(
+            step_functions, None, schedule, (2, 4, 4, 1), sampler="ddim",
+            num_steps=num_steps, seed=0,
+        )
+        assert len(calls) == num_steps
 
 
 @pytest.mark.parametrize("num_steps, rtol", [(20, 0.06), (50, 0.015)])
