@@ -25,71 +25,82 @@ inv_snr in every space) it is clamped at ``max_weight`` (default 1e5). The weigh
 per-sample constant: no gradient flows through it.
 """
 
+import collections
+import math
+import types
+
 import keras
 import numpy as np
 from keras import ops
 
 from keras_minsnr.schedules import check_prediction_type
 
-STRATEGIES = (
-    "constant",
-    "snr",
-    "trunc_snr",
-    "max_snr",
-    "min_snr",
-    "soft_min_snr",
-    "inv_snr",
-    "p2",
-    "debiased",
-)
-DEFAULT_MAX_WEIGHT = 1e5
-# Divisions use max(s, _TINY) so the branch that `where` discards never makes inf/NaN.
-_TINY = 1e-20
 
+class _Strategy(collections.namedtuple("_Strategy", "x0 epsilon at_zero in_x0_space")):
+    """One weighting, as functions of ``s`` (an array module ``xp``, parameters ``p``).
 
-def _x0_weight(strategy, s, xp, gamma, p2_k, p2_gamma):
-    """``w₀(s)``; finite at ``s = 0`` for every strategy but inv_snr (clamped later)."""
-    if strategy == "snr":
-        return s
-    if strategy == "trunc_snr":
-        return xp.maximum(s, 1.0)
-    if strategy == "max_snr":
-        return xp.maximum(s, gamma)
-    if strategy == "min_snr":
-        return xp.minimum(s, gamma)
-    if strategy == "soft_min_snr":
-        return s * gamma / (s + gamma)
-    if strategy == "inv_snr":
-        return 1.0 / xp.maximum(s, _TINY)
-    if strategy == "p2":
-        return s / xp.power(p2_k + s, p2_gamma)
-    if strategy == "debiased":
-        return xp.sqrt(s)
-    raise AssertionError(strategy)
-
-
-def _epsilon_weight(strategy, s, xp, gamma, p2_k, p2_gamma):
-    """``w₀(s) / s`` written in forms that stay finite wherever a limit exists.
-
-    ``s`` arrives floored at _TINY, so the divergent forms give huge, finite numbers.
+    ``x0``: ``w₀(s)``. ``epsilon``: ``w₀(s)/s`` in a form finite for ``s ≥ _TINY``.
+    ``at_zero``: the limits of ``w₀`` and ``w₀/s`` as ``s → 0⁺`` (``inf`` where they
+    diverge). ``in_x0_space=False``: the weight is meant in the target's own space.
     """
-    if strategy == "snr":
-        return xp.ones_like(s)
-    if strategy == "trunc_snr":
-        return xp.maximum(1.0, 1.0 / s)
-    if strategy == "max_snr":
-        return xp.maximum(1.0, gamma / s)
-    if strategy == "min_snr":
-        return xp.minimum(1.0, gamma / s)
-    if strategy == "soft_min_snr":
-        return gamma / (s + gamma)
-    if strategy == "inv_snr":
-        return 1.0 / (s * s)
-    if strategy == "p2":
-        return 1.0 / xp.power(p2_k + s, p2_gamma)
-    if strategy == "debiased":
-        return 1.0 / xp.sqrt(s)
-    raise AssertionError(strategy)
+
+    def __new__(cls, x0, epsilon, at_zero, in_x0_space=True):
+        return super().__new__(cls, x0, epsilon, at_zero, in_x0_space)
+
+
+_INF = math.inf
+_TABLE = {
+    "constant": _Strategy(
+        x0=lambda s, xp, p: xp.ones_like(s),
+        epsilon=lambda s, xp, p: xp.ones_like(s),
+        at_zero=lambda p: (1.0, 1.0),
+        in_x0_space=False,
+    ),
+    "snr": _Strategy(
+        x0=lambda s, xp, p: s,
+        epsilon=lambda s, xp, p: xp.ones_like(s),
+        at_zero=lambda p: (0.0, 1.0),
+    ),
+    "trunc_snr": _Strategy(
+        x0=lambda s, xp, p: xp.maximum(s, 1.0),
+        epsilon=lambda s, xp, p: xp.maximum(1.0, 1.0 / s),
+        at_zero=lambda p: (1.0, _INF),
+    ),
+    "max_snr": _Strategy(
+        x0=lambda s, xp, p: xp.maximum(s, p.gamma),
+        epsilon=lambda s, xp, p: xp.maximum(1.0, p.gamma / s),
+        at_zero=lambda p: (p.gamma, _INF),
+    ),
+    "min_snr": _Strategy(
+        x0=lambda s, xp, p: xp.minimum(s, p.gamma),
+        epsilon=lambda s, xp, p: xp.minimum(1.0, p.gamma / s),
+        at_zero=lambda p: (0.0, 1.0),
+    ),
+    "soft_min_snr": _Strategy(
+        x0=lambda s, xp, p: s * p.gamma / (s + p.gamma),
+        epsilon=lambda s, xp, p: p.gamma / (s + p.gamma),
+        at_zero=lambda p: (0.0, 1.0),
+    ),
+    "inv_snr": _Strategy(
+        x0=lambda s, xp, p: 1.0 / xp.maximum(s, _TINY),
+        epsilon=lambda s, xp, p: 1.0 / (s * s),
+        at_zero=lambda p: (_INF, _INF),
+    ),
+    "p2": _Strategy(
+        x0=lambda s, xp, p: s / xp.power(p.p2_k + s, p.p2_gamma),
+        epsilon=lambda s, xp, p: 1.0 / xp.power(p.p2_k + s, p.p2_gamma),
+        at_zero=lambda p: (0.0, p.p2_k**-p.p2_gamma),
+    ),
+    "debiased": _Strategy(
+        x0=lambda s, xp, p: xp.sqrt(s),
+        epsilon=lambda s, xp, p: 1.0 / xp.sqrt(s),
+        at_zero=lambda p: (0.0, _INF),
+    ),
+}
+STRATEGIES = tuple(_TABLE)
+DEFAULT_MAX_WEIGHT = 1e5
+# Divisions use max(s, _TINY) so no form makes inf/NaN next to s = 0.
+_TINY = 1e-20
 
 
 def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight):
@@ -151,18 +162,19 @@ def loss_weight(
             )
         xp = np
 
-    if strategy == "constant":
-        return xp.ones_like(s)
-
-    params = dict(gamma=float(gamma), p2_k=float(p2_k), p2_gamma=float(p2_gamma))
+    entry = _TABLE[strategy]
+    params = types.SimpleNamespace(gamma=float(gamma), p2_k=float(p2_k), p2_gamma=float(p2_gamma))
     if prediction_type == "epsilon":
-        weight = _epsilon_weight(strategy, xp.maximum(s, _TINY), xp, **params)
+        weight = entry.epsilon(xp.maximum(s, _TINY), xp, params)
     else:
-        weight = _x0_weight(strategy, s, xp, **params)
-        if prediction_type == "v_prediction":
+        weight = entry.x0(s, xp, params)
+        if prediction_type == "v_prediction" and entry.in_x0_space:
             weight = weight / (s + 1.0)
-    weight = xp.minimum(weight, max_weight)
-    return ops.stop_gradient(weight) if xp is ops else weight
+    # At s = 0 the forms above are evaluated next to a 0/0; use the exact limit instead.
+    x0_limit, epsilon_limit = entry.at_zero(params)
+    limit = epsilon_limit if prediction_type == "epsilon" else x0_limit
+    weight = xp.where(s == 0, min(limit, max_weight), xp.minimum(weight, max_weight))
+    return ops.stop_gradient(weight) if xp is ops else weight[()]
 
 
 @keras.saving.register_keras_serializable(package="keras_minsnr")
