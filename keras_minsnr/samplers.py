@@ -236,7 +236,11 @@ def sample(
             )
         else:
             x = step_functions["edm_euler"](
-                params, x, _as_tensor(t, "int32"), _as_tensor(alpha[i]), _as_tensor(sigma[i]),
+                params,
+                x,
+                _as_tensor(t, "int32"),
+                _as_tensor(alpha[i]),
+                _as_tensor(sigma[i]),
                 _as_tensor(0.0),
             )
         if progress is not None:
