@@ -6,23 +6,25 @@ the space of the training target with the identities ``‖ε̂−ε‖² = s·�
 
     w_sample = w₀(s)      w_epsilon = w₀(s) / s      w_v_prediction = w₀(s) / (s + 1)
 
-| strategy       | w₀(s)               | with the ε target     |
-|----------------|---------------------|-----------------------|
-| constant       | (1 in every space)  | 1                     |
-| snr            | s                   | 1                     |
-| trunc_snr      | max(s, 1)           | max(s, 1) / s         |
-| max_snr        | max(s, γ)           | max(s, γ) / s         |
-| min_snr        | min(s, γ)           | min(1, γ / s)         |
-| soft_min_snr   | s·γ / (s + γ)       | γ / (s + γ)           |
-| inv_snr        | 1 / s               | 1 / s²                |
-| p2             | s / (k + s)^g       | 1 / (k + s)^g         |
-| debiased       | sqrt(s)             | 1 / sqrt(s)           |
+| strategy       | w₀(s)               | with the ε target  | "limit" at s = 0 (x₀, v / ε) |
+|----------------|---------------------|--------------------|------------------------------|
+| constant       | (1 in every space)  | 1                  | 1 / 1                        |
+| snr            | s                   | 1                  | 0 / 1                        |
+| trunc_snr      | max(s, 1)           | max(s, 1) / s      | 1 / ∞ → max_weight           |
+| max_snr        | max(s, γ)           | max(s, γ) / s      | γ / ∞ → max_weight           |
+| min_snr        | min(s, γ)           | min(1, γ / s)      | 0 / 1                        |
+| soft_min_snr   | s·γ / (s + γ)       | γ / (s + γ)        | 0 / 1                        |
+| inv_snr        | 1 / s               | 1 / s²             | ∞ / ∞ → max_weight           |
+| p2             | s / (k + s)^g       | 1 / (k + s)^g      | 0 / k^-g                     |
+| debiased       | sqrt(s)             | 1 / sqrt(s)        | 0 / ∞ → max_weight           |
 
-At ``s = 0`` (the last step of a zero-terminal-SNR schedule) the weights take their limits
-where one exists (min_snr and soft_min_snr with ε → 1; every bounded w₀ with v → w₀(0)).
-Where the weight truly diverges (trunc_snr, max_snr, inv_snr, debiased with ε as s → 0;
-inv_snr in every space) it is clamped at ``max_weight`` (default 1e5). The weight is a
-per-sample constant: no gradient flows through it.
+Terminal weight: at ``s = 0`` exactly (the last step of a zero-terminal-SNR schedule) every
+strategy uses ``terminal_weight``, in the target's own space: 1 by default, as the paper's
+official code does (otherwise Min-SNR with the x₀ or v target would give the step that
+sampling starts from weight 0 and never train it). ``terminal_weight="limit"`` uses the
+last column instead (v's limit equals x₀'s since s + 1 → 1). For ``s > 0`` weights that
+grow without bound as s → 0 are clamped at ``max_weight`` (default 1e5). The weight is a
+per-sample constant: no gradient flows through it. Each strategy is one entry of `_TABLE`.
 """
 
 import collections
@@ -99,11 +101,13 @@ _TABLE = {
 }
 STRATEGIES = tuple(_TABLE)
 DEFAULT_MAX_WEIGHT = 1e5
+# The official code sets the weight at SNR = 0 to 1 (see docs/fidelity.md).
+DEFAULT_TERMINAL_WEIGHT = 1.0
 # Divisions use max(s, _TINY) so no form makes inf/NaN next to s = 0.
 _TINY = 1e-20
 
 
-def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight):
+def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight, terminal_weight):
     if strategy not in STRATEGIES:
         raise ValueError(
             f"Unknown loss weighting strategy {strategy!r}. "
@@ -116,6 +120,19 @@ def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     if not (np.isfinite(p2_gamma) and p2_gamma >= 0):
         raise ValueError(f"p2_gamma must be a finite number >= 0, got {p2_gamma!r}.")
+    if isinstance(terminal_weight, str):
+        if terminal_weight != "limit":
+            raise ValueError(
+                f"terminal_weight must be a number >= 0 or 'limit', got {terminal_weight!r}."
+            )
+    elif not (
+        isinstance(terminal_weight, (int, float, np.number))
+        and np.isfinite(terminal_weight)
+        and terminal_weight >= 0
+    ):
+        raise ValueError(
+            f"terminal_weight must be a finite number >= 0 or 'limit', got {terminal_weight!r}."
+        )
 
 
 def loss_weight(
@@ -126,6 +143,7 @@ def loss_weight(
     p2_k=1.0,
     p2_gamma=1.0,
     max_weight=DEFAULT_MAX_WEIGHT,
+    terminal_weight=DEFAULT_TERMINAL_WEIGHT,
 ):
     """Per-sample loss weight for a batch of SNR values.
 
@@ -138,6 +156,9 @@ def loss_weight(
         gamma: γ of ``max_snr``, ``min_snr`` and ``soft_min_snr`` (ignored by the others).
         p2_k, p2_gamma: ``k`` and the exponent of the ``p2`` weighting.
         max_weight: clamp for weights that truly diverge (see the module docstring).
+        terminal_weight: the weight, in the target's own space, where ``SNR == 0`` (the
+            last step of a zero-terminal-SNR schedule): a number >= 0 (default 1, as in
+            the official code) or ``"limit"`` for the formula's limit as ``s → 0⁺``.
 
     Example:
     ```python
@@ -149,7 +170,7 @@ def loss_weight(
         Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
         ICCV 2023 (arXiv 2303.09556).
     """
-    _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight)
+    _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight, terminal_weight)
     if ops.is_tensor(snr):
         s = ops.cast(ops.stop_gradient(snr), "float32")
         xp = ops
@@ -170,10 +191,12 @@ def loss_weight(
         weight = entry.x0(s, xp, params)
         if prediction_type == "v_prediction" and entry.in_x0_space:
             weight = weight / (s + 1.0)
-    # At s = 0 the forms above are evaluated next to a 0/0; use the exact limit instead.
-    x0_limit, epsilon_limit = entry.at_zero(params)
-    limit = epsilon_limit if prediction_type == "epsilon" else x0_limit
-    weight = xp.where(s == 0, min(limit, max_weight), xp.minimum(weight, max_weight))
+    if terminal_weight == "limit":
+        x0_limit, epsilon_limit = entry.at_zero(params)
+        at_zero = min(epsilon_limit if prediction_type == "epsilon" else x0_limit, max_weight)
+    else:
+        at_zero = float(terminal_weight)
+    weight = xp.where(s == 0, at_zero, xp.minimum(weight, max_weight))
     return ops.stop_gradient(weight) if xp is ops else weight[()]
 
 
@@ -186,6 +209,8 @@ class LossWeighting:
         gamma: γ of ``max_snr``, ``min_snr`` and ``soft_min_snr``.
         p2_k, p2_gamma: parameters of ``p2``.
         max_weight: clamp for weights that diverge.
+        terminal_weight: the weight where ``SNR == 0``: a number (default 1, the official
+            code's choice) or ``"limit"`` (see `loss_weight`).
 
     Example:
     ```python
@@ -201,13 +226,17 @@ class LossWeighting:
         p2_k=1.0,
         p2_gamma=1.0,
         max_weight=DEFAULT_MAX_WEIGHT,
+        terminal_weight=DEFAULT_TERMINAL_WEIGHT,
     ):
-        _validate(strategy, None, gamma, p2_k, p2_gamma, max_weight)
+        _validate(strategy, None, gamma, p2_k, p2_gamma, max_weight, terminal_weight)
         self.strategy = strategy
         self.gamma = float(gamma)
         self.p2_k = float(p2_k)
         self.p2_gamma = float(p2_gamma)
         self.max_weight = float(max_weight)
+        self.terminal_weight = (
+            terminal_weight if isinstance(terminal_weight, str) else float(terminal_weight)
+        )
 
     def __call__(self, snr, prediction_type):
         return loss_weight(snr, prediction_type=prediction_type, **self.get_config())
@@ -219,6 +248,7 @@ class LossWeighting:
             "p2_k": self.p2_k,
             "p2_gamma": self.p2_gamma,
             "max_weight": self.max_weight,
+            "terminal_weight": self.terminal_weight,
         }
 
     @classmethod
@@ -242,7 +272,7 @@ def get(identifier, **params):
     if isinstance(identifier, dict):
         return LossWeighting(**{**identifier, **params})
     if isinstance(identifier, str):
-        allowed = ("gamma", "p2_k", "p2_gamma", "max_weight")
+        allowed = ("gamma", "p2_k", "p2_gamma", "max_weight", "terminal_weight")
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise ValueError(
