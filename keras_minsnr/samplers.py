@@ -8,6 +8,9 @@ and applied in a Python loop over the chosen timesteps. They all call a pure fun
 where ``t`` is an int32 tensor of shape ``(B,)`` and ``params`` is whatever the function
 needs (model weights, labels, guidance scale). Starting noise and per-step noise come
 from a seeded numpy generator, so the same seed gives the same images on every backend.
+
+DDIM and DDPM visit "trailing" timesteps, so every run starts at ``t = T−1``; EDM-Heun
+uses EDM's σ range [0.002, 80] clamped to the schedule's levels (docs/fidelity.md).
 """
 
 import numpy as np
