@@ -8,6 +8,9 @@ and applied in a Python loop over the chosen timesteps. They all call a pure fun
 where ``t`` is an int32 tensor of shape ``(B,)`` and ``params`` is whatever the function
 needs (model weights, labels, guidance scale). Starting noise and per-step noise come
 from a seeded numpy generator, so the same seed gives the same images on every backend.
+
+DDIM and DDPM visit "trailing" timesteps, so every run starts at ``t = T−1``; EDM-Heun
+uses EDM's σ range [0.002, 80] clamped to the schedule's levels (docs/fidelity.md).
 """
 
 import numpy as np
@@ -25,29 +28,57 @@ def check_sampler(sampler):
 
 
 def spaced_timesteps(num_timesteps, num_steps):
-    """``num_steps`` integer timesteps from ``T-1`` down to 0, evenly spaced."""
-    if not 1 <= num_steps <= num_timesteps:
+    """``num_steps`` integer timesteps from ``T-1`` down, "trailing" spacing.
+
+    ``t_i = round(T − i·T/n) − 1`` for ``i = 0 … n−1`` (diffusers' ``"trailing"``): the first
+    step is always ``T−1``, the last is ``round(T/n) − 1``, from which one step goes to
+    the clean sample. Every ``n`` in ``[1, T]`` gives ``n`` distinct steps.
+    """
+    if int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
         raise ValueError(
-            f"num_steps must lie in [1, {num_timesteps}] for this schedule, got {num_steps}."
+            f"num_steps must be an integer in [1, {num_timesteps}] for this schedule, "
+            f"got {num_steps!r}."
         )
-    return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(int))[::-1]
+    i = np.arange(int(num_steps))
+    return np.round(num_timesteps - i * num_timesteps / num_steps).astype(int) - 1
 
 
-def karras_timesteps(schedule, num_steps, rho=7.0):
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+EDM_RHO = 7.0
+
+
+def check_karras_args(sigma_min, sigma_max, rho):
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if sigma_min >= sigma_max:
+        raise ValueError(
+            f"sigma_min must be < sigma_max, got sigma_min={sigma_min!r}, "
+            f"sigma_max={sigma_max!r}."
+        )
+
+
+def karras_timesteps(
+    schedule, num_steps, sigma_min=EDM_SIGMA_MIN, sigma_max=EDM_SIGMA_MAX, rho=EDM_RHO
+):
     """Discrete timesteps whose σ levels follow the EDM ρ-spacing (Karras et al. 2022).
 
-    EDM's σ is ``σ_t / α_t = 1 / sqrt(SNR)``. The continuous ρ-spaced levels between the
-    schedule's smallest and largest finite σ are snapped to the nearest discrete step (in
-    log σ) and de-duplicated, so there can be fewer than ``num_steps`` levels. A
-    zero-terminal step (σ = ∞) is skipped.
+    EDM's σ is ``σ_t / α_t = 1 / sqrt(SNR)``. ``sigma_min`` and ``sigma_max`` (EDM's
+    defaults 0.002 and 80) are first clamped to the schedule's smallest and largest finite
+    σ; the levels ``(σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ`` are then snapped
+    to the nearest discrete step (in log σ) and de-duplicated, so there can be fewer than
+    ``num_steps`` levels. A zero-terminal step (σ = ∞) is never used.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+    check_karras_args(sigma_min, sigma_max, rho)
     snr = schedule.snr(np.arange(schedule.num_timesteps))
     valid = np.nonzero(snr > 0)[0]
     log_sigma = -0.5 * np.log(snr[valid])
-    s_min, s_max = np.exp(log_sigma.min()), np.exp(log_sigma.max())
-    ramp = np.linspace(0.0, 1.0, num_steps)
+    lo, hi = np.exp(log_sigma.min()), np.exp(log_sigma.max())
+    s_min, s_max = np.clip(sigma_min, lo, hi), np.clip(sigma_max, lo, hi)
+    ramp = np.linspace(0.0, 1.0, int(num_steps))
     sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     nearest = np.abs(np.log(sigmas)[:, None] - log_sigma[None, :]).argmin(axis=1)
     steps = valid[nearest]
@@ -108,20 +139,22 @@ def make_step_functions(denoise):
         x0, _ = denoise(params, x_edm * alpha, batch_t(x_edm, t))
         return x0
 
-    def heun_step(params, x, t, t_next, alpha, alpha_next, sigma, sigma_next, second_order):
+    def heun_step(params, x, t, t_next, alpha, alpha_next, sigma, sigma_next):
         d = (x - edm_denoised(params, x, t, alpha)) / sigma
         x_euler = x + (sigma_next - sigma) * d
-        # On the last step (σ_next = 0) the Euler step is final; the Heun correction is
-        # computed with a safe σ and discarded.
-        safe_sigma_next = ops.maximum(sigma_next, 1e-12)
-        d_next = (x_euler - edm_denoised(params, x_euler, t_next, alpha_next)) / safe_sigma_next
-        x_heun = x + (sigma_next - sigma) * 0.5 * (d + d_next)
-        return ops.where(second_order > 0, x_heun, x_euler)
+        d_next = (x_euler - edm_denoised(params, x_euler, t_next, alpha_next)) / sigma_next
+        return x + (sigma_next - sigma) * 0.5 * (d + d_next)
+
+    def euler_step(params, x, t, alpha, sigma, sigma_next):
+        # EDM's last step (to σ = 0) takes no Heun correction: one network call.
+        d = (x - edm_denoised(params, x, t, alpha)) / sigma
+        return x + (sigma_next - sigma) * d
 
     return {
         "ddim": compile_function(ddim_step),
         "ddpm": compile_function(ddpm_step),
         "edm_heun": compile_function(heun_step),
+        "edm_euler": compile_function(euler_step),
     }
 
 
@@ -135,6 +168,9 @@ def sample(
     eta=0.0,
     seed=None,
     progress=None,
+    sigma_min=EDM_SIGMA_MIN,
+    sigma_max=EDM_SIGMA_MAX,
+    rho=EDM_RHO,
 ):
     """Runs a sampler from pure noise to ``x_0``.
 
@@ -145,11 +181,14 @@ def sample(
         shape: ``(B, H, W, C)`` of the samples.
         sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (η-DDIM) or ``"edm_heun"`` (Karras et al.
             2022 second-order Heun on the schedule's discrete σ levels).
-        num_steps: sampling steps (DDPM/DDIM: timesteps visited; EDM-Heun: σ levels, with
+        num_steps: sampling steps (DDPM/DDIM: timesteps visited, "trailing" spacing from
+            ``T−1``, see `spaced_timesteps`; EDM-Heun: σ levels, with
             2·levels − 1 model evaluations).
         eta: DDIM stochasticity (0 deterministic, 1 ≡ DDPM).
         seed: seeds the numpy generator of the starting and per-step noise.
         progress: an optional `keras.utils.Progbar`-like object with ``update(i)``.
+        sigma_min, sigma_max, rho: EDM-Heun's σ range and ρ-spacing (EDM's defaults 0.002,
+            80 and 7), clamped to the schedule's finite σ range; see `karras_timesteps`.
 
     Returns:
         float32 numpy samples of ``shape``.
@@ -157,6 +196,7 @@ def sample(
     check_sampler(sampler)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}.")
+    check_karras_args(sigma_min, sigma_max, rho)
     rng = np.random.default_rng(seed)
     normal = lambda: rng.standard_normal(shape).astype("float32")  # noqa: E731
     abar = schedule.alphas_cumprod
@@ -181,31 +221,41 @@ def sample(
                 progress.update(i + 1)
         return ops.convert_to_numpy(x).astype("float32")
 
-    steps = karras_timesteps(schedule, num_steps)
+    steps = karras_timesteps(schedule, num_steps, sigma_min, sigma_max, rho)
     sigma = np.sqrt((1 - abar[steps]) / abar[steps])
     alpha = np.sqrt(abar[steps])
     x = (x * sigma[0]).astype("float32")
     for i, t in enumerate(steps):
-        last = i + 1 == len(steps)
-        t_next = steps[i] if last else steps[i + 1]
-        x = step_functions["edm_heun"](
-            params,
-            x,
-            _as_tensor(t, "int32"),
-            _as_tensor(t_next, "int32"),
-            _as_tensor(alpha[i]),
-            _as_tensor(alpha[i] if last else alpha[i + 1]),
-            _as_tensor(sigma[i]),
-            _as_tensor(0.0 if last else sigma[i + 1]),
-            _as_tensor(0.0 if last else 1.0),
-        )
+        if i + 1 < len(steps):
+            x = step_functions["edm_heun"](
+                params,
+                x,
+                _as_tensor(t, "int32"),
+                _as_tensor(steps[i + 1], "int32"),
+                _as_tensor(alpha[i]),
+                _as_tensor(alpha[i + 1]),
+                _as_tensor(sigma[i]),
+                _as_tensor(sigma[i + 1]),
+            )
+        else:
+            x = step_functions["edm_euler"](
+                params,
+                x,
+                _as_tensor(t, "int32"),
+                _as_tensor(alpha[i]),
+                _as_tensor(sigma[i]),
+                _as_tensor(0.0),
+            )
         if progress is not None:
             progress.update(i + 1)
     return ops.convert_to_numpy(x).astype("float32")
 
 
-def num_progress_steps(schedule, sampler, num_steps):
-    """How many loop iterations `sample` will report (for a progress bar's target)."""
+def num_progress_steps(schedule, sampler, num_steps, **karras_args):
+    """How many loop iterations `sample` will report (for a progress bar's target).
+
+    ``karras_args`` (``sigma_min``, ``sigma_max``, ``rho``) as given to `sample`.
+    """
     if sampler == "edm_heun":
-        return len(karras_timesteps(schedule, num_steps))
+        return len(karras_timesteps(schedule, num_steps, **karras_args))
     return len(spaced_timesteps(schedule.num_timesteps, num_steps))

@@ -6,24 +6,30 @@ the space of the training target with the identities ``‖ε̂−ε‖² = s·�
 
     w_sample = w₀(s)      w_epsilon = w₀(s) / s      w_v_prediction = w₀(s) / (s + 1)
 
-| strategy       | w₀(s)               | with the ε target     |
-|----------------|---------------------|-----------------------|
-| constant       | (1 in every space)  | 1                     |
-| snr            | s                   | 1                     |
-| trunc_snr      | max(s, 1)           | max(s, 1) / s         |
-| max_snr        | max(s, γ)           | max(s, γ) / s         |
-| min_snr        | min(s, γ)           | min(1, γ / s)         |
-| soft_min_snr   | s·γ / (s + γ)       | γ / (s + γ)           |
-| inv_snr        | 1 / s               | 1 / s²                |
-| p2             | s / (k + s)^g       | 1 / (k + s)^g         |
-| debiased       | sqrt(s)             | 1 / sqrt(s)           |
+| strategy       | w₀(s)               | with the ε target  | "limit" at s = 0 (x₀, v / ε) |
+|----------------|---------------------|--------------------|------------------------------|
+| constant       | (1 in every space)  | 1                  | 1 / 1                        |
+| snr            | s                   | 1                  | 0 / 1                        |
+| trunc_snr      | max(s, 1)           | max(s, 1) / s      | 1 / ∞ → max_weight           |
+| max_snr        | max(s, γ)           | max(s, γ) / s      | γ / ∞ → max_weight           |
+| min_snr        | min(s, γ)           | min(1, γ / s)      | 0 / 1                        |
+| soft_min_snr   | s·γ / (s + γ)       | γ / (s + γ)        | 0 / 1                        |
+| inv_snr        | 1 / s               | 1 / s²             | ∞ / ∞ → max_weight           |
+| p2             | s / (k + s)^g       | 1 / (k + s)^g      | 0 / k^-g                     |
+| debiased       | sqrt(s)             | 1 / sqrt(s)        | 0 / ∞ → max_weight           |
 
-At ``s = 0`` (the last step of a zero-terminal-SNR schedule) the weights take their limits
-where one exists (min_snr and soft_min_snr with ε → 1; every bounded w₀ with v → w₀(0)).
-Where the weight truly diverges (trunc_snr, max_snr, inv_snr, debiased with ε as s → 0;
-inv_snr in every space) it is clamped at ``max_weight`` (default 1e5). The weight is a
-per-sample constant: no gradient flows through it.
+Terminal weight: at ``s = 0`` exactly (the last step of a zero-terminal-SNR schedule) every
+strategy uses ``terminal_weight``, in the target's own space: 1 by default, as the paper's
+official code does (otherwise Min-SNR with the x₀ or v target would give the step that
+sampling starts from weight 0 and never train it). ``terminal_weight="limit"`` uses the
+last column instead (v's limit equals x₀'s since s + 1 → 1). For ``s > 0`` weights that
+grow without bound as s → 0 are clamped at ``max_weight`` (default 1e5). The weight is a
+per-sample constant: no gradient flows through it. Each strategy is one entry of `_TABLE`.
 """
+
+import collections
+import math
+import types
 
 import keras
 import numpy as np
@@ -31,68 +37,77 @@ from keras import ops
 
 from keras_minsnr.schedules import check_prediction_type
 
-STRATEGIES = (
-    "constant",
-    "snr",
-    "trunc_snr",
-    "max_snr",
-    "min_snr",
-    "soft_min_snr",
-    "inv_snr",
-    "p2",
-    "debiased",
-)
+
+class _Strategy(collections.namedtuple("_Strategy", "x0 epsilon at_zero in_x0_space")):
+    """One weighting, as functions of ``s`` (an array module ``xp``, parameters ``p``).
+
+    ``x0``: ``w₀(s)``. ``epsilon``: ``w₀(s)/s`` in a form finite for ``s ≥ _TINY``.
+    ``at_zero``: the limits of ``w₀`` and ``w₀/s`` as ``s → 0⁺`` (``inf`` where they
+    diverge). ``in_x0_space=False``: the weight is meant in the target's own space.
+    """
+
+    def __new__(cls, x0, epsilon, at_zero, in_x0_space=True):
+        return super().__new__(cls, x0, epsilon, at_zero, in_x0_space)
+
+
+_INF = math.inf
+_TABLE = {
+    "constant": _Strategy(
+        x0=lambda s, xp, p: xp.ones_like(s),
+        epsilon=lambda s, xp, p: xp.ones_like(s),
+        at_zero=lambda p: (1.0, 1.0),
+        in_x0_space=False,
+    ),
+    "snr": _Strategy(
+        x0=lambda s, xp, p: s,
+        epsilon=lambda s, xp, p: xp.ones_like(s),
+        at_zero=lambda p: (0.0, 1.0),
+    ),
+    "trunc_snr": _Strategy(
+        x0=lambda s, xp, p: xp.maximum(s, 1.0),
+        epsilon=lambda s, xp, p: xp.maximum(1.0, 1.0 / s),
+        at_zero=lambda p: (1.0, _INF),
+    ),
+    "max_snr": _Strategy(
+        x0=lambda s, xp, p: xp.maximum(s, p.gamma),
+        epsilon=lambda s, xp, p: xp.maximum(1.0, p.gamma / s),
+        at_zero=lambda p: (p.gamma, _INF),
+    ),
+    "min_snr": _Strategy(
+        x0=lambda s, xp, p: xp.minimum(s, p.gamma),
+        epsilon=lambda s, xp, p: xp.minimum(1.0, p.gamma / s),
+        at_zero=lambda p: (0.0, 1.0),
+    ),
+    "soft_min_snr": _Strategy(
+        x0=lambda s, xp, p: s * p.gamma / (s + p.gamma),
+        epsilon=lambda s, xp, p: p.gamma / (s + p.gamma),
+        at_zero=lambda p: (0.0, 1.0),
+    ),
+    "inv_snr": _Strategy(
+        x0=lambda s, xp, p: 1.0 / xp.maximum(s, _TINY),
+        epsilon=lambda s, xp, p: 1.0 / (s * s),
+        at_zero=lambda p: (_INF, _INF),
+    ),
+    "p2": _Strategy(
+        x0=lambda s, xp, p: s / xp.power(p.p2_k + s, p.p2_gamma),
+        epsilon=lambda s, xp, p: 1.0 / xp.power(p.p2_k + s, p.p2_gamma),
+        at_zero=lambda p: (0.0, p.p2_k**-p.p2_gamma),
+    ),
+    "debiased": _Strategy(
+        x0=lambda s, xp, p: xp.sqrt(s),
+        epsilon=lambda s, xp, p: 1.0 / xp.sqrt(s),
+        at_zero=lambda p: (0.0, _INF),
+    ),
+}
+STRATEGIES = tuple(_TABLE)
 DEFAULT_MAX_WEIGHT = 1e5
-# Divisions use max(s, _TINY) so the branch that `where` discards never makes inf/NaN.
+# The official code sets the weight at SNR = 0 to 1 (see docs/fidelity.md).
+DEFAULT_TERMINAL_WEIGHT = 1.0
+# Divisions use max(s, _TINY) so no form makes inf/NaN next to s = 0.
 _TINY = 1e-20
 
 
-def _x0_weight(strategy, s, xp, gamma, p2_k, p2_gamma):
-    """``w₀(s)``; finite at ``s = 0`` for every strategy but inv_snr (clamped later)."""
-    if strategy == "snr":
-        return s
-    if strategy == "trunc_snr":
-        return xp.maximum(s, 1.0)
-    if strategy == "max_snr":
-        return xp.maximum(s, gamma)
-    if strategy == "min_snr":
-        return xp.minimum(s, gamma)
-    if strategy == "soft_min_snr":
-        return s * gamma / (s + gamma)
-    if strategy == "inv_snr":
-        return 1.0 / xp.maximum(s, _TINY)
-    if strategy == "p2":
-        return s / xp.power(p2_k + s, p2_gamma)
-    if strategy == "debiased":
-        return xp.sqrt(s)
-    raise AssertionError(strategy)
-
-
-def _epsilon_weight(strategy, s, xp, gamma, p2_k, p2_gamma):
-    """``w₀(s) / s`` written in forms that stay finite wherever a limit exists.
-
-    ``s`` arrives floored at _TINY, so the divergent forms give huge, finite numbers.
-    """
-    if strategy == "snr":
-        return xp.ones_like(s)
-    if strategy == "trunc_snr":
-        return xp.maximum(1.0, 1.0 / s)
-    if strategy == "max_snr":
-        return xp.maximum(1.0, gamma / s)
-    if strategy == "min_snr":
-        return xp.minimum(1.0, gamma / s)
-    if strategy == "soft_min_snr":
-        return gamma / (s + gamma)
-    if strategy == "inv_snr":
-        return 1.0 / (s * s)
-    if strategy == "p2":
-        return 1.0 / xp.power(p2_k + s, p2_gamma)
-    if strategy == "debiased":
-        return 1.0 / xp.sqrt(s)
-    raise AssertionError(strategy)
-
-
-def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight):
+def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight, terminal_weight):
     if strategy not in STRATEGIES:
         raise ValueError(
             f"Unknown loss weighting strategy {strategy!r}. "
@@ -105,6 +120,19 @@ def _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     if not (np.isfinite(p2_gamma) and p2_gamma >= 0):
         raise ValueError(f"p2_gamma must be a finite number >= 0, got {p2_gamma!r}.")
+    if isinstance(terminal_weight, str):
+        if terminal_weight != "limit":
+            raise ValueError(
+                f"terminal_weight must be a number >= 0 or 'limit', got {terminal_weight!r}."
+            )
+    elif not (
+        isinstance(terminal_weight, (int, float, np.number))
+        and np.isfinite(terminal_weight)
+        and terminal_weight >= 0
+    ):
+        raise ValueError(
+            f"terminal_weight must be a finite number >= 0 or 'limit', got {terminal_weight!r}."
+        )
 
 
 def loss_weight(
@@ -115,6 +143,7 @@ def loss_weight(
     p2_k=1.0,
     p2_gamma=1.0,
     max_weight=DEFAULT_MAX_WEIGHT,
+    terminal_weight=DEFAULT_TERMINAL_WEIGHT,
 ):
     """Per-sample loss weight for a batch of SNR values.
 
@@ -127,6 +156,9 @@ def loss_weight(
         gamma: γ of ``max_snr``, ``min_snr`` and ``soft_min_snr`` (ignored by the others).
         p2_k, p2_gamma: ``k`` and the exponent of the ``p2`` weighting.
         max_weight: clamp for weights that truly diverge (see the module docstring).
+        terminal_weight: the weight, in the target's own space, where ``SNR == 0`` (the
+            last step of a zero-terminal-SNR schedule): a number >= 0 (default 1, as in
+            the official code) or ``"limit"`` for the formula's limit as ``s → 0⁺``.
 
     Example:
     ```python
@@ -138,7 +170,7 @@ def loss_weight(
         Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
         ICCV 2023 (arXiv 2303.09556).
     """
-    _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight)
+    _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight, terminal_weight)
     if ops.is_tensor(snr):
         s = ops.cast(ops.stop_gradient(snr), "float32")
         xp = ops
@@ -151,18 +183,21 @@ def loss_weight(
             )
         xp = np
 
-    if strategy == "constant":
-        return xp.ones_like(s)
-
-    params = dict(gamma=float(gamma), p2_k=float(p2_k), p2_gamma=float(p2_gamma))
+    entry = _TABLE[strategy]
+    params = types.SimpleNamespace(gamma=float(gamma), p2_k=float(p2_k), p2_gamma=float(p2_gamma))
     if prediction_type == "epsilon":
-        weight = _epsilon_weight(strategy, xp.maximum(s, _TINY), xp, **params)
+        weight = entry.epsilon(xp.maximum(s, _TINY), xp, params)
     else:
-        weight = _x0_weight(strategy, s, xp, **params)
-        if prediction_type == "v_prediction":
+        weight = entry.x0(s, xp, params)
+        if prediction_type == "v_prediction" and entry.in_x0_space:
             weight = weight / (s + 1.0)
-    weight = xp.minimum(weight, max_weight)
-    return ops.stop_gradient(weight) if xp is ops else weight
+    if terminal_weight == "limit":
+        x0_limit, epsilon_limit = entry.at_zero(params)
+        at_zero = min(epsilon_limit if prediction_type == "epsilon" else x0_limit, max_weight)
+    else:
+        at_zero = float(terminal_weight)
+    weight = xp.where(s == 0, at_zero, xp.minimum(weight, max_weight))
+    return ops.stop_gradient(weight) if xp is ops else weight[()]
 
 
 @keras.saving.register_keras_serializable(package="keras_minsnr")
@@ -174,6 +209,8 @@ class LossWeighting:
         gamma: γ of ``max_snr``, ``min_snr`` and ``soft_min_snr``.
         p2_k, p2_gamma: parameters of ``p2``.
         max_weight: clamp for weights that diverge.
+        terminal_weight: the weight where ``SNR == 0``: a number (default 1, the official
+            code's choice) or ``"limit"`` (see `loss_weight`).
 
     Example:
     ```python
@@ -189,13 +226,17 @@ class LossWeighting:
         p2_k=1.0,
         p2_gamma=1.0,
         max_weight=DEFAULT_MAX_WEIGHT,
+        terminal_weight=DEFAULT_TERMINAL_WEIGHT,
     ):
-        _validate(strategy, None, gamma, p2_k, p2_gamma, max_weight)
+        _validate(strategy, None, gamma, p2_k, p2_gamma, max_weight, terminal_weight)
         self.strategy = strategy
         self.gamma = float(gamma)
         self.p2_k = float(p2_k)
         self.p2_gamma = float(p2_gamma)
         self.max_weight = float(max_weight)
+        self.terminal_weight = (
+            terminal_weight if isinstance(terminal_weight, str) else float(terminal_weight)
+        )
 
     def __call__(self, snr, prediction_type):
         return loss_weight(snr, prediction_type=prediction_type, **self.get_config())
@@ -207,6 +248,7 @@ class LossWeighting:
             "p2_k": self.p2_k,
             "p2_gamma": self.p2_gamma,
             "max_weight": self.max_weight,
+            "terminal_weight": self.terminal_weight,
         }
 
     @classmethod
@@ -230,7 +272,7 @@ def get(identifier, **params):
     if isinstance(identifier, dict):
         return LossWeighting(**{**identifier, **params})
     if isinstance(identifier, str):
-        allowed = ("gamma", "p2_k", "p2_gamma", "max_weight")
+        allowed = ("gamma", "p2_k", "p2_gamma", "max_weight", "terminal_weight")
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise ValueError(

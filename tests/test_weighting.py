@@ -157,7 +157,9 @@ DIVERGENT_AT_ZERO = [
 def test_finite_at_zero_and_huge_snr(strategy, target, as_tensor):
     snr = np.array([0.0, 1e-30, 1e12])
     x = ops.convert_to_tensor(snr, "float32") if as_tensor else snr
-    w = ops.convert_to_numpy(kms.loss_weight(x, strategy, target, gamma=G))
+    w = ops.convert_to_numpy(
+        kms.loss_weight(x, strategy, target, gamma=G, terminal_weight="limit")
+    )
     assert np.all(np.isfinite(w)) and np.all(w >= 0)
     if (strategy, target) in LIMITS_AT_ZERO:
         assert w[0] == pytest.approx(LIMITS_AT_ZERO[(strategy, target)], abs=1e-12)
@@ -173,6 +175,75 @@ def test_zero_terminal_schedule_gives_finite_weights():
         for target in kms.PREDICTION_TYPES:
             w = kms.loss_weight(snr, strategy, target)
             assert np.all(np.isfinite(w)), (strategy, target)
+
+
+def reference_weights(snr, strategy, target, terminal_weight, gamma=G, max_weight=1e5):
+    """float64: the table's weight for s > 0 clamped at max_weight; at s = 0 the official
+    code's 1 (or the given number), or the limit s → 0⁺ of the same formula."""
+    snr = np.asarray(snr, dtype=np.float64)
+    expected = EXPECTED[strategy][target]
+    if gamma != G:  # only the official-default check below uses another γ
+        raise AssertionError("the EXPECTED table is written for γ = 5")
+    out = np.empty_like(snr)
+    pos = snr > 0
+    with np.errstate(over="ignore", divide="ignore"):
+        out[pos] = np.minimum(expected(snr[pos]), max_weight)
+        # The limit, taken numerically on the formula: s = 1e-300 is 0 to float64
+        # precision in every finite limit, and overflows to inf where the weight diverges.
+        limit = min(float(expected(np.array([1e-300]))[0]), max_weight)
+    if terminal_weight == "limit":
+        out[~pos] = 0.0 if abs(limit) < 1e-100 else limit
+    else:
+        out[~pos] = terminal_weight
+    return out
+
+
+ZERO_TERMINAL_SNRS = [
+    kms.NoiseSchedule(name, num_timesteps=1000, zero_terminal_snr=True).snr(np.arange(1000))
+    for name in ("cosine", "scaled_linear")
+]
+
+
+@pytest.mark.parametrize("strategy", kms.STRATEGIES)
+@pytest.mark.parametrize("target", kms.PREDICTION_TYPES)
+@pytest.mark.parametrize("terminal_weight", [None, "limit", 0.25])
+def test_terminal_weight_on_zero_terminal_schedules(strategy, target, terminal_weight):
+    """Default (None here): weight 1 at SNR = 0, as the official code sets it
+    (``mse_loss_weight[snr == 0] = 1.0`` in its training_losses); "limit" gives the
+    formula's own limit (clamped at max_weight where it diverges)."""
+    kwargs = {} if terminal_weight is None else {"terminal_weight": terminal_weight}
+    want_terminal = 1.0 if terminal_weight is None else terminal_weight
+    for snr in ZERO_TERMINAL_SNRS:
+        assert snr[-1] == 0 and np.all(snr[:-1] > 0)
+        want = reference_weights(snr, strategy, target, want_terminal)
+        got = kms.loss_weight(snr, strategy, target, gamma=G, **kwargs)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+        got_t = kms.loss_weight(ops.convert_to_tensor(snr, "float32"), strategy, target, **kwargs)
+        got_t = ops.convert_to_numpy(got_t)
+        assert np.all(np.isfinite(got_t))
+        # float32 SNRs: relative error ~1e-7 per operation, a few operations deep.
+        np.testing.assert_allclose(got_t, want, rtol=2e-5, atol=0)
+        weighting = kms.weighting.get(strategy, gamma=G, **kwargs)
+        np.testing.assert_allclose(weighting(snr, target), want, rtol=1e-12, atol=0)
+
+
+def test_min_snr_trains_the_terminal_step_by_default():
+    """Min-SNR-5 with the x0 or v target: weight 1 at SNR = 0 (official code), 0 as a limit."""
+    snr = np.array([0.0, 2.0])
+    for target in ("sample", "v_prediction"):
+        assert kms.loss_weight(snr, "min_snr", target)[0] == 1.0
+        assert kms.loss_weight(snr, "min_snr", target, terminal_weight="limit")[0] == 0.0
+    assert kms.loss_weight(snr, "min_snr", "v_prediction")[1] == 2.0 / 3.0
+
+
+def test_terminal_weight_is_serialised():
+    for value in ("limit", 0.5, 1.0):
+        w = kms.weighting.get("min_snr", terminal_weight=value)
+        assert w.get_config()["terminal_weight"] == value
+        restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(w))
+        assert restored.get_config() == w.get_config()
+        assert restored(np.array([0.0]), "sample")[0] == (0.0 if value == "limit" else value)
+    assert kms.weighting.LossWeighting().terminal_weight == 1.0
 
 
 def test_no_gradient_flows_through_the_weight():
@@ -214,6 +285,9 @@ def test_weighting_object_and_serialisation():
         (lambda: kms.loss_weight(np.array([np.nan]), "min_snr"), "nan"),
         (lambda: kms.weighting.get("min_snr", gama=5), "gama.*gamma"),
         (lambda: kms.weighting.get(3), "3"),
+        (lambda: kms.loss_weight(0.0, "min_snr", terminal_weight=-1.0), "terminal_weight.*-1.0"),
+        (lambda: kms.loss_weight(0.0, "min_snr", terminal_weight="lim"), "'limit'.*'lim'"),
+        (lambda: kms.weighting.get("min_snr", terminal_weight=np.nan), "terminal_weight.*nan"),
     ],
 )
 def test_bad_input(call, match):
