@@ -323,6 +323,21 @@ def make_flow_step_functions(velocity):
     everything model-specific: classifier-free guidance (``u_uncond + w·(u_cond −
     u_uncond)``), conversion from another prediction type, or mapping ``t`` to integer
     steps with `FlowMatchingSchedule.timestep_index`.
+
+    Example (a flow backbone with classifier-free guidance):
+    ```python
+    def velocity(params, x, t):
+        weights, labels, null, scale = params
+        steps = schedule.timestep_index(t)
+        both = backbone.stateless_call(weights, [], {
+            "x": ops.concatenate([x, x]), "t": ops.concatenate([steps, steps]),
+            "y": ops.concatenate([labels, null])})[0]
+        cond, uncond = ops.split(both, 2)
+        return uncond + scale * (cond - uncond)
+
+    steps = make_flow_step_functions(velocity)
+    images = sample_flow(steps, params, (16, 32, 32, 4), "heun", num_steps=28, shift=3.0)
+    ```
     """
 
     def batch_t(x, t):
