@@ -16,8 +16,8 @@ the ``T`` discrete steps by integrating it over each step's cell:
 Integrating over cells (instead of evaluating the density at the steps and normalising)
 makes the table the exact distribution of "draw the continuous variable, round to a
 step", whatever the spacing of the steps, sums to 1 without renormalisation and stays
-right where the grid is coarse compared with the density (a narrow Laplace on a
-1000-step cosine schedule spans only a few dozen steps). See docs/flow_matching.md.
+right where the density changes within a cell (the Laplace cusp; the end cells, which
+reach ±∞ in log SNR). See docs/flow_matching.md.
 """
 
 import math
