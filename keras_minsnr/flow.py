@@ -253,14 +253,15 @@ def flow_weight(snr, strategy="min_snr", max_weight=DEFAULT_MAX_WEIGHT, **params
     x₀-space weight (`loss_weight` with ``prediction_type="sample"``). ``"constant"`` stays 1
     (uniform in the target's own space, the flow-matching baseline). Finite on all of
     ``[0, ∞]``: at ``s = ∞`` (``t = 0``) the limit is taken explicitly; at ``s = 0``
-    (``t = 1``) ``t² = 1`` and the weight is ``w₀(0)`` as `loss_weight` defines it.
+    (``t = 1``) ``t² = 1`` and the weight is ``w₀(0)`` as `loss_weight` defines it (its
+    ``terminal_weight`` rule, where it has one, applies unchanged).
 
     Args:
         snr: SNR values (numpy/Python → float64 numpy; tensor → float32 tensor, no gradient).
         strategy: one of `keras_minsnr.weighting.STRATEGIES`.
         max_weight: clamp for weights that truly diverge (``inv_snr`` at ``t = 1``).
-        **params: the strategy's parameters (``gamma``, ``p2_k``, ``p2_gamma``), passed on
-            to `loss_weight`.
+        **params: the strategy's parameters (``gamma``, ``p2_k``, ``p2_gamma`` and any
+            other `loss_weight` option such as ``terminal_weight``), passed on to it.
 
     Example:
     ```python

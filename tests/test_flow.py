@@ -3,6 +3,7 @@
 x_t = (1 − t)·x₀ + t·ε, u = ε − x₀, SNR = (1 − t)²/t² (Liu et al. 2023; Esser et al. 2024).
 """
 
+import inspect
 import math
 
 import keras
@@ -202,6 +203,10 @@ def reference_flow_weight(strategy, t, gamma=G, p2_k=K, p2_gamma=PG):
 
 
 EDGE_TIMES = [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]
+# `loss_weight` may set the weight at SNR == 0 by a `terminal_weight` rule; at t = 1 the
+# flow weight is w₀(0), so the pure limits below need its "limit" setting where it exists.
+HAS_TERMINAL = "terminal_weight" in inspect.signature(kms.loss_weight).parameters
+LIMIT = {"terminal_weight": "limit"} if HAS_TERMINAL else {}
 
 
 def snr_of(t):
@@ -213,12 +218,14 @@ def snr_of(t):
 def test_flow_weight_matches_float64_reference_at_the_edges(strategy):
     times = np.array(EDGE_TIMES + list(np.linspace(0.01, 0.99, 23)))
     want = np.array([reference_flow_weight(strategy, t) for t in times])
-    got = flow.flow_weight(snr_of(times), strategy, gamma=G)
+    got = flow.flow_weight(snr_of(times), strategy, gamma=G, **LIMIT)
     assert isinstance(got, np.ndarray) and got.dtype == np.float64
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
 
-    got_t = flow.flow_weight(ops.convert_to_tensor(snr_of(times), "float32"), strategy, gamma=G)
+    got_t = flow.flow_weight(
+        ops.convert_to_tensor(snr_of(times), "float32"), strategy, gamma=G, **LIMIT
+    )
     assert keras.backend.standardize_dtype(got_t.dtype) == "float32"
     got_t = to_numpy(got_t)
     assert np.all(np.isfinite(got_t))
@@ -228,7 +235,7 @@ def test_flow_weight_matches_float64_reference_at_the_edges(strategy):
 @pytest.mark.parametrize("gamma", [1.0, 5.0, 20.0])
 def test_min_snr_in_velocity_space_is_min_of_squares(gamma):
     t = np.linspace(0.0, 1.0, 101)
-    got = flow.flow_weight(snr_of(t), "min_snr", gamma=gamma)
+    got = flow.flow_weight(snr_of(t), "min_snr", gamma=gamma, **LIMIT)
     np.testing.assert_allclose(got, np.minimum((1 - t) ** 2, gamma * t**2), rtol=1e-10, atol=1e-300)
 
 
@@ -236,8 +243,18 @@ def test_min_snr_in_velocity_space_is_min_of_squares(gamma):
 def test_p2_limit_at_t_zero_follows_its_exponent(p2_gamma):
     times = np.array(EDGE_TIMES)
     want = [reference_flow_weight("p2", t, p2_k=2.0, p2_gamma=p2_gamma) for t in times]
-    got = flow.flow_weight(snr_of(times), "p2", p2_k=2.0, p2_gamma=p2_gamma)
+    got = flow.flow_weight(snr_of(times), "p2", p2_k=2.0, p2_gamma=p2_gamma, **LIMIT)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
+
+
+@pytest.mark.skipif(not HAS_TERMINAL, reason="loss_weight has no terminal_weight option")
+@pytest.mark.parametrize("strategy", kms.STRATEGIES)
+def test_terminal_weight_carries_over_to_t_one(strategy):
+    """At t = 1 the velocity and x₀ errors coincide (t² = 1): the terminal rule applies as is."""
+    snr = snr_of([0.5, 1.0])
+    got = flow.flow_weight(snr, strategy, terminal_weight=0.7)
+    want_last = 1.0 if strategy == "constant" else 0.7
+    np.testing.assert_allclose(got, [reference_flow_weight(strategy, 0.5), want_last], rtol=1e-12)
 
 
 # -- ODE samplers ---------------------------------------------------------------------------
