@@ -58,9 +58,8 @@ def _mode_inverse(u, scale, iterations=60):
 
 def _laplace_cell_mass(lo, hi, mu, b):
     """``P(lo ≤ λ < hi)`` for Laplace(mu, b), each side computed from its own tail."""
-    with np.errstate(over="ignore"):
-        cdf = lambda x: 0.5 * np.exp(np.minimum(x - mu, 0.0) / b)  # noqa: E731  (x <= mu)
-        sf = lambda x: 0.5 * np.exp(-np.maximum(x - mu, 0.0) / b)  # noqa: E731  (x >= mu)
+    cdf = lambda x: 0.5 * np.exp(np.minimum(x - mu, 0.0) / b)  # noqa: E731  (x <= mu)
+    sf = lambda x: 0.5 * np.exp(-np.maximum(x - mu, 0.0) / b)  # noqa: E731  (x >= mu)
     below = np.where(hi <= mu, cdf(hi) - cdf(lo), 0.0)
     above = np.where(lo >= mu, sf(lo) - sf(hi), 0.0)
     across = np.where((lo < mu) & (hi > mu), 1.0 - cdf(lo) - sf(hi), 0.0)

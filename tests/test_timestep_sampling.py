@@ -90,7 +90,8 @@ def test_table_matches_closed_form_cdf(kind, params, schedule_name):
     schedule = SCHEDULES[schedule_name]
     got = TimestepSampling(kind, **params).probabilities(schedule)
     assert got.dtype == np.float64 and got.shape == (schedule.num_timesteps,)
-    np.testing.assert_allclose(got, reference_table(kind, schedule, **params), rtol=1e-9, atol=1e-15)
+    want = reference_table(kind, schedule, **params)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
     assert got.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.all(got >= 0)
 
@@ -174,7 +175,8 @@ def test_serialisation_round_trip():
     assert isinstance(restored, TimestepSampling)
     assert restored.get_config() == {"kind": "laplace", "laplace_mu": 1.0, "laplace_b": 0.75}
     schedule = SCHEDULES["cosine"]
-    np.testing.assert_array_equal(restored.probabilities(schedule), sampling.probabilities(schedule))
+    want = sampling.probabilities(schedule)
+    np.testing.assert_array_equal(restored.probabilities(schedule), want)
     assert get(sampling.get_config()).get_config() == sampling.get_config()
     assert get("mode").get_config() == {"kind": "mode", "mode_scale": 1.29}
 
