@@ -151,8 +151,9 @@ def loss_weight(
         snr: SNR values, shape ``(B,)`` (or any shape). Numpy/Python input gives a float64
             numpy answer; a tensor gives a float32 tensor with no gradient.
         strategy: one of `STRATEGIES` (see the module docstring for the formulas).
-        prediction_type: the training target: ``"epsilon"``, ``"sample"`` or
-            ``"v_prediction"``.
+        prediction_type: the training target: ``"epsilon"``, ``"sample"``,
+            ``"v_prediction"``, or ``"flow"`` (the velocity ``ε − x₀`` of a rectified flow,
+            weighted ``w₀(s) / (1 + √s)² = t²·w₀``; see `keras_minsnr.flow.flow_weight`).
         gamma: γ of ``max_snr``, ``min_snr`` and ``soft_min_snr`` (ignored by the others).
         p2_k, p2_gamma: ``k`` and the exponent of the ``p2`` weighting.
         max_weight: clamp for weights that truly diverge (see the module docstring).
@@ -170,6 +171,11 @@ def loss_weight(
         Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
         ICCV 2023 (arXiv 2303.09556).
     """
+    if prediction_type == "flow":
+        from keras_minsnr.flow import flow_weight  # flow.py builds on this module
+
+        return flow_weight(snr, strategy, max_weight=max_weight, gamma=gamma, p2_k=p2_k,
+                           p2_gamma=p2_gamma, terminal_weight=terminal_weight)
     _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight, terminal_weight)
     if ops.is_tensor(snr):
         s = ops.cast(ops.stop_gradient(snr), "float32")

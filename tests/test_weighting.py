@@ -293,3 +293,18 @@ def test_weighting_object_and_serialisation():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_flow_target_is_min_snr_in_velocity_space(as_tensor):
+    # Rectified flow: SNR(t) = (1 − t)²/t² and Min-SNR-γ on the velocity is
+    # min((1 − t)², γ·t²) (DESIGN.md §2); t = 1 (SNR 0) takes the terminal weight.
+    t = np.array([1e-6, 0.1, 0.3, 0.5, 0.9, 1 - 1e-6])
+    snr = ((1 - t) / t) ** 2
+    expected = np.minimum((1 - t) ** 2, 5.0 * t**2)
+    weighting = kms.weighting.get("min_snr", gamma=5.0)
+    value = weighting(ops.convert_to_tensor(snr, "float32") if as_tensor else snr, "flow")
+    np.testing.assert_allclose(ops.convert_to_numpy(value), expected, rtol=1e-5 if as_tensor
+                               else 1e-12, atol=1e-12)
+    assert float(kms.loss_weight(np.array(0.0), "min_snr", "flow")) == 1.0
+    assert float(kms.loss_weight(np.array(0.0), "min_snr", "flow", terminal_weight="limit")) == 0
