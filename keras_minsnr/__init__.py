@@ -1,6 +1,7 @@
 """keras_minsnr: Min-SNR-gamma diffusion training for Keras 3 (TensorFlow and JAX)."""
 
 from keras_minsnr import backbones
+from keras_minsnr import distribution
 from keras_minsnr import samplers
 from keras_minsnr import weighting
 from keras_minsnr.diffusion_model import DiffusionModel
