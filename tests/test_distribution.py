@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 from keras_minsnr import distribution as kd
@@ -156,3 +157,26 @@ def test_bad_arguments_are_named():
 def test_other_backends_get_a_clear_error():
     with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
         kd.configure("data_parallel")
+
+
+@JAX_ONLY
+def test_memory_plan_splits_exactly_the_block_matrices():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import memory_plan
+
+    h, f, depth, m = 32, 128, 2, 4
+    backbone = memory_plan.abstract_backbone(
+        "dit_s_2", depth=depth, hidden_size=h, num_heads=2, image_shape=(8, 8, 4),
+        num_classes=10,
+    )
+    # Closed form: per block, qkv (h*3h + 3h), proj kernel h*h, fc1 (h*f + f), fc2 kernel
+    # f*h and adaLN modulation (h*6h + 6h) are split m ways.
+    split = depth * (h * 3 * h + 3 * h + h * h + h * f + f + f * h + h * 6 * h + 6 * h)
+    total = sum(int(np.prod(v.shape)) for v in backbone.variables)
+    weights, _ = memory_plan.state_bytes(backbone, 1)
+    assert weights == 4 * total
+    weights, _ = memory_plan.state_bytes(backbone, m)
+    assert weights == 4 * (total - split + split // m)
+    rows = memory_plan.plan(backbone, devices=4, batch=8, precision="fp32", optimizer="adamw")
+    assert [r["mesh"] for r in rows] == [[4, 1], [2, 2], [1, 4]]
+    assert rows[0]["optimizer_slots"] == 2 * rows[0]["ema"]
