@@ -5,6 +5,7 @@ fixed (``XLA_FLAGS=--xla_force_host_platform_device_count=4``) before JAX starts
 Computes; the assertions live in the test.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -149,6 +150,27 @@ def main():
         "weight_paths": [v.path for v in model.backbone.trainable_variables],
         "slot_paths": [v.path for v in model.optimizer.variables if len(v.shape)],
     }
+
+    # Sharded checkpoint (Orbax, when installed): written by the 2x2 model-parallel run,
+    # restored onto a 2-device data-parallel layout.
+    report["orbax"] = None
+    if importlib.util.find_spec("orbax") and importlib.util.find_spec("orbax.checkpoint"):
+        directory = tempfile.mkdtemp()
+        callback = keras.callbacks.OrbaxCheckpoint(
+            directory, save_freq=1, save_on_background=False
+        )
+        model.fit(tf.data.Dataset.from_tensors(data[1]), epochs=1, verbose=0,
+                  callbacks=[callback])
+        saved = state(model)
+        kd.configure("data_parallel", devices=jax.devices()[:2])
+        restored = keras.saving.load_model(directory)
+        report["orbax"] = {
+            "iterations": int(restored.optimizer.iterations.value),
+            **compare(saved, state(restored)),
+            "layouts": {p: list(a) for p, a in kd.describe(restored).items()},
+            "devices": len(restored.backbone.trainable_variables[0].value.sharding.device_set),
+        }
+        kd.configure(None)
 
     # Per-host dataset sharding as Keras does it inside fit() (two pretend hosts).
     distribution = keras.distribution.DataParallel(devices=jax.devices())
