@@ -245,7 +245,8 @@ def check(out_path):
     for r in rows:
         print(f"{r['precision']} mesh {r['mesh']}: activations predicted "
               f"{r['predicted_activations'] / 2**20:.2f} MiB, XLA temp "
-              f"{r['xla_temp_bytes'] / 2**20:.2f} MiB (x{r['activations_ratio_xla_over_predicted']}); "
+              f"{r['xla_temp_bytes'] / 2**20:.2f} MiB "
+              f"(x{r['activations_ratio_xla_over_predicted']}); "
               f"gradients {r['predicted_gradients'] / 2**20:.2f} vs output "
               f"{r['xla_output_bytes'] / 2**20:.2f} MiB")
     print(f"wrote {out_path}")

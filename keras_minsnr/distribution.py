@@ -155,12 +155,10 @@ def _check_divisible(backbone, shards):
         from keras_minsnr import backbones
 
         config = backbones.PRESETS[backbone]["config"]
-        hidden = config["hidden_size"]
-        widths = {"hidden_size": hidden, "mlp width": int(hidden * config.get("mlp_ratio", 4.0))}
+        hidden, ratio = config["hidden_size"], config.get("mlp_ratio", 4.0)
     else:
-        widths = {"hidden_size": backbone.hidden_size, "mlp width": int(
-            backbone.hidden_size * getattr(backbone, "mlp_ratio", 4.0))}
-    for name, width in widths.items():
+        hidden, ratio = backbone.hidden_size, getattr(backbone, "mlp_ratio", 4.0)
+    for name, width in (("hidden_size", hidden), ("MLP width", int(hidden * ratio))):
         if width % shards:
             raise ValueError(
                 f"Cannot split the backbone over a model axis of size {shards}: its "
@@ -252,13 +250,12 @@ def initialize_multihost(coordinator_address=None, num_processes=None, process_i
     return jax.process_index(), jax.process_count()
 
 
-def describe(model, distribution=None):
+def describe(model):
     """``{variable path: layout axes}`` of a model's weights, EMA and optimizer slots.
 
     Reads the sharding the arrays really have (``variable.value.sharding.spec``), so it
     shows where each piece of state lives after training started.
     """
-    del distribution
     variables = list(model.variables)
     if getattr(model, "optimizer", None) is not None:
         seen = {id(v) for v in variables}
