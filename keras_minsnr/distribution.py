@@ -81,6 +81,22 @@ def is_transformer(backbone):
     return issubclass(backbone, DiT)
 
 
+def parse_mesh(text):
+    """``"2x4"`` -> ``(2, 4)`` (data, model); ``None`` or ``""`` -> ``None``.
+
+    For command lines such as ``--mesh 2x4``.
+    """
+    if text in (None, ""):
+        return None
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(
+            f"A mesh is written DATAxMODEL with two positive integers, e.g. '8x1' or "
+            f"'2x4'; got {text!r}."
+        )
+    return int(parts[0]), int(parts[1])
+
+
 def device_mesh(mesh_shape=None, devices=None):
     """A ``(data, model)`` `keras.distribution.DeviceMesh`.
 

@@ -166,6 +166,15 @@ def test_bad_arguments_are_named():
     assert keras.distribution.distribution() is None
 
 
+def test_parse_mesh():
+    assert kd.parse_mesh("2x4") == (2, 4)
+    assert kd.parse_mesh("8X1") == (8, 1)
+    assert kd.parse_mesh(None) is None
+    for bad in ("8", "2x0", "ax2", "2x2x2"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            kd.parse_mesh(bad)
+
+
 @pytest.mark.skipif(keras.backend.backend() == "jax", reason="checks the non-JAX error")
 def test_other_backends_get_a_clear_error():
     with pytest.raises(RuntimeError, match="KERAS_BACKEND=jax"):
