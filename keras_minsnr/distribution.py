@@ -249,9 +249,10 @@ def initialize_multihost(coordinator_address=None, num_processes=None, process_i
     Call it first thing on every host, before any JAX computation. Arguments left
     ``None`` come from ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the coordinator
     ``host:port`` first), ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and
-    ``KERAS_DISTRIBUTION_PROCESS_ID``; when those are unset too, JAX detects the cluster
-    itself on Cloud TPU pods, SLURM and Open MPI. It also agrees on one global random
-    seed across hosts.
+    ``KERAS_DISTRIBUTION_PROCESS_ID`` (JAX also reads the coordinator from
+    ``JAX_COORDINATOR_ADDRESS``); when those are unset too, JAX detects the cluster itself
+    on Cloud TPU pods, SLURM and Open MPI. Without a seed set, it also agrees on one
+    global random seed across hosts.
 
     Returns:
         ``(process_index, process_count)``.
