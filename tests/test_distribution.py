@@ -142,6 +142,24 @@ def test_layout_rules_match_weight_ema_and_slot_paths():
 
 
 @JAX_ONLY
+def test_in_context_vit_blocks_get_the_same_split():
+    from keras_minsnr import backbones
+
+    with keras.StatelessScope():  # shapes only, nothing allocated
+        vit = backbones.get("vit_b_2_in256", depth=2, hidden_size=32, num_heads=2,
+                            image_shape=(8, 8, 4), num_classes=10)
+        vit.build({"x": (None, 8, 8, 4), "t": (None,), "y": (None,)})
+    split = {v.path.split("/", 1)[1]: kd.match_rules(v.path) for v in vit.variables}
+    for i in range(2):
+        assert split[f"block_{i}/attn/qkv/kernel"] == (None, "model")
+        assert split[f"block_{i}/attn/proj/kernel"] == ("model", None)
+        assert split[f"block_{i}/fc1/kernel"] == (None, "model")
+        assert split[f"block_{i}/fc2/kernel"] == ("model", None)
+        assert split[f"block_{i}/norm1/gamma"] is None
+    assert sum(axes is not None for axes in split.values()) == 2 * 6
+
+
+@JAX_ONLY
 def test_non_transformer_backbones_are_replicated():
     mesh = kd.device_mesh((1, 1))
     for name in ("unet_cifar10", "sd15_unet", "mlp_digits"):
