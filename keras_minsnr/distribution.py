@@ -1,0 +1,293 @@
+"""Scale-out on JAX with `keras.distribution`: meshes, layout maps and multi-host setup.
+
+`DiffusionModel` needs nothing special to run on many devices: set a Keras
+`Distribution` *before* the backbone and the model are built, then call `fit()` as usual.
+This module picks the distribution for a backbone:
+
+- ``"data_parallel"``: every variable replicated, the global batch split over all
+  devices (`keras.distribution.DataParallel`). Right for every backbone that fits on one
+  device (UNet, SD UNet, MLP, DiT up to XL with bf16 on 16 GB+ devices).
+- ``"model_parallel"``: a 2-D ``(data, model)`` mesh; the attention ``qkv`` / ``proj``,
+  MLP ``fc1`` / ``fc2`` and adaLN ``modulation`` kernels of each DiT / in-context ViT
+  block are split over the ``model`` axis (Megatron-style: column-split into the block,
+  row-split out of it), the rest replicated, the batch split over ``data``
+  (`keras.distribution.ModelParallel`). Other backbones get an empty map, i.e. they stay
+  data-parallel over the ``data`` axis.
+
+Every piece of training state follows its weight:
+
+- the EMA copy of a weight is named after the weight's path, and every rule below is a
+  regex with ``.`` between path parts and ``.*`` around it, so it matches the EMA copy
+  too (whether the EMA path is ``ema/<weight path>`` or ``ema_<weight_path>``);
+- Keras creates each optimizer slot from its weight with the weight's layout
+  (`Optimizer.add_variable_from_reference`); the trailing ``.*`` also matches the slot
+  names (``..._kernel_momentum``) should a slot be created without its reference.
+
+Multi-host: call `initialize_multihost()` first on every host; `fit()` on a batched
+`tf.data.Dataset` then reads a per-host shard (Keras' `TFDatasetAdapter` calls
+`Distribution.distribute_dataset`, which re-batches the *global* batch to
+``global / num_processes`` and keeps shard ``process_id``).
+
+This is JAX-only (`keras.distribution` is the JAX path; on TensorFlow use
+`tf.distribute` strategies instead).
+"""
+
+import re
+
+import keras
+
+KINDS = ("data_parallel", "model_parallel")
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+# (regex over variable paths, axes) for the transformer blocks of `backbones.dit.DiT`.
+# Column-split (output dim) into a sub-layer, row-split (input dim) out of it.
+TRANSFORMER_RULES = (
+    (r".*block_\d+.attn.qkv.kernel.*", (None, MODEL_AXIS)),
+    (r".*block_\d+.attn.qkv.bias.*", (MODEL_AXIS,)),
+    (r".*block_\d+.attn.proj.kernel.*", (MODEL_AXIS, None)),
+    (r".*block_\d+.fc1.kernel.*", (None, MODEL_AXIS)),
+    (r".*block_\d+.fc1.bias.*", (MODEL_AXIS,)),
+    (r".*block_\d+.fc2.kernel.*", (MODEL_AXIS, None)),
+    (r".*block_\d+.modulation.kernel.*", (None, MODEL_AXIS)),
+    (r".*block_\d+.modulation.bias.*", (MODEL_AXIS,)),
+)
+
+
+def _check_jax():
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "keras_minsnr.distribution uses keras.distribution, which runs on the JAX "
+            f"backend only; the current backend is {keras.backend.backend()!r}. Set "
+            "KERAS_BACKEND=jax, or use a tf.distribute strategy on TensorFlow."
+        )
+
+
+def is_transformer(backbone):
+    """Whether a backbone (instance or preset name) gets the transformer rules."""
+    if isinstance(backbone, str):
+        from keras_minsnr import backbones
+
+        if backbone not in backbones.PRESETS:
+            raise ValueError(
+                f"Unknown backbone preset {backbone!r}. Available presets: "
+                f"{', '.join(sorted(backbones.PRESETS))}."
+            )
+        backbone = backbones.PRESETS[backbone]["class"]
+    else:
+        backbone = type(backbone)
+    from keras_minsnr.backbones.dit import DiT
+
+    return issubclass(backbone, DiT)
+
+
+def parse_mesh(text):
+    """``"2x4"`` -> ``(2, 4)`` (data, model); ``None`` or ``""`` -> ``None``.
+
+    For command lines such as ``--mesh 2x4``.
+    """
+    if text in (None, ""):
+        return None
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(
+            f"A mesh is written DATAxMODEL with two positive integers, e.g. '8x1' or "
+            f"'2x4'; got {text!r}."
+        )
+    return int(parts[0]), int(parts[1])
+
+
+def device_mesh(mesh_shape=None, devices=None):
+    """A ``(data, model)`` `keras.distribution.DeviceMesh`.
+
+    Args:
+        mesh_shape: ``(data, model)`` sizes whose product is the number of devices;
+            ``None`` means ``(num_devices, 1)``.
+        devices: the devices to use (default: all, `keras.distribution.list_devices()`).
+
+    Example:
+    ```python
+    mesh = kms.distribution.device_mesh((2, 4))  # 8 devices: 2 replicas x 4 shards
+    ```
+    """
+    _check_jax()
+    devices = list(devices) if devices is not None else keras.distribution.list_devices()
+    if mesh_shape is None:
+        mesh_shape = (len(devices), 1)
+    mesh_shape = tuple(int(s) for s in mesh_shape)
+    if len(mesh_shape) != 2 or min(mesh_shape) < 1:
+        raise ValueError(
+            f"mesh_shape must be two positive sizes (data, model), got {mesh_shape!r}."
+        )
+    if mesh_shape[0] * mesh_shape[1] != len(devices):
+        raise ValueError(
+            f"mesh_shape={mesh_shape} needs {mesh_shape[0] * mesh_shape[1]} devices, but "
+            f"{len(devices)} are available. Give a mesh whose product is {len(devices)}."
+        )
+    return keras.distribution.DeviceMesh(
+        shape=mesh_shape, axis_names=(DATA_AXIS, MODEL_AXIS), devices=devices
+    )
+
+
+def layout_map(backbone, mesh):
+    """The `keras.distribution.LayoutMap` of a backbone on a ``(data, model)`` mesh.
+
+    DiT and in-context ViT backbones get `TRANSFORMER_RULES` (their attention, MLP and
+    adaLN kernels split over ``model``); every other backbone gets an empty map, so all
+    its variables are replicated (data parallelism over the ``data`` axis).
+
+    Args:
+        backbone: a backbone instance, or a preset name of `kms.backbones.PRESETS` (use
+            the name to build the map *before* the backbone, so its variables are
+            created where they belong).
+        mesh: a `keras.distribution.DeviceMesh` with a ``model`` axis (see
+            `device_mesh`).
+
+    Example:
+    ```python
+    mesh = kms.distribution.device_mesh((2, 4))
+    layouts = kms.distribution.layout_map("dit_xl_2", mesh)
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="data"))
+    ```
+    """
+    if MODEL_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"The mesh needs a {MODEL_AXIS!r} axis; its axes are {tuple(mesh.axis_names)}."
+        )
+    layouts = keras.distribution.LayoutMap(mesh)
+    if not is_transformer(backbone):
+        return layouts
+    shards = mesh.shape[list(mesh.axis_names).index(MODEL_AXIS)]
+    _check_divisible(backbone, shards)
+    for pattern, axes in TRANSFORMER_RULES:
+        layouts[pattern] = axes
+    return layouts
+
+
+def _check_divisible(backbone, shards):
+    """Every split dimension (D, 3D, 6D, the MLP width) must divide by the shard count."""
+    if isinstance(backbone, str):
+        from keras_minsnr import backbones
+
+        config = backbones.PRESETS[backbone]["config"]
+        hidden, ratio = config["hidden_size"], config.get("mlp_ratio", 4.0)
+    else:
+        hidden, ratio = backbone.hidden_size, getattr(backbone, "mlp_ratio", 4.0)
+    for name, width in (("hidden_size", hidden), ("MLP width", int(hidden * ratio))):
+        if width % shards:
+            raise ValueError(
+                f"Cannot split the backbone over a model axis of size {shards}: its "
+                f"{name} {width} is not divisible by {shards}. Pick a model-axis size "
+                f"that divides {width}."
+            )
+
+
+def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices=None,
+              set_global=True):
+    """Creates (and by default sets) the Keras distribution for a run.
+
+    Call it before the backbone and the `DiffusionModel` are built: variables get their
+    layout when they are created.
+
+    Args:
+        kind: ``"data_parallel"``, ``"model_parallel"`` or ``None`` (one device; clears
+            a distribution set before).
+        mesh_shape: ``(data, model)``; default ``(num_devices, 1)``. A data-parallel mesh
+            must have model size 1.
+        backbone_name: the preset name of the backbone (needed for model parallelism,
+            which takes its layout rules from it).
+        devices: devices to use (default: all).
+        set_global: also call `keras.distribution.set_distribution`.
+
+    Returns:
+        the `keras.distribution.Distribution`, or ``None`` for ``kind=None``.
+
+    Example:
+    ```python
+    kms.distribution.configure("model_parallel", (2, 4), backbone_name="dit_xl_2")
+    backbone = kms.backbones.get("dit_xl_2")
+    model = kms.DiffusionModel(backbone, kms.NoiseSchedule("cosine"))
+    ```
+    """
+    if kind in (None, "none"):
+        if set_global and keras.backend.backend() == "jax":
+            keras.distribution.set_distribution(None)
+        return None
+    if kind not in KINDS:
+        raise ValueError(
+            f"Unknown distribution kind {kind!r}; choose one of {KINDS} or None."
+        )
+    _check_jax()
+    mesh = device_mesh(mesh_shape, devices)
+    if kind == "data_parallel":
+        if mesh.shape[1] != 1:
+            raise ValueError(
+                f"data_parallel uses every device for data; got mesh_shape={mesh_shape} "
+                "with a model axis > 1. Use kind='model_parallel' for that mesh."
+            )
+        distribution = keras.distribution.DataParallel(
+            devices=mesh.devices.reshape(-1).tolist()
+        )
+    else:
+        if backbone_name is None:
+            raise ValueError(
+                "model_parallel needs backbone_name (a preset name such as 'dit_xl_2') "
+                "to pick the layout rules."
+            )
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layout_map(backbone_name, mesh), batch_dim_name=DATA_AXIS
+        )
+    if set_global:
+        keras.distribution.set_distribution(distribution)
+    return distribution
+
+
+def initialize_multihost(coordinator_address=None, num_processes=None, process_id=None):
+    """Joins this process to a multi-host JAX cluster (`jax.distributed.initialize`).
+
+    Call it first thing on every host, before any JAX computation. Arguments left
+    ``None`` come from ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the coordinator
+    ``host:port`` first), ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and
+    ``KERAS_DISTRIBUTION_PROCESS_ID`` (JAX also reads the coordinator from
+    ``JAX_COORDINATOR_ADDRESS``); when those are unset too, JAX detects the cluster itself
+    on Cloud TPU pods, SLURM and Open MPI. Without a seed set, it also agrees on one
+    global random seed across hosts.
+
+    Returns:
+        ``(process_index, process_count)``.
+    """
+    _check_jax()
+    import jax
+
+    keras.distribution.initialize(
+        job_addresses=coordinator_address, num_processes=num_processes,
+        process_id=process_id,
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def describe(model):
+    """``{variable path: layout axes}`` of a model's weights, EMA and optimizer slots.
+
+    Reads the sharding the arrays really have (``variable.value.sharding.spec``), so it
+    shows where each piece of state lives after training started.
+    """
+    variables = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        seen = {id(v) for v in variables}
+        variables += [v for v in model.optimizer.variables if id(v) not in seen]
+    out = {}
+    for v in variables:
+        sharding = getattr(v.value, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        axes = tuple(spec) if spec is not None else ()
+        axes = axes + (None,) * (len(v.shape) - len(axes))
+        out[v.path] = axes
+    return out
+
+
+def match_rules(path):
+    """The axes that `TRANSFORMER_RULES` give a variable path (``None``: replicated)."""
+    hits = [axes for pattern, axes in TRANSFORMER_RULES if re.fullmatch(pattern, path)]
+    return hits[0] if hits else None
