@@ -1,13 +1,20 @@
 """Samplers for discrete-time diffusion models: DDPM, DDIM and EDM-Heun.
 
-Each sampler is one small update rule written with `keras.ops`, compiled once per backend
-and applied in a Python loop over the chosen timesteps. They all call a pure function::
+Each sampler is one small update rule written with `keras.ops`. They all call a pure
+function::
 
     denoise(params, x_t, t) -> (x0_hat, eps_hat)
 
 where ``t`` is an int32 tensor of shape ``(B,)`` and ``params`` is whatever the function
 needs (model weights, labels, guidance scale). Starting noise and per-step noise come
 from a seeded numpy generator, so the same seed gives the same images on every backend.
+
+The loop over steps is compiled once (`keras.ops.fori_loop` inside one `jax.jit` /
+`tf.function`): the per-step scalars go in as tensors of shape ``(num_steps,)`` and the
+per-step noise is drawn up front, so a run of ``n`` steps is one compiled call rather than
+``n`` calls from Python. With a progress bar the loop runs in chunks of about
+``n / PROGRESS_UPDATES`` steps, and the bar moves once per chunk. The per-step path
+(``sample(..., loop=False)``, one compiled call per step) gives the same images.
 
 DDIM and DDPM visit "trailing" timesteps, so every run starts at ``t = T−1``; EDM-Heun
 uses EDM's σ range [0.002, 80] clamped to the schedule's levels (docs/fidelity.md).
@@ -117,11 +124,33 @@ def _as_tensor(value, dtype="float32"):
     return ops.convert_to_tensor(np.asarray(value, dtype=dtype))
 
 
+# How often a progress bar moves: the looped path runs in about this many chunks when a
+# bar is asked for (each chunk one compiled call; the bar cannot move inside one).
+PROGRESS_UPDATES = 20
+# The pre-drawn per-step noise (DDPM, DDIM with η > 0) of one chunk stays under this size;
+# more steps run as further chunks of one compiled program.
+NOISE_BUDGET_BYTES = 256 * 2**20
+
+
+def loop_chunk_size(num_steps, shape, noisy, progress):
+    """Steps per compiled call of the looped path (see `PROGRESS_UPDATES` and
+    `NOISE_BUDGET_BYTES`); every chunk of one run has this length, the last one padded."""
+    size = max(int(num_steps), 1)
+    if progress:
+        size = min(size, -(-size // PROGRESS_UPDATES))
+    if noisy:
+        size = min(size, max(1, NOISE_BUDGET_BYTES // (4 * int(np.prod(shape)))))
+    return size
+
+
 def make_step_functions(denoise):
-    """Compiled steps for every sampler, sharing one traced ``denoise``.
+    """Compiled samplers sharing one traced ``denoise``: single steps and whole loops.
 
     The scalars of each step (``ᾱ`` values, noise scales, σ levels) are tensor arguments
-    so a compiled function serves every timestep without retracing.
+    so a compiled function serves every timestep without retracing. The ``*_loop``
+    entries run steps ``start … stop−1`` with `keras.ops.fori_loop`, reading step ``i``'s
+    scalars from tensors of shape ``(num_steps,)`` and its noise from
+    ``noise[i − start]`` (``None``: no noise).
     """
 
     def batch_t(x, t):
@@ -150,12 +179,59 @@ def make_step_functions(denoise):
         d = (x - edm_denoised(params, x, t, alpha)) / sigma
         return x + (sigma_next - sigma) * d
 
+    def looped(step, noisy):
+        def run(params, x, start, stop, scalars, noise):
+            def body(i, x):
+                args = [ops.take(s, i) for s in scalars]
+                if noisy:
+                    z = 0.0 if noise is None else ops.take(noise, i - start, axis=0)
+                    args.append(z)
+                return step(params, x, *args)
+
+            return ops.fori_loop(start, stop, body, x)
+
+        run.__name__ = step.__name__ + "_loop"
+        return compile_function(run)
+
     return {
         "ddim": compile_function(ddim_step),
         "ddpm": compile_function(ddpm_step),
         "edm_heun": compile_function(heun_step),
         "edm_euler": compile_function(euler_step),
+        "ddim_loop": looped(ddim_step, noisy=True),
+        "ddpm_loop": looped(ddpm_step, noisy=True),
+        "edm_heun_loop": looped(heun_step, noisy=False),
     }
+
+
+def _run_loop(loop_fn, params, x, scalars, num_steps, draw_noise, progress, done=0):
+    """Runs steps ``0 … num_steps−1`` through a compiled loop in equal-length chunks.
+
+    ``draw_noise(m)`` returns ``m`` steps of noise stacked on a leading axis (or None for
+    a noiseless sampler); it is called in step order so the random stream is the
+    per-step path's. ``done`` offsets what the progress bar is told.
+    """
+    noisy = draw_noise(0) is not None
+    size = loop_chunk_size(num_steps, ops.shape(x), noisy, progress is not None)
+    scalars = tuple(_as_tensor(s, np.asarray(s).dtype.name) for s in scalars)
+    for start in range(0, num_steps, size):
+        stop = min(start + size, num_steps)
+        noise = draw_noise(stop - start)
+        if noise is not None and stop - start < size:
+            # Keep every chunk the same shape, so it is compiled once.
+            pad = np.zeros((size - (stop - start),) + noise.shape[1:], "float32")
+            noise = np.concatenate([noise, pad], axis=0)
+        x = loop_fn(
+            params,
+            x,
+            _as_tensor(start, "int32"),
+            _as_tensor(stop, "int32"),
+            scalars,
+            None if noise is None else _as_tensor(noise),
+        )
+        if progress is not None:
+            progress.update(done + stop)
+    return x
 
 
 def sample(
@@ -171,6 +247,7 @@ def sample(
     sigma_min=EDM_SIGMA_MIN,
     sigma_max=EDM_SIGMA_MAX,
     rho=EDM_RHO,
+    loop=True,
 ):
     """Runs a sampler from pure noise to ``x_0``.
 
@@ -186,9 +263,12 @@ def sample(
             2·levels − 1 model evaluations).
         eta: DDIM stochasticity (0 deterministic, 1 ≡ DDPM).
         seed: seeds the numpy generator of the starting and per-step noise.
-        progress: an optional `keras.utils.Progbar`-like object with ``update(i)``.
+        progress: an optional `keras.utils.Progbar`-like object with ``update(i)``; the
+            looped path updates it once per chunk of steps (`PROGRESS_UPDATES`).
         sigma_min, sigma_max, rho: EDM-Heun's σ range and ρ-spacing (EDM's defaults 0.002,
             80 and 7), clamped to the schedule's finite σ range; see `karras_timesteps`.
+        loop: ``True`` (default) compiles the loop over steps once; ``False`` makes one
+            compiled call per step from Python (same images, for comparison).
 
     Returns:
         float32 numpy samples of ``shape``.
@@ -198,24 +278,47 @@ def sample(
         raise ValueError(f"eta must be >= 0, got {eta}.")
     check_karras_args(sigma_min, sigma_max, rho)
     rng = np.random.default_rng(seed)
+    shape = tuple(int(d) for d in shape)
     normal = lambda: rng.standard_normal(shape).astype("float32")  # noqa: E731
     abar = schedule.alphas_cumprod
     x = normal()
 
     if sampler in ("ddim", "ddpm"):
         steps = spaced_timesteps(schedule.num_timesteps, num_steps)
-        for i, t in enumerate(steps):
-            abar_t = abar[t]
-            abar_s = abar[steps[i + 1]] if i + 1 < len(steps) else 1.0
-            noise = _as_tensor(normal()) if (sampler == "ddpm" or eta > 0) else ops.zeros(shape)
+        abar_t = abar[steps]
+        abar_s = np.append(abar[steps[1:]], 1.0)
+        noisy = sampler == "ddpm" or eta > 0
+        if loop:
             if sampler == "ddim":
-                c = ddim_noise_scale(abar_t, abar_s, eta)
+                scalars = (steps, abar_s, ddim_noise_scale(abar_t, abar_s, eta))
+            else:
+                scalars = (steps, abar_t, abar_s)
+            scalars = (scalars[0].astype("int32"),) + tuple(
+                s.astype("float32") for s in scalars[1:]
+            )
+
+            def draw_noise(m):
+                if not noisy:
+                    return None
+                return rng.standard_normal((m,) + shape).astype("float32")
+
+            x = _run_loop(
+                step_functions[sampler + "_loop"], params, x, scalars, len(steps),
+                draw_noise, progress,
+            )
+            return ops.convert_to_numpy(x).astype("float32")
+        for i, t in enumerate(steps):
+            noise = _as_tensor(normal()) if noisy else ops.zeros(shape)
+            if sampler == "ddim":
+                c = ddim_noise_scale(abar_t[i], abar_s[i], eta)
                 x = step_functions["ddim"](
-                    params, x, _as_tensor(t, "int32"), _as_tensor(abar_s), _as_tensor(c), noise
+                    params, x, _as_tensor(t, "int32"), _as_tensor(abar_s[i]), _as_tensor(c),
+                    noise,
                 )
             else:
                 x = step_functions["ddpm"](
-                    params, x, _as_tensor(t, "int32"), _as_tensor(abar_t), _as_tensor(abar_s), noise
+                    params, x, _as_tensor(t, "int32"), _as_tensor(abar_t[i]),
+                    _as_tensor(abar_s[i]), noise,
                 )
             if progress is not None:
                 progress.update(i + 1)
@@ -225,8 +328,28 @@ def sample(
     sigma = np.sqrt((1 - abar[steps]) / abar[steps])
     alpha = np.sqrt(abar[steps])
     x = (x * sigma[0]).astype("float32")
-    for i, t in enumerate(steps):
-        if i + 1 < len(steps):
+    last = len(steps) - 1
+    if loop:
+        if last > 0:
+            # Heun steps from level i to i + 1 for i < last, as one compiled loop.
+            scalars = (
+                steps[:-1].astype("int32"),
+                steps[1:].astype("int32"),
+                alpha[:-1].astype("float32"),
+                alpha[1:].astype("float32"),
+                sigma[:-1].astype("float32"),
+                sigma[1:].astype("float32"),
+            )
+            x = _run_loop(
+                step_functions["edm_heun_loop"], params, x, scalars, last,
+                lambda m: None, progress,
+            )
+        first_heun = last
+    else:
+        first_heun = 0
+    for i in range(first_heun, last + 1):
+        t = steps[i]
+        if i < last:
             x = step_functions["edm_heun"](
                 params,
                 x,

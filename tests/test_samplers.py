@@ -202,7 +202,9 @@ def test_edm_heun_makes_two_calls_per_level_but_one_on_the_last(monkeypatch):
         calls.append(1)
         return denoise(params, x, t)
 
-    # Run the step functions eagerly so every call to the denoiser is a Python call.
+    # Run the per-step path eagerly so every call to the denoiser is a Python call (a
+    # compiled loop traces its body once); the looped path gives the same images
+    # (test_compiled_loop_gives_the_per_step_images).
     monkeypatch.setattr(samplers, "compile_function", lambda fn: fn)
     schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
     for num_steps in (1, 2, 7):
@@ -210,14 +212,14 @@ def test_edm_heun_makes_two_calls_per_level_but_one_on_the_last(monkeypatch):
         step_functions = samplers.make_step_functions(counting_denoise)
         samplers.sample(
             step_functions, None, schedule, (2, 4, 4, 1), sampler="edm_heun",
-            num_steps=num_steps, seed=0,
+            num_steps=num_steps, seed=0, loop=False,
         )
         levels = len(reference_karras_levels(ABAR, num_steps))
         assert len(calls) == 2 * levels - 1
         calls.clear()
         samplers.sample(
             step_functions, None, schedule, (2, 4, 4, 1), sampler="ddim",
-            num_steps=num_steps, seed=0,
+            num_steps=num_steps, seed=0, loop=False,
         )
         assert len(calls) == num_steps
 
@@ -278,3 +280,115 @@ def test_bad_sigma_range(kwargs, match):
         samplers.karras_timesteps(schedule, 10, **kwargs)
     with pytest.raises(ValueError, match=match):
         samplers.sample({}, None, schedule, SHAPE, sampler="edm_heun", **kwargs)
+
+
+# -- the compiled loop ------------------------------------------------------------------
+
+
+def make_nonlinear_denoise(abar=ABAR):
+    """The exact Gaussian denoiser plus a term that is not affine in x or t, so that a
+    wrong step index, scalar or noise draw in the loop changes the result."""
+    exact = make_denoise(abar)
+    alpha = ops.convert_to_tensor(np.sqrt(abar), "float32")
+    sigma = ops.convert_to_tensor(np.sqrt(1 - abar), "float32")
+
+    def denoise(params, x, t):
+        x0, _ = exact(params, x, t)
+        tt = ops.reshape(ops.cast(t, "float32"), (-1, 1, 1, 1)) / T
+        x0 = x0 + 0.05 * ops.sin(2.0 * x + 3.0 * tt)
+        a = ops.reshape(ops.take(alpha, t), (-1, 1, 1, 1))
+        s = ops.reshape(ops.take(sigma, t), (-1, 1, 1, 1))
+        return x0, (x - a * x0) / s
+
+    return denoise
+
+
+nonlinear_denoise = make_nonlinear_denoise()
+
+
+class CountingProgress:
+    def __init__(self):
+        self.seen = []
+
+    def update(self, current):
+        self.seen.append(current)
+
+
+@pytest.mark.parametrize(
+    "sampler, num_steps, kwargs",
+    [
+        ("ddim", 13, {}),
+        ("ddim", 13, {"eta": 0.6}),
+        ("ddpm", 13, {}),
+        ("edm_heun", 9, {}),
+        ("edm_heun", 1, {}),
+    ],
+)
+@pytest.mark.parametrize("with_progress", [False, True])
+def test_compiled_loop_gives_the_per_step_images(sampler, num_steps, kwargs, with_progress):
+    """The whole loop compiled once draws the same noise from the same seed and applies
+    the same steps as one compiled call per step: equal to float32 round-off."""
+    schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
+    step_functions = samplers.make_step_functions(nonlinear_denoise)
+    shape = (3, 4, 4, 2)
+    common = dict(sampler=sampler, num_steps=num_steps, seed=7, **kwargs)
+    reference = samplers.sample(step_functions, None, schedule, shape, loop=False, **common)
+    progress = CountingProgress() if with_progress else None
+    looped = samplers.sample(
+        step_functions, None, schedule, shape, progress=progress, **common
+    )
+    assert looped.dtype == np.float32 and looped.shape == shape
+    scale = max(1.0, float(np.abs(reference).max()))
+    np.testing.assert_allclose(looped, reference, rtol=0, atol=2e-5 * scale)
+    # Another seed gives other images (the noise really comes from the seed).
+    other = samplers.sample(step_functions, None, schedule, shape, **{**common, "seed": 8})
+    assert np.abs(other - reference).max() > 1e-2
+    if with_progress:
+        total = samplers.num_progress_steps(schedule, sampler, num_steps)
+        assert progress.seen[-1] == total
+        assert progress.seen == sorted(set(progress.seen)) and len(progress.seen) >= min(total, 2)
+
+
+def test_sampling_is_one_compiled_call_not_one_per_step(monkeypatch):
+    """Without a progress bar the loop over steps runs inside one compiled call (EDM: plus
+    its last Euler step), however many steps there are."""
+    real_compile = samplers.compile_function
+    calls = []
+
+    def counting_compile(fn):
+        compiled = real_compile(fn)
+
+        def call(*args):
+            calls.append(fn.__name__)
+            return compiled(*args)
+
+        return call
+
+    monkeypatch.setattr(samplers, "compile_function", counting_compile)
+    schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
+    step_functions = samplers.make_step_functions(nonlinear_denoise)
+    for sampler, num_steps, expected in (("ddim", 40, 1), ("ddpm", 40, 1), ("edm_heun", 30, 2)):
+        calls.clear()
+        samplers.sample(
+            step_functions, None, schedule, (2, 4, 4, 1), sampler=sampler,
+            num_steps=num_steps, seed=0,
+        )
+        assert len(calls) == expected, (sampler, calls)
+
+
+def test_noisy_loop_runs_in_chunks_that_bound_the_pre_drawn_noise(monkeypatch):
+    """DDPM pre-draws its per-step noise; with a small budget it runs in several chunks
+    and still gives the per-step images."""
+    schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
+    step_functions = samplers.make_step_functions(nonlinear_denoise)
+    shape = (2, 4, 4, 1)
+    reference = samplers.sample(
+        step_functions, None, schedule, shape, sampler="ddpm", num_steps=11, seed=3, loop=False
+    )
+    # Room for the noise of 4 steps: 11 steps run as chunks of 4, 4 and 3.
+    monkeypatch.setattr(samplers, "NOISE_BUDGET_BYTES", 4 * 4 * int(np.prod(shape)))
+    assert samplers.loop_chunk_size(11, shape, noisy=True, progress=False) == 4
+    looped = samplers.sample(
+        step_functions, None, schedule, shape, sampler="ddpm", num_steps=11, seed=3
+    )
+    np.testing.assert_allclose(looped, reference, rtol=0, atol=2e-5)
