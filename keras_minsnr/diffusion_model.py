@@ -7,8 +7,10 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr import backend as kms_backend
-from keras_minsnr import samplers
+from keras_minsnr import batches
+from keras_minsnr import sampling
 from keras_minsnr import weighting as weighting_lib
+from keras_minsnr.backbone_contract import BackboneContract
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.schedules import check_prediction_type
 
@@ -107,23 +109,11 @@ class DiffusionModel(keras.Model):
         self.seed = seed
 
         self.backbone = backbone
-        self.image_shape = tuple(_required_attribute(backbone, "image_shape"))
-        self.conditioning = getattr(backbone, "conditioning", None)
-        if self.conditioning not in (None, "class", "context"):
-            raise ValueError(
-                f"backbone.conditioning must be None, 'class' or 'context', got "
-                f"{self.conditioning!r}."
-            )
-        self.num_classes = (
-            int(_required_attribute(backbone, "num_classes"))
-            if self.conditioning == "class"
-            else None
-        )
-        self.context_shape = (
-            tuple(_required_attribute(backbone, "context_shape"))
-            if self.conditioning == "context"
-            else None
-        )
+        self.contract = BackboneContract.from_backbone(backbone)
+        self.image_shape = self.contract.image_shape
+        self.conditioning = self.contract.conditioning
+        self.num_classes = self.contract.num_classes
+        self.context_shape = self.contract.context_shape
         if self.label_dropout and self.conditioning is None:
             raise ValueError(
                 f"label_dropout={label_dropout} needs a conditional backbone; this "
@@ -144,7 +134,7 @@ class DiffusionModel(keras.Model):
             )
         self.seed_generator = keras.random.SeedGenerator(seed)
         if not backbone.built:
-            backbone(self._dummy_inputs(1))
+            backbone(self.contract.dummy_inputs(1))
         self.ema_weights = []
         if self.ema_decay > 0:
             for variable in backbone.trainable_variables:
@@ -165,17 +155,6 @@ class DiffusionModel(keras.Model):
         self.built = True
 
     # -- conditions and batches ---------------------------------------------------------
-
-    def _dummy_inputs(self, batch_size):
-        inputs = {
-            "x": ops.zeros((batch_size,) + self.image_shape),
-            "t": ops.zeros((batch_size,), dtype="int32"),
-        }
-        if self.conditioning == "class":
-            inputs["y"] = ops.zeros((batch_size,), dtype="int32")
-        elif self.conditioning == "context":
-            inputs["y"] = ops.zeros((batch_size,) + self.context_shape)
-        return inputs
 
     def null_condition(self, batch_size):
         """The condition classifier-free guidance treats as "no condition"."""
@@ -204,81 +183,12 @@ class DiffusionModel(keras.Model):
         self.null_context.assign(value)
 
     def unpack_batch(self, data):
-        """Splits a batch into ``(images, condition, timesteps, noise)``."""
-        timesteps = noise = condition = None
-        if isinstance(data, tuple):
-            # Keras hands batches over as (x,), (x, y) or (x, y, sample_weight).
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-            data = x if y is None else (x, y)
-        if isinstance(data, dict):
-            unknown = set(data) - {"images", "labels", "context", "text", "timesteps", "noise"}
-            if "images" not in data or unknown:
-                raise ValueError(
-                    "A dict batch needs the key 'images' and may hold 'labels', "
-                    f"'context', 'timesteps' and 'noise'; got keys {sorted(data)}."
-                )
-            if "text" in data and "context" not in data:
-                raise ValueError(
-                    "The batch holds raw 'text': encode captions into a 'context' first "
-                    "(see keras_minsnr.backbones.stable_diffusion)."
-                )
-            images = data["images"]
-            condition = data.get("labels", data.get("context"))
-            timesteps, noise = data.get("timesteps"), data.get("noise")
-        elif isinstance(data, (tuple, list)):
-            images = data[0]
-            condition = data[1] if len(data) > 1 else None
-        else:
-            images = data
-        self._check_images(images)
-        condition = self._check_condition(condition)
-        return images, condition, timesteps, noise
-
-    def _check_images(self, images):
-        shape = tuple(images.shape)
-        if len(shape) != 4 or tuple(shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"Expected images of shape (batch, {', '.join(map(str, self.image_shape))}) "
-                f"for this backbone, got shape {shape}."
-            )
-
-    def _check_condition(self, condition):
-        if self.conditioning is None:
-            if condition is not None:
-                raise ValueError(
-                    "This backbone is unconditional but the batch carries labels or a "
-                    "context; drop them or use a conditional backbone."
-                )
-            return None
-        if condition is None:
-            raise ValueError(
-                f"This backbone is {self.conditioning}-conditional: batches need "
-                + ("'labels'." if self.conditioning == "class" else "a 'context'.")
-            )
-        if self.conditioning == "class":
-            if len(condition.shape) != 1:
-                raise ValueError(
-                    f"Labels must have shape (batch,), got {tuple(condition.shape)}."
-                )
-            return ops.cast(condition, "int32")
-        if tuple(condition.shape[1:]) != self.context_shape:
-            raise ValueError(
-                f"Context must have shape (batch, {', '.join(map(str, self.context_shape))}),"
-                f" got {tuple(condition.shape)}."
-            )
-        return condition
+        """Splits a batch into ``(images, condition, timesteps, noise)`` (checked)."""
+        return batches.unpack_batch(data, self.contract)
 
     def check_labels(self, labels):
         """Raises if any numpy label lies outside ``[0, num_classes)``."""
-        labels = np.asarray(labels)
-        if self.conditioning != "class":
-            return
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.size:
-            raise ValueError(
-                f"Labels must lie in [0, {self.num_classes - 1}] for this backbone, got "
-                f"{sorted(set(bad.tolist()))[:10]}."
-            )
+        batches.check_labels(labels, self.contract)
 
     # -- the loss -----------------------------------------------------------------------
 
@@ -417,58 +327,26 @@ class DiffusionModel(keras.Model):
         return history
 
     def _check_first_batch(self, data):
-        import tensorflow as tf
-
-        if isinstance(data, tf.data.Dataset):
-            first = next(iter(data.take(1)), None)
-            if first is None:
-                raise ValueError("The training dataset is empty.")
-            first = tf.nest.map_structure(lambda v: v.numpy(), first)
-        elif isinstance(data, (np.ndarray, tuple, list, dict)):
-            first = data
-        else:
-            return  # generators / PyDatasets are checked when the step is traced
-        images, condition, _, _ = self.unpack_batch(first)
+        first = batches.first_batch(data)
+        if first is None:
+            return
+        _, condition, _, _ = self.unpack_batch(first)
         if condition is not None and self.conditioning == "class":
             self.check_labels(ops.convert_to_numpy(condition))
 
     # -- sampling -----------------------------------------------------------------------
 
     def denoise(self, params, x_t, t):
-        """x̂₀ and ε̂ at ``x_t`` with classifier-free guidance; a pure function of params.
+        """x̂₀ and ε̂ at ``x_t``; see `keras_minsnr.sampling.denoise`."""
+        return sampling.denoise(self, params, x_t, t)
 
-        ``params = (trainable, non_trainable, condition, null_condition, guidance_scale,
-        clip)``: backbone weight values, the condition (or None), the null condition
-        (None disables guidance), the guidance scale and a 0/1 flag clipping x̂₀ to
-        [-1, 1] (tensors).
-        """
-        trainable, non_trainable, condition, null, guidance_scale, clip = params
-        x_t = ops.cast(x_t, "float32")
-
-        def predict(y, x, tt):
-            inputs = {"x": x, "t": tt}
-            if y is not None:
-                inputs["y"] = y
-            out, _ = self.backbone.stateless_call(trainable, non_trainable, inputs)
-            return ops.cast(out, "float32")
-
-        if null is None:
-            prediction = predict(condition, x_t, t)
-        else:
-            both = predict(
-                ops.concatenate([condition, null], axis=0),
-                ops.concatenate([x_t, x_t], axis=0),
-                ops.concatenate([t, t], axis=0),
-            )
-            cond, uncond = ops.split(both, 2, axis=0)
-            prediction = uncond + guidance_scale * (cond - uncond)
-        x0, eps = self.schedule.predict_x0_and_epsilon(x_t, prediction, t, self.prediction_type)
-        if clip is not None:
-            clipped = ops.clip(x0, -1.0, 1.0)
-            x0 = ops.where(clip > 0, clipped, x0)
-            alpha, sigma = self.schedule._scales(t, x_t)
-            eps = ops.where(clip > 0, (x_t - alpha * x0) / ops.maximum(sigma, 1e-8), eps)
-        return x0, eps
+    def sampling_weights(self, use_ema=True):
+        """Backbone weight values to sample with: ``(trainable, non_trainable)``."""
+        trainable = [v.value for v in self.backbone.trainable_variables]
+        if use_ema and self.ema_weights:
+            trainable = [e.value for e in self.ema_weights]
+        non_trainable = [v.value for v in self.backbone.non_trainable_variables]
+        return trainable, non_trainable
 
     def generate(
         self,
@@ -507,73 +385,10 @@ class DiffusionModel(keras.Model):
         Returns:
             float32 numpy images of shape ``(num_samples, H, W, C)``.
         """
-        samplers.check_sampler(sampler)
-        condition, num_samples = self._sampling_condition(num_samples, labels, context, seed)
-        if self._step_functions is None:
-            self._step_functions = samplers.make_step_functions(self.denoise)
-        trainable = [v.value for v in self.backbone.trainable_variables]
-        if use_ema and self.ema_weights:
-            trainable = [e.value for e in self.ema_weights]
-        non_trainable = [v.value for v in self.backbone.non_trainable_variables]
-        guided = self.conditioning is not None and guidance_scale != 1.0
-        chunk = batch_size or num_samples
-        outputs = []
-        for start in range(0, num_samples, chunk):
-            size = min(chunk, num_samples - start)
-            cond = None if condition is None else condition[start : start + size]
-            params = (
-                trainable,
-                non_trainable,
-                cond,
-                self.null_condition(size) if guided else None,
-                ops.convert_to_tensor(float(guidance_scale), "float32"),
-                ops.convert_to_tensor(1.0 if clip_denoised else 0.0, "float32"),
-            )
-            progress = None
-            if verbose:
-                total = samplers.num_progress_steps(self.schedule, sampler, num_steps)
-                progress = keras.utils.Progbar(total, unit_name="step")
-            chunk_seed = None if seed is None else [seed, start]
-            outputs.append(
-                samplers.sample(
-                    self._step_functions,
-                    params,
-                    self.schedule,
-                    (size,) + self.image_shape,
-                    sampler=sampler,
-                    num_steps=num_steps,
-                    eta=eta,
-                    seed=chunk_seed,
-                    progress=progress,
-                )
-            )
-        return np.concatenate(outputs, axis=0)
-
-    def _sampling_condition(self, num_samples, labels, context, seed):
-        if self.conditioning == "class":
-            if labels is None:
-                if num_samples is None:
-                    raise ValueError("Give num_samples or labels.")
-                rng = np.random.default_rng(None if seed is None else [seed, 1])
-                labels = rng.integers(0, self.num_classes, size=num_samples)
-            labels = np.asarray(labels).reshape(-1)
-            self.check_labels(labels)
-            if num_samples is not None and num_samples != len(labels):
-                raise ValueError(
-                    f"num_samples={num_samples} but {len(labels)} labels were given."
-                )
-            return ops.convert_to_tensor(labels.astype("int32")), len(labels)
-        if self.conditioning == "context":
-            if context is None:
-                raise ValueError("This backbone is text-conditional: pass context=.")
-            context = ops.convert_to_tensor(np.asarray(context, dtype="float32"))
-            self._check_condition(context)
-            return context, int(context.shape[0])
-        if labels is not None or context is not None:
-            raise ValueError("This backbone is unconditional: labels/context are not used.")
-        if num_samples is None or num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples!r}.")
-        return None, int(num_samples)
+        return sampling.generate(
+            self, num_samples, num_steps, sampler, labels, guidance_scale, seed, context,
+            eta, use_ema, clip_denoised, batch_size, verbose,
+        )
 
     # -- serialisation ------------------------------------------------------------------
 
@@ -599,16 +414,6 @@ class DiffusionModel(keras.Model):
         for key in ("backbone", "schedule", "weighting"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
-
-
-def _required_attribute(backbone, name):
-    value = getattr(backbone, name, None)
-    if value is None:
-        raise ValueError(
-            f"The backbone {type(backbone).__name__} has no `{name}` attribute; see the "
-            "backbone contract in keras_minsnr.backbones."
-        )
-    return value
 
 
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):
