@@ -40,14 +40,6 @@ def compile_function(fn):
     return tf.function(fn, reduce_retracing=True)
 
 
-def _ema_update(model, ema_values, trainable_values, step):
-    decay = model.ema_decay_at(step)
-    return [
-        ops.cast(decay, e.dtype) * e + ops.cast(1.0 - decay, e.dtype) * ops.cast(v, e.dtype)
-        for e, v in zip(ema_values, trainable_values)
-    ]
-
-
 # -- TensorFlow ------------------------------------------------------------------------
 
 
@@ -61,13 +53,16 @@ def train_step_tensorflow(model, data):
     grads = tape.gradient(scaled_loss, variables)
     finite = tf.math.is_finite(loss)
 
+    pairs = model.ema.pairs(variables) if model.ema is not None else []
+
     def apply():
         model.optimizer.apply(grads, variables)
-        if model.ema_weights:
+        if pairs:
             step = model.optimizer.iterations
-            new_ema = _ema_update(model, model.ema_weights, variables, step)
-            for ema, value in zip(model.ema_weights, new_ema):
-                ema.assign(value)
+            averages = [a for _, a in pairs]
+            new = model.ema.updated(averages, [variables[j] for j, _ in pairs], step)
+            for average, value in zip(averages, new):
+                average.assign(value)
         return tf.constant(True)
 
     tf.cond(finite, apply, lambda: tf.constant(False))
@@ -138,13 +133,16 @@ def train_step_jax(model, state, data):
     # advances so the next step draws fresh noise).
     finite = jax.numpy.isfinite(loss)
     keep = lambda new, old: jax.numpy.where(finite, new, old)  # noqa: E731
-    if model.ema_weights:
+    if model.ema is not None:
+        # Each EMA copy is found by its weight, so frozen weights (absent from the
+        # trainable list) and their copies are left alone.
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-        ema_positions = [position[id(v)] for v in model.ema_weights]
+        pairs = model.ema.pairs(model.trainable_variables)
+        ema_positions = [position[id(a)] for _, a in pairs]
         optimizer_ids = [id(v) for v in model.optimizer.variables]
         step = new_optimizer[optimizer_ids.index(id(model.optimizer.iterations))]
         old_ema = [non_trainable[i] for i in ema_positions]
-        new_ema = _ema_update(model, old_ema, new_trainable, step)
+        new_ema = model.ema.updated(old_ema, [new_trainable[j] for j, _ in pairs], step)
         for i, new, old in zip(ema_positions, new_ema, old_ema):
             new_non_trainable[i] = keep(new, old)
     new_trainable = jax.tree_util.tree_map(keep, new_trainable, trainable)

@@ -11,6 +11,7 @@ from keras_minsnr import batches
 from keras_minsnr import sampling
 from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.backbone_contract import BackboneContract
+from keras_minsnr.ema import ExponentialMovingAverage
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.schedules import check_prediction_type
 
@@ -28,7 +29,10 @@ class DiffusionModel(keras.Model):
     share this one loss function (`compute_training_loss`).
 
     The backbone follows the contract in `keras_minsnr.backbones`: it is called with
-    ``{"x": x_t, "t": t, "y": condition}`` and returns a tensor shaped like ``x_t``.
+    ``{"x": x_t, "t": t, "y": condition}`` and returns a tensor shaped like ``x_t``. The
+    image shape and the kind of condition are read from its inputs (a plain functional
+    model works as it is); attributes ``image_shape``, ``conditioning``, ``num_classes``
+    and ``context_shape`` on the backbone override them (see `BackboneContract`).
 
     A batch may be an image tensor, ``(images, labels)``, or a dict with ``"images"`` and
     optionally ``"labels"`` (class ids) or ``"context"`` (text embeddings). The dict may
@@ -48,8 +52,9 @@ class DiffusionModel(keras.Model):
             a name. The paper's default is 5.
         label_dropout: probability of replacing a label (or text context) by the null
             condition during training, for classifier-free guidance (paper: 0.15).
-        ema_decay: decay of the exponential moving average of the backbone weights
-            (paper: 0.9999); ``None`` or 0 disables the EMA.
+        ema_decay: decay of the exponential moving average of the backbone's trainable
+            weights (paper: 0.9999); ``None`` or 0 disables the EMA. Kept per weight by
+            `ExponentialMovingAverage`, each copy named ``ema/<weight path>``.
         ema_warmup: use ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` so the EMA
             is useful early in training.
         seed: seed of the model's random draws (timesteps, noise, label dropout).
@@ -57,6 +62,13 @@ class DiffusionModel(keras.Model):
             caption" in label dropout and classifier-free guidance: the text encoder's
             embedding of the empty caption, ``(L, D)``. Kept as a non-trainable weight,
             so it is saved with the model; zeros until given (or `set_null_context`).
+        num_classes: the number of classes of a class-conditional backbone that does not
+            say it (a plain functional model with an integer ``"y"`` input); the null
+            class of classifier-free guidance is ``num_classes``, so the backbone's label
+            embedding needs ``num_classes + 1`` rows.
+        ema_weight_indices: which backbone weights (positions in ``backbone.weights``)
+            have an EMA copy; recorded by `get_config` so a model saved after freezing or
+            unfreezing layers loads back. Default: the trainable ones.
 
     Example:
     ```python
@@ -87,6 +99,8 @@ class DiffusionModel(keras.Model):
         ema_warmup=True,
         seed=None,
         null_context=None,
+        num_classes=None,
+        ema_weight_indices=None,
         **kwargs,
     ):
         kms_backend.check_backend()
@@ -109,7 +123,7 @@ class DiffusionModel(keras.Model):
         self.seed = seed
 
         self.backbone = backbone
-        self.contract = BackboneContract.from_backbone(backbone)
+        self.contract = BackboneContract.from_backbone(backbone, num_classes=num_classes)
         self.image_shape = self.contract.image_shape
         self.conditioning = self.contract.conditioning
         self.num_classes = self.contract.num_classes
@@ -135,18 +149,10 @@ class DiffusionModel(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed)
         if not backbone.built:
             backbone(self.contract.dummy_inputs(1))
-        self.ema_weights = []
+        self.ema = None
         if self.ema_decay > 0:
-            for variable in backbone.trainable_variables:
-                ema = self.add_weight(
-                    shape=variable.shape,
-                    dtype=variable.dtype,
-                    initializer="zeros",
-                    trainable=False,
-                    name="ema_" + variable.path.replace("/", "_"),
-                )
-                self.ema_weights.append(ema)
-            self.reset_ema()
+            self.ema = ExponentialMovingAverage(self.ema_decay, self.ema_warmup)
+            self.ema.track(backbone, ema_weight_indices)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.mse_trackers = [
             keras.metrics.Mean(name=f"mse_q{i + 1}") for i in range(NUM_SNR_BINS)
@@ -274,22 +280,24 @@ class DiffusionModel(keras.Model):
             return kms_backend.test_step_jax(self, *args)
         return kms_backend.test_step_tensorflow(self, *args)
 
+    @property
+    def ema_weights(self):
+        """The EMA variables (see `ExponentialMovingAverage`); empty without an EMA."""
+        return list(self.ema.averages) if self.ema is not None else []
+
     def reset_ema(self):
         """Copies the backbone's current weights into the EMA.
 
         Call it after loading pretrained weights into the backbone of an existing model.
         """
-        for ema, variable in zip(self.ema_weights, self.backbone.trainable_variables):
-            # A copy: on JAX the EMA must not share the weight's buffer, since the
-            # trainer donates both to the compiled step.
-            ema.assign(ops.copy(variable.value))
+        if self.ema is not None:
+            self.ema.reset()
 
     def ema_decay_at(self, step):
         """The EMA decay used at update number ``step`` (1-based; a tensor)."""
-        step = ops.cast(step, "float32")
-        if not self.ema_warmup:
-            return ops.convert_to_tensor(self.ema_decay, "float32")
-        return ops.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
+        if self.ema is None:
+            return ops.convert_to_tensor(0.0, "float32")
+        return self.ema.decay_at(step)
 
     # -- training entry points ----------------------------------------------------------
 
@@ -314,6 +322,9 @@ class DiffusionModel(keras.Model):
         untouched; training then stops with a `FloatingPointError` naming the step.
         """
         self._check_first_batch(x if y is None else (x, y))
+        if self.ema is not None:
+            # Weights unfrozen since the last fit() get their EMA copy now.
+            self.ema.track(self.backbone)
         guard = _StopOnNonFiniteLoss()
         callbacks = list(kwargs.pop("callbacks", None) or []) + [guard]
         history = super().fit(x, y, *args, callbacks=callbacks, **kwargs)
@@ -342,9 +353,10 @@ class DiffusionModel(keras.Model):
 
     def sampling_weights(self, use_ema=True):
         """Backbone weight values to sample with: ``(trainable, non_trainable)``."""
-        trainable = [v.value for v in self.backbone.trainable_variables]
-        if use_ema and self.ema_weights:
-            trainable = [e.value for e in self.ema_weights]
+        trainable = []
+        for weight in self.backbone.trainable_variables:
+            average = self.ema.average_of(weight) if use_ema and self.ema else None
+            trainable.append((weight if average is None else average).value)
         non_trainable = [v.value for v in self.backbone.non_trainable_variables]
         return trainable, non_trainable
 
@@ -404,6 +416,8 @@ class DiffusionModel(keras.Model):
                 "ema_decay": self.ema_decay,
                 "ema_warmup": self.ema_warmup,
                 "seed": self.seed,
+                "num_classes": self.num_classes,
+                "ema_weight_indices": self.ema.weight_indices if self.ema else None,
             }
         )
         return config
