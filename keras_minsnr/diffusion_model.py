@@ -66,6 +66,11 @@ class DiffusionModel(keras.Model):
             say it (a plain functional model with an integer ``"y"`` input); the null
             class of classifier-free guidance is ``num_classes``, so the backbone's label
             embedding needs ``num_classes + 1`` rows.
+        clip_denoised: whether `generate` clips x̂₀ to [-1, 1] at each step by default.
+            Keep True for pixel-space data in [-1, 1] (as the paper's code and
+            diffusers' DDPM scheduler do: an ε model's x̂₀ = (x_t − σ ε̂)/α multiplies
+            errors by 1/α ≈ 2·10⁴ at the first step of the cosine schedule); set False
+            for latent models, whose data is not bounded.
         ema_weight_indices: which backbone weights (positions in ``backbone.weights``)
             have an EMA copy; recorded by `get_config` so a model saved after freezing or
             unfreezing layers loads back. Default: the trainable ones.
@@ -100,6 +105,7 @@ class DiffusionModel(keras.Model):
         seed=None,
         null_context=None,
         num_classes=None,
+        clip_denoised=True,
         ema_weight_indices=None,
         **kwargs,
     ):
@@ -121,6 +127,7 @@ class DiffusionModel(keras.Model):
         self.ema_decay = ema_decay
         self.ema_warmup = bool(ema_warmup)
         self.seed = seed
+        self.clip_denoised = bool(clip_denoised)
 
         self.backbone = backbone
         self.contract = BackboneContract.from_backbone(backbone, num_classes=num_classes)
@@ -371,7 +378,7 @@ class DiffusionModel(keras.Model):
         context=None,
         eta=0.0,
         use_ema=True,
-        clip_denoised=False,
+        clip_denoised=None,
         batch_size=None,
         verbose=False,
     ):
@@ -390,13 +397,16 @@ class DiffusionModel(keras.Model):
             context: text embeddings ``(B, L, D)`` for a context-conditional backbone.
             eta: DDIM stochasticity.
             use_ema: sample with the EMA weights (when the model keeps an EMA).
-            clip_denoised: clip x̂₀ to [-1, 1] at each step (pixel-space data only).
+            clip_denoised: clip x̂₀ to [-1, 1] at each step; None uses the model's
+                ``clip_denoised`` (True for pixel-space models).
             batch_size: generate in chunks of this size (default: all at once).
             verbose: show a progress bar.
 
         Returns:
             float32 numpy images of shape ``(num_samples, H, W, C)``.
         """
+        if clip_denoised is None:
+            clip_denoised = self.clip_denoised
         return sampling.generate(
             self, num_samples, num_steps, sampler, labels, guidance_scale, seed, context,
             eta, use_ema, clip_denoised, batch_size, verbose,
@@ -417,6 +427,7 @@ class DiffusionModel(keras.Model):
                 "ema_warmup": self.ema_warmup,
                 "seed": self.seed,
                 "num_classes": self.num_classes,
+                "clip_denoised": self.clip_denoised,
                 "ema_weight_indices": self.ema.weight_indices if self.ema else None,
             }
         )

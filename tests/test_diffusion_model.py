@@ -161,7 +161,9 @@ def test_samplers_reproduce_a_gaussian_with_the_optimal_denoiser(sampler, num_st
     mean, std = 0.5, 0.3
     schedule = kms.NoiseSchedule("cosine")
     backbone = GaussianOptimalDenoiser(schedule, mean, std, (8, 8, 1), prediction_type=target)
-    model = kms.DiffusionModel(backbone, schedule, prediction_type=target, ema_decay=0)
+    # Gaussian data is unbounded: sample without clipping x0 (as a latent model does).
+    model = kms.DiffusionModel(backbone, schedule, prediction_type=target, ema_decay=0,
+                               clip_denoised=False)
     samples = model.generate(256, num_steps=num_steps, sampler=sampler, seed=0)
     assert samples.dtype == np.float32 and samples.shape == (256, 8, 8, 1)
     # 16384 values: standard error of the mean ~0.0023, of the std ~0.0017. The step
@@ -175,7 +177,7 @@ def test_ddim_matches_the_exact_discrete_map_at_few_steps():
     mean, std, steps = 0.0, 0.3, 20
     schedule = kms.NoiseSchedule("cosine")
     backbone = GaussianOptimalDenoiser(schedule, mean, std, (8, 8, 1))
-    model = kms.DiffusionModel(backbone, schedule, ema_decay=0)
+    model = kms.DiffusionModel(backbone, schedule, ema_decay=0, clip_denoised=False)
     samples = model.generate(256, num_steps=steps, sampler="ddim", seed=2)
     # For N(0, v) data the optimal x0_hat = k x and eps_hat = e x, so one DDIM step scales x by
     # m = sqrt(abar_s) k + sqrt(1 - abar_s) e; the final std is the product of the |m|'s.
@@ -195,7 +197,7 @@ def test_ddim_matches_the_exact_discrete_map_at_few_steps():
 def test_ddim_with_eta_one_matches_ddpm_statistics():
     schedule = kms.NoiseSchedule("cosine")
     backbone = GaussianOptimalDenoiser(schedule, -0.2, 0.5, (4, 4, 1))
-    model = kms.DiffusionModel(backbone, schedule, ema_decay=0)
+    model = kms.DiffusionModel(backbone, schedule, ema_decay=0, clip_denoised=False)
     samples = model.generate(512, num_steps=250, sampler="ddim", eta=1.0, seed=1)
     assert abs(samples.mean() + 0.2) < 0.02
     assert abs(samples.std() - 0.5) < 0.03 * 0.5
@@ -439,3 +441,29 @@ def test_unsupported_backend_is_named(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
     with pytest.raises(RuntimeError, match="tensorflow, jax.*'torch'"):
         kms.DiffusionModel(PixelLinearBackbone())
+
+
+class _SlightlyWrongDenoiser(GaussianOptimalDenoiser):
+    """The optimal ε for Gaussian data plus a constant error of 0.05."""
+
+    def call(self, inputs):
+        return super().call(inputs) + 0.05
+
+
+def test_generate_clips_pixel_models_by_default_and_records_the_choice():
+    schedule = kms.NoiseSchedule("cosine")
+    backbone = _SlightlyWrongDenoiser(schedule, 0.5, 0.2, (4, 4, 1))
+    pixel = kms.DiffusionModel(backbone, schedule, ema_decay=0)
+    samples = pixel.generate(64, num_steps=20, seed=0)
+    # Clipping x0_hat keeps the first steps' 1/alpha ~ 2e4 amplification out: the samples
+    # stay near N(0.5, 0.2^2) (the 0.05 error in eps moves them a little).
+    assert np.abs(samples).max() <= 1.0 + 1e-6
+    assert abs(samples.mean() - 0.5) < 0.1 and samples.std() < 0.4
+    latent = kms.DiffusionModel(backbone, schedule, ema_decay=0, clip_denoised=False)
+    unclipped = latent.generate(64, num_steps=20, seed=0)
+    np.testing.assert_array_equal(unclipped, pixel.generate(64, num_steps=20, seed=0,
+                                                            clip_denoised=False))
+    assert np.abs(unclipped).max() > 10  # the garbage a latent model must live with
+    config = kms.DiffusionModel(TinyConvBackbone(), ema_decay=0, clip_denoised=False).get_config()
+    assert config["clip_denoised"] is False
+    assert kms.DiffusionModel.from_config(config).clip_denoised is False
