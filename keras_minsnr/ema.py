@@ -83,7 +83,13 @@ class ExponentialMovingAverage(keras.layers.Layer):
             # A copy: on JAX the average must not share the weight's buffer, since the
             # trainer donates both to the compiled step.
             return keras.Variable(
-                ops.copy(weight.value), dtype=weight.dtype, trainable=False, name=leaf
+                ops.copy(weight.value),
+                dtype=weight.dtype,
+                trainable=False,
+                name=leaf,
+                # Replicas hold equal copies; under tf.distribute an update from a
+                # replica then writes the first replica's value.
+                aggregation="only_first_replica",
             )
 
     def average_of(self, weight):

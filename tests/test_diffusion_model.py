@@ -467,3 +467,26 @@ def test_generate_clips_pixel_models_by_default_and_records_the_choice():
     config = kms.DiffusionModel(TinyConvBackbone(), ema_decay=0, clip_denoised=False).get_config()
     assert config["clip_denoised"] is False
     assert kms.DiffusionModel.from_config(config).clip_denoised is False
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    """4 micro-batches of 2 = one SGD step on 8; the EMA and the step count advance once."""
+    batch = fixed_batch(batch=4)
+    batch = {k: np.concatenate([v, v[::-1]]) for k, v in batch.items()}  # 8 samples
+    batch["images"][4:] *= -0.5  # keep the two halves different
+    model = kms.DiffusionModel(PixelLinearBackbone(), "cosine", ema_decay=0.9)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, gradient_accumulation_steps=4))
+    for i in range(4):
+        model.train_on_batch({k: v[2 * i : 2 * i + 2] for k, v in batch.items()})
+        weights = [float(ops.convert_to_numpy(v)) for v in model.backbone.trainable_variables]
+        ema = [float(ops.convert_to_numpy(v)) for v in model.ema_weights]
+        if i < 3:  # no update, no EMA step before the 4th micro-batch
+            np.testing.assert_array_equal(weights, np.float32([0.5, 0.1]))
+            np.testing.assert_array_equal(ema, np.float32([0.5, 0.1]))
+    _, grad_a, grad_b = numpy_loss_and_grads(batch, 0.5, 0.1, "epsilon")
+    expected = np.array([0.5 - 0.05 * grad_a, 0.1 - 0.05 * grad_b])
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+    decay = 2 / 11  # warm-up decay of update 1: the EMA stepped once
+    np.testing.assert_allclose(ema, decay * np.array([0.5, 0.1]) + (1 - decay) * expected,
+                               rtol=1e-5)
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 1
