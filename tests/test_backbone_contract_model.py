@@ -21,7 +21,8 @@ def functional_backbone(conditioning=None, image_shape=(8, 8, 1), num_classes=10
         inputs["y"] = keras.Input((3, 2), name="y")
         emb = emb + keras.layers.Dense(4)(keras.layers.GlobalAveragePooling1D()(inputs["y"]))
     h = keras.layers.Conv2D(4, 3, padding="same")(x) + keras.layers.Reshape((1, 1, 4))(emb)
-    out = keras.layers.Conv2D(image_shape[-1], 3, padding="same")(keras.layers.Activation("silu")(h))
+    h = keras.layers.Activation("silu")(h)
+    out = keras.layers.Conv2D(image_shape[-1], 3, padding="same")(h)
     return keras.Model(inputs, out)
 
 
