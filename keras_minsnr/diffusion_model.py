@@ -325,8 +325,12 @@ class DiffusionModel(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit` that checks the first batch and stops on a non-finite loss.
 
-        A step whose loss is NaN or Inf leaves the weights, optimizer state and EMA
-        untouched; training then stops with a `FloatingPointError` naming the step.
+        A step whose loss is NaN or Inf (on any replica) leaves the weights, optimizer
+        state and EMA untouched; training then stops with a `FloatingPointError` naming
+        the step. Steps count real updates: with the optimizer's
+        ``gradient_accumulation_steps=N``, N batches make one update (and one EMA step).
+        Weights unfrozen since the last call get an EMA copy here; recompile after
+        changing which layers are trainable, as Keras requires.
         """
         self._check_first_batch(x if y is None else (x, y))
         if self.ema is not None:
