@@ -4,10 +4,16 @@
 (`DiffusionModel.compute_training_loss`) that reads variables and draws random numbers
 through Keras. This module turns it into a train / test step for each backend:
 
-- TensorFlow: `tf.GradientTape`, then the optimizer and EMA update run inside a `tf.cond`
-  so a non-finite loss leaves every variable untouched.
+- TensorFlow: `tf.GradientTape`; whether the loss is finite is decided from the loss
+  summed over all replicas, so every replica takes the same branch, and the optimizer
+  and EMA update runs in a `tf.cond` taken in the cross-replica context (a `tf.cond`
+  around `optimizer.apply` inside a replica fails under `tf.distribute`, as the apply
+  synchronises the replicas; Keras' `LossScaleOptimizer` does the same).
 - JAX: the same function under a `keras.StatelessScope`, differentiated with
   `jax.value_and_grad`; a non-finite loss selects the old state.
+
+With gradient accumulation the optimizer applies an update every N-th call; the EMA
+moves only then, and its warm-up counts real updates.
 
 It also compiles sampling steps (`compile_function`).
 """
@@ -40,12 +46,27 @@ def compile_function(fn):
     return tf.function(fn, reduce_retracing=True)
 
 
-def _ema_update(model, ema_values, trainable_values, step):
-    decay = model.ema_decay_at(step)
-    return [
-        ops.cast(decay, e.dtype) * e + ops.cast(1.0 - decay, e.dtype) * ops.cast(v, e.dtype)
-        for e, v in zip(ema_values, trainable_values)
-    ]
+def _call_counter(optimizer):
+    """The optimizer's count of `apply` calls and its gradient accumulation steps.
+
+    ``optimizer.iterations`` counts real updates (calls // steps) and is a tensor, not a
+    variable, under gradient accumulation; the variable behind it counts the calls.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    return inner._iterations, int(inner.gradient_accumulation_steps or 1)
+
+
+def _ema_after_apply(model, averages, weights, calls):
+    """New EMA values once the optimizer has made its ``calls``-th call (a tensor).
+
+    Only a call that applied an update moves the EMA; its warm-up counts updates.
+    """
+    _, steps = _call_counter(model.optimizer)
+    new = model.ema.updated(averages, weights, calls // steps)
+    if steps == 1:
+        return new
+    updated = ops.equal(calls % steps, 0)
+    return [ops.where(updated, n, a) for n, a in zip(new, averages)]
 
 
 # -- TensorFlow ------------------------------------------------------------------------
@@ -54,23 +75,39 @@ def _ema_update(model, ema_values, trainable_values, step):
 def train_step_tensorflow(model, data):
     import tensorflow as tf
 
+    optimizer = model.optimizer
     variables = model.trainable_variables
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     with tf.GradientTape() as tape:
         loss, aux = model.compute_training_loss(data, training=True)
-        scaled_loss = model.optimizer.scale_loss(loss)
+        # The optimizer sums the replicas' gradients: scale to the global mean.
+        scaled_loss = optimizer.scale_loss(loss / replicas)
     grads = tape.gradient(scaled_loss, variables)
-    finite = tf.math.is_finite(loss)
+    context = tf.distribute.get_replica_context()
+    finite = tf.math.is_finite(context.all_reduce(tf.distribute.ReduceOp.SUM, loss))
+    pairs = model.ema.pairs(variables) if model.ema is not None else []
+    counter, _ = _call_counter(optimizer)
 
-    def apply():
-        model.optimizer.apply(grads, variables)
-        if model.ema_weights:
-            step = model.optimizer.iterations
-            new_ema = _ema_update(model, model.ema_weights, variables, step)
-            for ema, value in zip(model.ema_weights, new_ema):
-                ema.assign(value)
-        return tf.constant(True)
+    def update(grads):
+        optimizer.apply(grads, variables)
+        if pairs:
+            averages = [a for _, a in pairs]
+            weights = [variables[j] for j, _ in pairs]
+            new = _ema_after_apply(model, averages, weights, counter)
+            for average, value in zip(averages, new):
+                average.assign(value)
 
-    tf.cond(finite, apply, lambda: tf.constant(False))
+    def guarded_update(distribution, finite, grads):
+        # Every replica computed the same `finite` from the summed loss.
+        finite = distribution.experimental_local_results(finite)[0]
+
+        def apply():
+            distribution.extended.call_for_each_replica(update, args=(grads,))
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+
+    context.merge_call(guarded_update, args=(finite, grads))
     return model.update_metrics(loss, aux)
 
 
@@ -138,13 +175,18 @@ def train_step_jax(model, state, data):
     # advances so the next step draws fresh noise).
     finite = jax.numpy.isfinite(loss)
     keep = lambda new, old: jax.numpy.where(finite, new, old)  # noqa: E731
-    if model.ema_weights:
+    if model.ema is not None:
+        # Each EMA copy is found by its weight, so frozen weights (absent from the
+        # trainable list) and their copies are left alone.
         position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-        ema_positions = [position[id(v)] for v in model.ema_weights]
+        pairs = model.ema.pairs(model.trainable_variables)
+        ema_positions = [position[id(a)] for _, a in pairs]
+        counter, _ = _call_counter(model.optimizer)
         optimizer_ids = [id(v) for v in model.optimizer.variables]
-        step = new_optimizer[optimizer_ids.index(id(model.optimizer.iterations))]
+        calls = new_optimizer[optimizer_ids.index(id(counter))]
         old_ema = [non_trainable[i] for i in ema_positions]
-        new_ema = _ema_update(model, old_ema, new_trainable, step)
+        weights = [new_trainable[j] for j, _ in pairs]
+        new_ema = _ema_after_apply(model, old_ema, weights, calls)
         for i, new, old in zip(ema_positions, new_ema, old_ema):
             new_non_trainable[i] = keep(new, old)
     new_trainable = jax.tree_util.tree_map(keep, new_trainable, trainable)

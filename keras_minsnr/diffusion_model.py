@@ -7,8 +7,11 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr import backend as kms_backend
-from keras_minsnr import samplers
+from keras_minsnr import batches
+from keras_minsnr import sampling
 from keras_minsnr import weighting as weighting_lib
+from keras_minsnr.backbone_contract import BackboneContract
+from keras_minsnr.ema import ExponentialMovingAverage
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.schedules import check_prediction_type
 
@@ -26,7 +29,10 @@ class DiffusionModel(keras.Model):
     share this one loss function (`compute_training_loss`).
 
     The backbone follows the contract in `keras_minsnr.backbones`: it is called with
-    ``{"x": x_t, "t": t, "y": condition}`` and returns a tensor shaped like ``x_t``.
+    ``{"x": x_t, "t": t, "y": condition}`` and returns a tensor shaped like ``x_t``. The
+    image shape and the kind of condition are read from its inputs (a plain functional
+    model works as it is); attributes ``image_shape``, ``conditioning``, ``num_classes``
+    and ``context_shape`` on the backbone override them (see `BackboneContract`).
 
     A batch may be an image tensor, ``(images, labels)``, or a dict with ``"images"`` and
     optionally ``"labels"`` (class ids) or ``"context"`` (text embeddings). The dict may
@@ -46,8 +52,9 @@ class DiffusionModel(keras.Model):
             a name. The paper's default is 5.
         label_dropout: probability of replacing a label (or text context) by the null
             condition during training, for classifier-free guidance (paper: 0.15).
-        ema_decay: decay of the exponential moving average of the backbone weights
-            (paper: 0.9999); ``None`` or 0 disables the EMA.
+        ema_decay: decay of the exponential moving average of the backbone's trainable
+            weights (paper: 0.9999); ``None`` or 0 disables the EMA. Kept per weight by
+            `ExponentialMovingAverage`, each copy named ``ema/<weight path>``.
         ema_warmup: use ``min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` so the EMA
             is useful early in training.
         seed: seed of the model's random draws (timesteps, noise, label dropout).
@@ -55,6 +62,18 @@ class DiffusionModel(keras.Model):
             caption" in label dropout and classifier-free guidance: the text encoder's
             embedding of the empty caption, ``(L, D)``. Kept as a non-trainable weight,
             so it is saved with the model; zeros until given (or `set_null_context`).
+        num_classes: the number of classes of a class-conditional backbone that does not
+            say it (a plain functional model with an integer ``"y"`` input); the null
+            class of classifier-free guidance is ``num_classes``, so the backbone's label
+            embedding needs ``num_classes + 1`` rows.
+        clip_denoised: whether `generate` clips x̂₀ to [-1, 1] at each step by default.
+            Keep True for pixel-space data in [-1, 1] (as the paper's code and
+            diffusers' DDPM scheduler do: an ε model's x̂₀ = (x_t − σ ε̂)/α multiplies
+            errors by 1/α ≈ 2·10⁴ at the first step of the cosine schedule); set False
+            for latent models, whose data is not bounded.
+        ema_weight_indices: which backbone weights (positions in ``backbone.weights``)
+            have an EMA copy; recorded by `get_config` so a model saved after freezing or
+            unfreezing layers loads back. Default: the trainable ones.
 
     Example:
     ```python
@@ -85,6 +104,9 @@ class DiffusionModel(keras.Model):
         ema_warmup=True,
         seed=None,
         null_context=None,
+        num_classes=None,
+        clip_denoised=True,
+        ema_weight_indices=None,
         **kwargs,
     ):
         kms_backend.check_backend()
@@ -105,25 +127,14 @@ class DiffusionModel(keras.Model):
         self.ema_decay = ema_decay
         self.ema_warmup = bool(ema_warmup)
         self.seed = seed
+        self.clip_denoised = bool(clip_denoised)
 
         self.backbone = backbone
-        self.image_shape = tuple(_required_attribute(backbone, "image_shape"))
-        self.conditioning = getattr(backbone, "conditioning", None)
-        if self.conditioning not in (None, "class", "context"):
-            raise ValueError(
-                f"backbone.conditioning must be None, 'class' or 'context', got "
-                f"{self.conditioning!r}."
-            )
-        self.num_classes = (
-            int(_required_attribute(backbone, "num_classes"))
-            if self.conditioning == "class"
-            else None
-        )
-        self.context_shape = (
-            tuple(_required_attribute(backbone, "context_shape"))
-            if self.conditioning == "context"
-            else None
-        )
+        self.contract = BackboneContract.from_backbone(backbone, num_classes=num_classes)
+        self.image_shape = self.contract.image_shape
+        self.conditioning = self.contract.conditioning
+        self.num_classes = self.contract.num_classes
+        self.context_shape = self.contract.context_shape
         if self.label_dropout and self.conditioning is None:
             raise ValueError(
                 f"label_dropout={label_dropout} needs a conditional backbone; this "
@@ -144,19 +155,11 @@ class DiffusionModel(keras.Model):
             )
         self.seed_generator = keras.random.SeedGenerator(seed)
         if not backbone.built:
-            backbone(self._dummy_inputs(1))
-        self.ema_weights = []
+            backbone(self.contract.dummy_inputs(1))
+        self.ema = None
         if self.ema_decay > 0:
-            for variable in backbone.trainable_variables:
-                ema = self.add_weight(
-                    shape=variable.shape,
-                    dtype=variable.dtype,
-                    initializer="zeros",
-                    trainable=False,
-                    name="ema_" + variable.path.replace("/", "_"),
-                )
-                self.ema_weights.append(ema)
-            self.reset_ema()
+            self.ema = ExponentialMovingAverage(self.ema_decay, self.ema_warmup)
+            self.ema.track(backbone, ema_weight_indices)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.mse_trackers = [
             keras.metrics.Mean(name=f"mse_q{i + 1}") for i in range(NUM_SNR_BINS)
@@ -165,17 +168,6 @@ class DiffusionModel(keras.Model):
         self.built = True
 
     # -- conditions and batches ---------------------------------------------------------
-
-    def _dummy_inputs(self, batch_size):
-        inputs = {
-            "x": ops.zeros((batch_size,) + self.image_shape),
-            "t": ops.zeros((batch_size,), dtype="int32"),
-        }
-        if self.conditioning == "class":
-            inputs["y"] = ops.zeros((batch_size,), dtype="int32")
-        elif self.conditioning == "context":
-            inputs["y"] = ops.zeros((batch_size,) + self.context_shape)
-        return inputs
 
     def null_condition(self, batch_size):
         """The condition classifier-free guidance treats as "no condition"."""
@@ -204,81 +196,12 @@ class DiffusionModel(keras.Model):
         self.null_context.assign(value)
 
     def unpack_batch(self, data):
-        """Splits a batch into ``(images, condition, timesteps, noise)``."""
-        timesteps = noise = condition = None
-        if isinstance(data, tuple):
-            # Keras hands batches over as (x,), (x, y) or (x, y, sample_weight).
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-            data = x if y is None else (x, y)
-        if isinstance(data, dict):
-            unknown = set(data) - {"images", "labels", "context", "text", "timesteps", "noise"}
-            if "images" not in data or unknown:
-                raise ValueError(
-                    "A dict batch needs the key 'images' and may hold 'labels', "
-                    f"'context', 'timesteps' and 'noise'; got keys {sorted(data)}."
-                )
-            if "text" in data and "context" not in data:
-                raise ValueError(
-                    "The batch holds raw 'text': encode captions into a 'context' first "
-                    "(see keras_minsnr.backbones.stable_diffusion)."
-                )
-            images = data["images"]
-            condition = data.get("labels", data.get("context"))
-            timesteps, noise = data.get("timesteps"), data.get("noise")
-        elif isinstance(data, (tuple, list)):
-            images = data[0]
-            condition = data[1] if len(data) > 1 else None
-        else:
-            images = data
-        self._check_images(images)
-        condition = self._check_condition(condition)
-        return images, condition, timesteps, noise
-
-    def _check_images(self, images):
-        shape = tuple(images.shape)
-        if len(shape) != 4 or tuple(shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"Expected images of shape (batch, {', '.join(map(str, self.image_shape))}) "
-                f"for this backbone, got shape {shape}."
-            )
-
-    def _check_condition(self, condition):
-        if self.conditioning is None:
-            if condition is not None:
-                raise ValueError(
-                    "This backbone is unconditional but the batch carries labels or a "
-                    "context; drop them or use a conditional backbone."
-                )
-            return None
-        if condition is None:
-            raise ValueError(
-                f"This backbone is {self.conditioning}-conditional: batches need "
-                + ("'labels'." if self.conditioning == "class" else "a 'context'.")
-            )
-        if self.conditioning == "class":
-            if len(condition.shape) != 1:
-                raise ValueError(
-                    f"Labels must have shape (batch,), got {tuple(condition.shape)}."
-                )
-            return ops.cast(condition, "int32")
-        if tuple(condition.shape[1:]) != self.context_shape:
-            raise ValueError(
-                f"Context must have shape (batch, {', '.join(map(str, self.context_shape))}),"
-                f" got {tuple(condition.shape)}."
-            )
-        return condition
+        """Splits a batch into ``(images, condition, timesteps, noise)`` (checked)."""
+        return batches.unpack_batch(data, self.contract)
 
     def check_labels(self, labels):
         """Raises if any numpy label lies outside ``[0, num_classes)``."""
-        labels = np.asarray(labels)
-        if self.conditioning != "class":
-            return
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.size:
-            raise ValueError(
-                f"Labels must lie in [0, {self.num_classes - 1}] for this backbone, got "
-                f"{sorted(set(bad.tolist()))[:10]}."
-            )
+        batches.check_labels(labels, self.contract)
 
     # -- the loss -----------------------------------------------------------------------
 
@@ -364,22 +287,24 @@ class DiffusionModel(keras.Model):
             return kms_backend.test_step_jax(self, *args)
         return kms_backend.test_step_tensorflow(self, *args)
 
+    @property
+    def ema_weights(self):
+        """The EMA variables (see `ExponentialMovingAverage`); empty without an EMA."""
+        return list(self.ema.averages) if self.ema is not None else []
+
     def reset_ema(self):
         """Copies the backbone's current weights into the EMA.
 
         Call it after loading pretrained weights into the backbone of an existing model.
         """
-        for ema, variable in zip(self.ema_weights, self.backbone.trainable_variables):
-            # A copy: on JAX the EMA must not share the weight's buffer, since the
-            # trainer donates both to the compiled step.
-            ema.assign(ops.copy(variable.value))
+        if self.ema is not None:
+            self.ema.reset()
 
     def ema_decay_at(self, step):
         """The EMA decay used at update number ``step`` (1-based; a tensor)."""
-        step = ops.cast(step, "float32")
-        if not self.ema_warmup:
-            return ops.convert_to_tensor(self.ema_decay, "float32")
-        return ops.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
+        if self.ema is None:
+            return ops.convert_to_tensor(0.0, "float32")
+        return self.ema.decay_at(step)
 
     # -- training entry points ----------------------------------------------------------
 
@@ -400,10 +325,17 @@ class DiffusionModel(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit` that checks the first batch and stops on a non-finite loss.
 
-        A step whose loss is NaN or Inf leaves the weights, optimizer state and EMA
-        untouched; training then stops with a `FloatingPointError` naming the step.
+        A step whose loss is NaN or Inf (on any replica) leaves the weights, optimizer
+        state and EMA untouched; training then stops with a `FloatingPointError` naming
+        the step. Steps count real updates: with the optimizer's
+        ``gradient_accumulation_steps=N``, N batches make one update (and one EMA step).
+        Weights unfrozen since the last call get an EMA copy here; recompile after
+        changing which layers are trainable, as Keras requires.
         """
         self._check_first_batch(x if y is None else (x, y))
+        if self.ema is not None:
+            # Weights unfrozen since the last fit() get their EMA copy now.
+            self.ema.track(self.backbone)
         guard = _StopOnNonFiniteLoss()
         callbacks = list(kwargs.pop("callbacks", None) or []) + [guard]
         history = super().fit(x, y, *args, callbacks=callbacks, **kwargs)
@@ -417,58 +349,27 @@ class DiffusionModel(keras.Model):
         return history
 
     def _check_first_batch(self, data):
-        import tensorflow as tf
-
-        if isinstance(data, tf.data.Dataset):
-            first = next(iter(data.take(1)), None)
-            if first is None:
-                raise ValueError("The training dataset is empty.")
-            first = tf.nest.map_structure(lambda v: v.numpy(), first)
-        elif isinstance(data, (np.ndarray, tuple, list, dict)):
-            first = data
-        else:
-            return  # generators / PyDatasets are checked when the step is traced
-        images, condition, _, _ = self.unpack_batch(first)
+        first = batches.first_batch(data)
+        if first is None:
+            return
+        _, condition, _, _ = self.unpack_batch(first)
         if condition is not None and self.conditioning == "class":
             self.check_labels(ops.convert_to_numpy(condition))
 
     # -- sampling -----------------------------------------------------------------------
 
     def denoise(self, params, x_t, t):
-        """x̂₀ and ε̂ at ``x_t`` with classifier-free guidance; a pure function of params.
+        """x̂₀ and ε̂ at ``x_t``; see `keras_minsnr.sampling.denoise`."""
+        return sampling.denoise(self, params, x_t, t)
 
-        ``params = (trainable, non_trainable, condition, null_condition, guidance_scale,
-        clip)``: backbone weight values, the condition (or None), the null condition
-        (None disables guidance), the guidance scale and a 0/1 flag clipping x̂₀ to
-        [-1, 1] (tensors).
-        """
-        trainable, non_trainable, condition, null, guidance_scale, clip = params
-        x_t = ops.cast(x_t, "float32")
-
-        def predict(y, x, tt):
-            inputs = {"x": x, "t": tt}
-            if y is not None:
-                inputs["y"] = y
-            out, _ = self.backbone.stateless_call(trainable, non_trainable, inputs)
-            return ops.cast(out, "float32")
-
-        if null is None:
-            prediction = predict(condition, x_t, t)
-        else:
-            both = predict(
-                ops.concatenate([condition, null], axis=0),
-                ops.concatenate([x_t, x_t], axis=0),
-                ops.concatenate([t, t], axis=0),
-            )
-            cond, uncond = ops.split(both, 2, axis=0)
-            prediction = uncond + guidance_scale * (cond - uncond)
-        x0, eps = self.schedule.predict_x0_and_epsilon(x_t, prediction, t, self.prediction_type)
-        if clip is not None:
-            clipped = ops.clip(x0, -1.0, 1.0)
-            x0 = ops.where(clip > 0, clipped, x0)
-            alpha, sigma = self.schedule._scales(t, x_t)
-            eps = ops.where(clip > 0, (x_t - alpha * x0) / ops.maximum(sigma, 1e-8), eps)
-        return x0, eps
+    def sampling_weights(self, use_ema=True):
+        """Backbone weight values to sample with: ``(trainable, non_trainable)``."""
+        trainable = []
+        for weight in self.backbone.trainable_variables:
+            average = self.ema.average_of(weight) if use_ema and self.ema else None
+            trainable.append((weight if average is None else average).value)
+        non_trainable = [v.value for v in self.backbone.non_trainable_variables]
+        return trainable, non_trainable
 
     def generate(
         self,
@@ -481,7 +382,7 @@ class DiffusionModel(keras.Model):
         context=None,
         eta=0.0,
         use_ema=True,
-        clip_denoised=False,
+        clip_denoised=None,
         batch_size=None,
         verbose=False,
     ):
@@ -500,80 +401,20 @@ class DiffusionModel(keras.Model):
             context: text embeddings ``(B, L, D)`` for a context-conditional backbone.
             eta: DDIM stochasticity.
             use_ema: sample with the EMA weights (when the model keeps an EMA).
-            clip_denoised: clip x̂₀ to [-1, 1] at each step (pixel-space data only).
+            clip_denoised: clip x̂₀ to [-1, 1] at each step; None uses the model's
+                ``clip_denoised`` (True for pixel-space models).
             batch_size: generate in chunks of this size (default: all at once).
             verbose: show a progress bar.
 
         Returns:
             float32 numpy images of shape ``(num_samples, H, W, C)``.
         """
-        samplers.check_sampler(sampler)
-        condition, num_samples = self._sampling_condition(num_samples, labels, context, seed)
-        if self._step_functions is None:
-            self._step_functions = samplers.make_step_functions(self.denoise)
-        trainable = [v.value for v in self.backbone.trainable_variables]
-        if use_ema and self.ema_weights:
-            trainable = [e.value for e in self.ema_weights]
-        non_trainable = [v.value for v in self.backbone.non_trainable_variables]
-        guided = self.conditioning is not None and guidance_scale != 1.0
-        chunk = batch_size or num_samples
-        outputs = []
-        for start in range(0, num_samples, chunk):
-            size = min(chunk, num_samples - start)
-            cond = None if condition is None else condition[start : start + size]
-            params = (
-                trainable,
-                non_trainable,
-                cond,
-                self.null_condition(size) if guided else None,
-                ops.convert_to_tensor(float(guidance_scale), "float32"),
-                ops.convert_to_tensor(1.0 if clip_denoised else 0.0, "float32"),
-            )
-            progress = None
-            if verbose:
-                total = samplers.num_progress_steps(self.schedule, sampler, num_steps)
-                progress = keras.utils.Progbar(total, unit_name="step")
-            chunk_seed = None if seed is None else [seed, start]
-            outputs.append(
-                samplers.sample(
-                    self._step_functions,
-                    params,
-                    self.schedule,
-                    (size,) + self.image_shape,
-                    sampler=sampler,
-                    num_steps=num_steps,
-                    eta=eta,
-                    seed=chunk_seed,
-                    progress=progress,
-                )
-            )
-        return np.concatenate(outputs, axis=0)
-
-    def _sampling_condition(self, num_samples, labels, context, seed):
-        if self.conditioning == "class":
-            if labels is None:
-                if num_samples is None:
-                    raise ValueError("Give num_samples or labels.")
-                rng = np.random.default_rng(None if seed is None else [seed, 1])
-                labels = rng.integers(0, self.num_classes, size=num_samples)
-            labels = np.asarray(labels).reshape(-1)
-            self.check_labels(labels)
-            if num_samples is not None and num_samples != len(labels):
-                raise ValueError(
-                    f"num_samples={num_samples} but {len(labels)} labels were given."
-                )
-            return ops.convert_to_tensor(labels.astype("int32")), len(labels)
-        if self.conditioning == "context":
-            if context is None:
-                raise ValueError("This backbone is text-conditional: pass context=.")
-            context = ops.convert_to_tensor(np.asarray(context, dtype="float32"))
-            self._check_condition(context)
-            return context, int(context.shape[0])
-        if labels is not None or context is not None:
-            raise ValueError("This backbone is unconditional: labels/context are not used.")
-        if num_samples is None or num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples!r}.")
-        return None, int(num_samples)
+        if clip_denoised is None:
+            clip_denoised = self.clip_denoised
+        return sampling.generate(
+            self, num_samples, num_steps, sampler, labels, guidance_scale, seed, context,
+            eta, use_ema, clip_denoised, batch_size, verbose,
+        )
 
     # -- serialisation ------------------------------------------------------------------
 
@@ -589,6 +430,9 @@ class DiffusionModel(keras.Model):
                 "ema_decay": self.ema_decay,
                 "ema_warmup": self.ema_warmup,
                 "seed": self.seed,
+                "num_classes": self.num_classes,
+                "clip_denoised": self.clip_denoised,
+                "ema_weight_indices": self.ema.weight_indices if self.ema else None,
             }
         )
         return config
@@ -599,16 +443,6 @@ class DiffusionModel(keras.Model):
         for key in ("backbone", "schedule", "weighting"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
-
-
-def _required_attribute(backbone, name):
-    value = getattr(backbone, name, None)
-    if value is None:
-        raise ValueError(
-            f"The backbone {type(backbone).__name__} has no `{name}` attribute; see the "
-            "backbone contract in keras_minsnr.backbones."
-        )
-    return value
 
 
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):

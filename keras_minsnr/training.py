@@ -276,6 +276,7 @@ def build_model(config, info):
         label_dropout=config["label_dropout"] if conditional else 0.0,
         ema_decay=config["ema_decay"],
         seed=config["seed"],
+        clip_denoised=config["clip_denoised"],
     )
     if model.conditioning == "context" and getattr(info, "null_context_file", None):
         model.set_null_context(np.load(info.null_context_file))

@@ -161,7 +161,9 @@ def test_samplers_reproduce_a_gaussian_with_the_optimal_denoiser(sampler, num_st
     mean, std = 0.5, 0.3
     schedule = kms.NoiseSchedule("cosine")
     backbone = GaussianOptimalDenoiser(schedule, mean, std, (8, 8, 1), prediction_type=target)
-    model = kms.DiffusionModel(backbone, schedule, prediction_type=target, ema_decay=0)
+    # Gaussian data is unbounded: sample without clipping x0 (as a latent model does).
+    model = kms.DiffusionModel(backbone, schedule, prediction_type=target, ema_decay=0,
+                               clip_denoised=False)
     samples = model.generate(256, num_steps=num_steps, sampler=sampler, seed=0)
     assert samples.dtype == np.float32 and samples.shape == (256, 8, 8, 1)
     # 16384 values: standard error of the mean ~0.0023, of the std ~0.0017. The step
@@ -175,7 +177,7 @@ def test_ddim_matches_the_exact_discrete_map_at_few_steps():
     mean, std, steps = 0.0, 0.3, 20
     schedule = kms.NoiseSchedule("cosine")
     backbone = GaussianOptimalDenoiser(schedule, mean, std, (8, 8, 1))
-    model = kms.DiffusionModel(backbone, schedule, ema_decay=0)
+    model = kms.DiffusionModel(backbone, schedule, ema_decay=0, clip_denoised=False)
     samples = model.generate(256, num_steps=steps, sampler="ddim", seed=2)
     # For N(0, v) data the optimal x0_hat = k x and eps_hat = e x, so one DDIM step scales x by
     # m = sqrt(abar_s) k + sqrt(1 - abar_s) e; the final std is the product of the |m|'s.
@@ -195,7 +197,7 @@ def test_ddim_matches_the_exact_discrete_map_at_few_steps():
 def test_ddim_with_eta_one_matches_ddpm_statistics():
     schedule = kms.NoiseSchedule("cosine")
     backbone = GaussianOptimalDenoiser(schedule, -0.2, 0.5, (4, 4, 1))
-    model = kms.DiffusionModel(backbone, schedule, ema_decay=0)
+    model = kms.DiffusionModel(backbone, schedule, ema_decay=0, clip_denoised=False)
     samples = model.generate(512, num_steps=250, sampler="ddim", eta=1.0, seed=1)
     assert abs(samples.mean() + 0.2) < 0.02
     assert abs(samples.std() - 0.5) < 0.03 * 0.5
@@ -340,39 +342,53 @@ def test_save_and_load_round_trip(tmp_path):
     assert int(ops.convert_to_numpy(restored.optimizer.iterations)) == 2
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_weights():
+def test_non_finite_loss_stops_training_and_keeps_every_variable():
     model = kms.DiffusionModel(PixelLinearBackbone(), "cosine", ema_decay=0.9)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
-    good = np.zeros((8, 2, 2, 1), "float32")
+    good = np.random.default_rng(0).uniform(-1, 1, size=(8, 2, 2, 1)).astype("float32")
     model.fit(good, batch_size=4, epochs=1, verbose=0)
-    before = [ops.convert_to_numpy(v).copy() for v in model.trainable_variables + model.ema_weights]
+
+    def state():
+        # Weights, EMA copies and every optimizer slot (the seed generator may advance).
+        variables = model.trainable_variables + model.ema_weights + model.optimizer.variables
+        return {v.path: ops.convert_to_numpy(v).copy() for v in variables}
+
+    before = state()
+    assert len(before) == 2 + 2 + len(model.optimizer.variables)
     bad = good.copy()
-    bad[5] = np.nan
-    with pytest.raises(FloatingPointError, match=r"nan at step 4 \(epoch 1, batch 2\)"):
+    bad[1] = np.nan  # the first batch of the next fit() is bad
+    with pytest.raises(FloatingPointError, match=r"nan at step 3 \(epoch 1, batch 1\)"):
         model.fit(bad, batch_size=4, epochs=1, verbose=0, shuffle=False)
-    after = [ops.convert_to_numpy(v) for v in model.trainable_variables + model.ema_weights]
-    for b, a in zip(before[:2], after[:2]):
-        assert np.isfinite(a).all()
-    # Step 3 (the first batch) was finite and applied; step 4 was skipped.
-    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 3
+    after = state()
+    assert after.keys() == before.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 2
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_training(policy):
+def test_mixed_precision_sgd_step_equals_the_float32_closed_form(policy):
     keras.mixed_precision.set_dtype_policy(policy)
-    model = tiny_conditional_model(ema_decay=0.9)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    batch = fixed_batch()
+    model = kms.DiffusionModel(PixelLinearBackbone(), "cosine", ema_decay=0.9)
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
     if policy == "mixed_float16":
+        # The loss is scaled by 2**15 before the gradient; the update must undo it.
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    images = np.random.default_rng(0).uniform(-1, 1, size=(32, 8, 8, 1)).astype("float32")
-    history = model.fit(images, np.arange(32) % 10, batch_size=16, epochs=2, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
+    logs = model.train_on_batch(batch, return_dict=True)
+    loss, grad_a, grad_b = numpy_loss_and_grads(batch, 0.5, 0.1, "epsilon")
+    expected = np.array([0.5 - 0.05 * grad_a, 0.1 - 0.05 * grad_b])
+    got = np.array([float(ops.convert_to_numpy(v)) for v in model.backbone.trainable_variables])
+    # Half precision in the backbone: ~3 significant digits (bfloat16: ~2).
+    tol = 2e-2 if policy == "mixed_bfloat16" else 2e-3
+    np.testing.assert_allclose(logs["loss"], loss, rtol=tol)
+    np.testing.assert_allclose(got - [0.5, 0.1], expected - [0.5, 0.1], rtol=tol, atol=1e-6)
+    decay = 2 / 11  # the warm-up decay at update 1
+    ema = np.array([float(ops.convert_to_numpy(v)) for v in model.ema_weights])
+    np.testing.assert_allclose(ema, decay * np.array([0.5, 0.1]) + (1 - decay) * got, rtol=1e-6)
     snr = model.schedule.snr(ops.convert_to_tensor([1, 2], "int32"))
     w = model.weighting(snr, model.prediction_type)
     assert keras.backend.standardize_dtype(w.dtype) == "float32"
-    # Clipping x0 keeps an untrained model's samples inside float16's range.
-    out = model.generate(labels=[1], num_steps=3, seed=0, clip_denoised=True)
-    assert out.dtype == np.float32 and np.isfinite(out).all()
 
 
 def test_jit_compile_and_optimizer_options():
@@ -425,3 +441,52 @@ def test_unsupported_backend_is_named(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
     with pytest.raises(RuntimeError, match="tensorflow, jax.*'torch'"):
         kms.DiffusionModel(PixelLinearBackbone())
+
+
+class _SlightlyWrongDenoiser(GaussianOptimalDenoiser):
+    """The optimal ε for Gaussian data plus a constant error of 0.05."""
+
+    def call(self, inputs):
+        return super().call(inputs) + 0.05
+
+
+def test_generate_clips_pixel_models_by_default_and_records_the_choice():
+    schedule = kms.NoiseSchedule("cosine")
+    backbone = _SlightlyWrongDenoiser(schedule, 0.5, 0.2, (4, 4, 1))
+    pixel = kms.DiffusionModel(backbone, schedule, ema_decay=0)
+    samples = pixel.generate(64, num_steps=20, seed=0)
+    # Clipping x0_hat keeps the first steps' 1/alpha ~ 2e4 amplification out: the samples
+    # stay near N(0.5, 0.2^2) (the 0.05 error in eps moves them a little).
+    assert np.abs(samples).max() <= 1.0 + 1e-6
+    assert abs(samples.mean() - 0.5) < 0.1 and samples.std() < 0.4
+    latent = kms.DiffusionModel(backbone, schedule, ema_decay=0, clip_denoised=False)
+    unclipped = latent.generate(64, num_steps=20, seed=0)
+    np.testing.assert_array_equal(unclipped, pixel.generate(64, num_steps=20, seed=0,
+                                                            clip_denoised=False))
+    assert np.abs(unclipped).max() > 10  # the garbage a latent model must live with
+    config = kms.DiffusionModel(TinyConvBackbone(), ema_decay=0, clip_denoised=False).get_config()
+    assert config["clip_denoised"] is False
+    assert kms.DiffusionModel.from_config(config).clip_denoised is False
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    """4 micro-batches of 2 = one SGD step on 8; the EMA and the step count advance once."""
+    batch = fixed_batch(batch=4)
+    batch = {k: np.concatenate([v, v[::-1]]) for k, v in batch.items()}  # 8 samples
+    batch["images"][4:] *= -0.5  # keep the two halves different
+    model = kms.DiffusionModel(PixelLinearBackbone(), "cosine", ema_decay=0.9)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, gradient_accumulation_steps=4))
+    for i in range(4):
+        model.train_on_batch({k: v[2 * i : 2 * i + 2] for k, v in batch.items()})
+        weights = [float(ops.convert_to_numpy(v)) for v in model.backbone.trainable_variables]
+        ema = [float(ops.convert_to_numpy(v)) for v in model.ema_weights]
+        if i < 3:  # no update, no EMA step before the 4th micro-batch
+            np.testing.assert_array_equal(weights, np.float32([0.5, 0.1]))
+            np.testing.assert_array_equal(ema, np.float32([0.5, 0.1]))
+    _, grad_a, grad_b = numpy_loss_and_grads(batch, 0.5, 0.1, "epsilon")
+    expected = np.array([0.5 - 0.05 * grad_a, 0.1 - 0.05 * grad_b])
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+    decay = 2 / 11  # warm-up decay of update 1: the EMA stepped once
+    np.testing.assert_allclose(ema, decay * np.array([0.5, 0.1]) + (1 - decay) * expected,
+                               rtol=1e-5)
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 1
