@@ -404,3 +404,121 @@ def test_registry_get_with_overrides_and_unknown_name():
     with pytest.raises(ValueError, match="dit_s_2") as info:
         backbones.get("dit_s_3")
     assert "dit_s_3" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# initialisation against the references' distributions
+
+
+def _normal_cdf(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _truncated_normal_std(stddev, lower, upper):
+    """Closed-form std of N(0, stddev²) truncated to [lower, upper]."""
+    a, b = lower / stddev, upper / stddev
+    pdf = lambda z: math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)  # noqa: E731
+    mass = _normal_cdf(b) - _normal_cdf(a)
+    mean = (pdf(a) - pdf(b)) / mass
+    var = 1.0 + (a * pdf(a) - b * pdf(b)) / mass - mean**2
+    return stddev * math.sqrt(var)
+
+
+def _measured_std(weight):
+    return float(np.std(np.asarray(keras.ops.convert_to_numpy(weight), np.float64)))
+
+
+# A model whose every initialised kernel holds at least 4096 values: the sample std
+# then sits within ~1.1% (one standard error) of the distribution's, and the checks
+# below allow 4%, while the distributions they tell apart differ by 12% or more.
+INIT = dict(image_shape=(32, 32, 8), patch_size=4, hidden_size=256, depth=2,
+            num_heads=4, num_classes=1000)
+
+
+def _assert_std(weight, expected, name):
+    got = _measured_std(weight)
+    assert abs(got / expected - 1) < 0.04, (name, got, expected)
+
+
+def test_truncated_normal_is_timm_trunc_normal():
+    # timm's trunc_normal_(std=.02) cuts at +-2 absolute (100 sigma): std 0.0200; Keras'
+    # TruncatedNormal(0.02) cuts at 2 sigma: std 0.0176. The reference is the former.
+    from keras_minsnr.backbones.initializers import TruncatedNormal
+
+    assert abs(_truncated_normal_std(0.02, -2, 2) - 0.02) < 1e-12
+    assert abs(_truncated_normal_std(0.02, -0.04, 0.04) - 0.01759) < 1e-4
+    values = keras.ops.convert_to_numpy(TruncatedNormal(stddev=0.02)((512, 512)))
+    _assert_std(values, 0.02, "stddev 0.02")
+    assert abs(values.mean()) < 4 * 0.02 / 512
+    # Bounds are absolute, as in timm: with std 1 and [-2, 2] the std is 0.8796.
+    values = keras.ops.convert_to_numpy(TruncatedNormal(stddev=1.0)((512, 512)))
+    _assert_std(values, _truncated_normal_std(1.0, -2, 2), "stddev 1, cut at 2")
+    assert values.min() >= -2 and values.max() <= 2
+    restored = TruncatedNormal.from_config(TruncatedNormal(0.5, lower=-1).get_config())
+    assert (restored.stddev, restored.lower, restored.upper) == (0.5, -1, 2)
+
+
+def test_adaln_zero_initialisation_matches_dit_initialize_weights():
+    """facebookresearch/DiT models.py initialize_weights, one line per layer."""
+    model = dit.DiT(**INIT)
+    d, p, c = 256, 4, 8
+    xavier = lambda fan_in, fan_out: math.sqrt(2.0 / (fan_in + fan_out))  # noqa: E731
+    # Patch embedding: xavier_uniform on the conv kernel seen as a (D, p*p*C) matrix.
+    _assert_std(model.patch_embed.kernel, xavier(p * p * c, d), "patch_embed")
+    # Timestep MLP: normal(std=0.02) on both linear layers.
+    _assert_std(model.t_embedder.dense_1.kernel, 0.02, "t_embedder.dense_1")
+    _assert_std(model.t_embedder.dense_2.kernel, 0.02, "t_embedder.dense_2")
+    # Label table: normal(std=0.02).
+    _assert_std(model.y_embedder.embeddings, 0.02, "y_embedder")
+    for block in model.blocks:  # every other linear layer: xavier_uniform
+        _assert_std(block.attn.qkv.kernel, xavier(d, 3 * d), "qkv")
+        _assert_std(block.attn.proj.kernel, xavier(d, d), "proj")
+        _assert_std(block.fc1.kernel, xavier(d, 4 * d), "fc1")
+        _assert_std(block.fc2.kernel, xavier(4 * d, d), "fc2")
+    zeros = [model.final_layer.modulation, model.final_layer.linear]
+    zeros += [block.modulation for block in model.blocks]  # adaLN-Zero
+    for layer in zeros:
+        for w in layer.weights:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), 0.0)
+    _assert_independent_draws(model)
+    # Linear biases start at zero.
+    for w in model.weights:
+        if w.path.endswith("bias"):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), 0.0)
+
+
+def test_in_context_initialisation_matches_the_min_snr_vit():
+    """Min-SNR guided_diffusion/vision_transformer.py: timm trunc_normal_(std=.02) on every
+    linear layer and the positions, fix_init_weight, init_scale on the head, PyTorch's
+    default Conv2d init on the patch embedding and N(0, 1) for the class table."""
+    model = dit.DiT(**INIT, conditioning_mode="in_context")
+    d, p, c = 256, 4, 8
+    fan_in = p * p * c
+    # nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias too.
+    _assert_std(model.patch_embed.kernel, 1.0 / math.sqrt(3 * fan_in), "patch_embed")
+    bias = keras.ops.convert_to_numpy(model.patch_embed.bias)
+    assert np.abs(bias).max() <= 1.0 / math.sqrt(fan_in) and np.std(bias) > 0
+    _assert_std(model.pos_embed, 0.02, "pos_embed")
+    _assert_std(model.y_embedder.embeddings, 1.0, "class table")
+    for i, block in enumerate(model.blocks):
+        _assert_std(block.attn.qkv.kernel, 0.02, "qkv")
+        _assert_std(block.fc1.kernel, 0.02, "fc1")
+        shrunk = 0.02 / math.sqrt(2.0 * (i + 1))
+        _assert_std(block.attn.proj.kernel, shrunk, "proj")
+        _assert_std(block.fc2.kernel, shrunk, "fc2")
+    _assert_std(model.head.kernel, 0.02 * 1e-3, "head")
+    _assert_independent_draws(model)
+
+
+def _assert_independent_draws(model):
+    """No two same-shaped kernels share values (one unseeded initializer instance reused
+    across layers returns the same draw every call)."""
+    kernels = [w for w in model.weights if w.path.endswith(("kernel", "embeddings"))]
+    seen = {}
+    for w in kernels:
+        values = keras.ops.convert_to_numpy(w)
+        if not values.any():
+            continue  # zero-initialised layers
+        for other, other_values in seen.get(values.shape, []):
+            assert not np.array_equal(values, other_values), (w.path, other)
+        seen.setdefault(values.shape, []).append((w.path, values))

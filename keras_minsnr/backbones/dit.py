@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_minsnr.backbones import initializers
 from keras_minsnr.backbones.layers import TimestepEmbedding
 
 CONDITIONING_MODES = ("adaln_zero", "in_context")
@@ -115,13 +116,13 @@ class SelfAttention(keras.layers.Layer):
         self.output_initializer = keras.initializers.get(output_initializer)
         self.qkv = keras.layers.Dense(
             3 * hidden_size,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=initializers.clone(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="qkv",
         )
         self.proj = keras.layers.Dense(
             hidden_size,
-            kernel_initializer=self.output_initializer,
+            kernel_initializer=initializers.clone(self.output_initializer),
             dtype=self.dtype_policy,
             name="proj",
         )
@@ -199,13 +200,13 @@ class _TransformerBlockBase(keras.layers.Layer):
         )
         self.fc1 = keras.layers.Dense(
             self.mlp_hidden,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=initializers.clone(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="fc1",
         )
         self.fc2 = keras.layers.Dense(
             hidden_size,
-            kernel_initializer=self.output_initializer,
+            kernel_initializer=initializers.clone(self.output_initializer),
             dtype=self.dtype_policy,
             name="fc2",
         )
@@ -545,21 +546,39 @@ class DiT(keras.Model):
         in_context = conditioning_mode == "in_context"
         self.num_extra_tokens = (1 + (num_classes is not None)) if in_context else 0
 
-        # Xavier-uniform on the conv kernel seen as a (p*p*C, D) matrix, as DiT does.
         fan_in = patch_size * patch_size * channels
-        limit = math.sqrt(6.0 / (fan_in + hidden_size))
+        if in_context:
+            # PyTorch's default Conv2d init (the ViT leaves it): kernel and bias
+            # U(+-1/sqrt(fan_in)).
+            bound = 1.0 / math.sqrt(fan_in)
+            patch_kernel = keras.initializers.RandomUniform(-bound, bound)
+            patch_bias = keras.initializers.RandomUniform(-bound, bound)
+        else:
+            # DiT: xavier_uniform on the kernel seen as a (p*p*C, D) matrix, bias 0.
+            limit = math.sqrt(6.0 / (fan_in + hidden_size))
+            patch_kernel = keras.initializers.RandomUniform(-limit, limit)
+            patch_bias = "zeros"
         self.patch_embed = keras.layers.Conv2D(
             hidden_size,
             patch_size,
             strides=patch_size,
             padding="valid",
             data_format="channels_last",
-            kernel_initializer=keras.initializers.RandomUniform(-limit, limit),
+            kernel_initializer=patch_kernel,
+            bias_initializer=patch_bias,
             dtype=self.dtype_policy,
             name="patch_embed",
         )
         self.t_embedder = TimestepEmbedding(
-            hidden_size, frequency_dim, dtype=self.dtype_policy, name="t_embedder"
+            hidden_size,
+            frequency_dim,
+            # DiT: normal(0.02) on both MLP kernels. The ViT has a learned table there
+            # instead (see docs/backbones.md), so no reference init to follow.
+            kernel_initializer="glorot_uniform"
+            if in_context
+            else keras.initializers.RandomNormal(stddev=0.02),
+            dtype=self.dtype_policy,
+            name="t_embedder",
         )
         self.y_embedder = None
         if num_classes:
@@ -574,7 +593,7 @@ class DiT(keras.Model):
             )
 
         if in_context:
-            trunc = keras.initializers.TruncatedNormal(stddev=0.02)
+            trunc = initializers.TruncatedNormal(stddev=0.02)
             self.blocks = [
                 PreLNBlock(
                     hidden_size,
@@ -582,7 +601,7 @@ class DiT(keras.Model):
                     mlp_ratio,
                     kernel_initializer=trunc,
                     # Residual-branch outputs shrink with depth (BEiT's fix_init_weight).
-                    output_initializer=keras.initializers.TruncatedNormal(
+                    output_initializer=initializers.TruncatedNormal(
                         stddev=0.02 / math.sqrt(2.0 * (i + 1))
                     ),
                     dtype=self.dtype_policy,
@@ -595,7 +614,7 @@ class DiT(keras.Model):
             )
             self.head = keras.layers.Dense(
                 patch_size * patch_size * channels,
-                kernel_initializer=keras.initializers.TruncatedNormal(
+                kernel_initializer=initializers.TruncatedNormal(
                     stddev=0.02 * self.head_init_scale
                 ),
                 dtype=self.dtype_policy,
@@ -635,7 +654,7 @@ class DiT(keras.Model):
         if self.conditioning_mode == "in_context":
             self.pos_embed = self.add_weight(
                 shape=(1, self.num_extra_tokens + self.num_patches, hidden),
-                initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+                initializer=initializers.TruncatedNormal(stddev=0.02),
                 name="pos_embed",
             )
             for block in self.blocks:
