@@ -1,7 +1,6 @@
 """DiT (adaLN-Zero) and the in-context ViT: shapes, init, references, presets, errors."""
 
 import math
-import os
 
 import keras
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 from keras_minsnr import backbones
 from keras_minsnr.backbones import dit
+from tests import backbone_contract as contract
 
 TINY = dict(image_shape=(8, 8, 3), patch_size=2, hidden_size=32, depth=2, num_heads=4)
 
@@ -19,14 +19,6 @@ def _inputs(batch=3, shape=(8, 8, 3), num_classes=10, seed=0):
     t = rng.integers(0, 1000, size=(batch,)).astype("int32")
     y = rng.integers(0, num_classes + 1, size=(batch,)).astype("int32")
     return {"x": x, "t": t, "y": y}
-
-
-def _randomize(model, seed=1, scale=0.1):
-    """Replaces every weight by noise so zero-initialised paths carry signal."""
-    rng = np.random.default_rng(seed)
-    model.set_weights(
-        [scale * rng.standard_normal(w.shape).astype("float32") for w in model.get_weights()]
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -100,7 +92,7 @@ def _count_reference(image_shape, patch_size, hidden_size, depth, mlp_ratio=4.0,
 @pytest.mark.parametrize("num_classes", [10, None])
 def test_output_shape_and_finite(mode, num_classes):
     model = dit.DiT(**TINY, num_classes=num_classes, conditioning_mode=mode)
-    _randomize(model)
+    contract.randomize(model)
     inputs = _inputs()
     if num_classes is None:
         inputs.pop("y")
@@ -123,7 +115,7 @@ def test_non_square_images_and_patch_4():
         image_shape=(8, 16, 3), patch_size=4, hidden_size=32, depth=1, num_heads=4,
         num_classes=10, conditioning_mode="in_context",
     )
-    _randomize(model)
+    contract.randomize(model)
     out = keras.ops.convert_to_numpy(model(_inputs(3, (8, 16, 3))))
     assert out.shape == (3, 8, 16, 3)
     assert np.all(np.isfinite(out))
@@ -155,7 +147,7 @@ def test_in_context_head_starts_small_but_not_zero():
 def test_null_class_row():
     model = dit.DiT(**TINY, num_classes=10, conditioning_mode="in_context")
     assert tuple(model.y_embedder.embeddings.shape) == (11, 32)
-    _randomize(model)
+    contract.randomize(model)
     inputs = _inputs()
     null = dict(inputs, y=np.full((3,), 10, "int32"))
     missing = {"x": inputs["x"], "t": inputs["t"]}
@@ -255,7 +247,7 @@ def test_dit_block_matches_numpy_with_nonzero_modulation():
 def test_in_context_tokens_reach_the_patches():
     """The timestep only enters through its extra token, so changing t changes x."""
     model = dit.DiT(**TINY, num_classes=None, conditioning_mode="in_context")
-    _randomize(model)
+    contract.randomize(model)
     inputs = _inputs()
     inputs.pop("y")
     a = keras.ops.convert_to_numpy(model(inputs))
@@ -270,35 +262,15 @@ def test_in_context_tokens_reach_the_patches():
 @pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
 def test_keras_file_round_trip(tmp_path, mode):
     model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
-    _randomize(model)
-    inputs = _inputs()
-    expected = keras.ops.convert_to_numpy(model(inputs))
-    path = os.path.join(tmp_path, "dit.keras")
-    model.save(path)
-    restored = keras.models.load_model(path)
-    assert isinstance(restored, dit.DiT)
-    assert restored.get_config() == model.get_config()
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored(inputs)), expected)
-    assert restored.image_shape == (8, 8, 3)
+    contract.randomize(model)
+    contract.run_round_trip_test(model, _inputs(), tmp_path)
 
 
 @pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
 def test_mixed_bfloat16(mode):
-    reference = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
-    _randomize(reference)
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
-    assert model.compute_dtype == "bfloat16"
-    assert all(w.dtype == "float32" for w in model.weights)
-    model.set_weights(reference.get_weights())
-    inputs = _inputs()
-    out = model(inputs)
-    assert keras.backend.standardize_dtype(out.dtype) == "float32"
-    out = keras.ops.convert_to_numpy(out)
-    assert np.all(np.isfinite(out))
-    expected = keras.ops.convert_to_numpy(reference(inputs))
-    # bfloat16 keeps ~3 significant digits.
-    assert np.abs(out - expected).max() < 0.05 * np.abs(expected).max() + 1e-3
+    contract.run_mixed_bfloat16_test(
+        lambda: dit.DiT(**TINY, num_classes=10, conditioning_mode=mode), _inputs()
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -320,25 +292,21 @@ def test_mixed_bfloat16(mode):
     ],
 )
 def test_bad_construction(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        dit.DiT(**{**TINY, **overrides})
+    contract.run_bad_construction_test(dit.DiT, {**TINY, **overrides}, match=match)
 
 
 def test_bad_inputs():
     model = dit.DiT(**TINY, num_classes=10)
     good = _inputs()
-    with pytest.raises(ValueError, match="rank 4"):
-        model(dict(good, x=good["x"][0]))
-    with pytest.raises(ValueError, match=r"axis 3 is 1, expected 3"):
-        model(dict(good, x=good["x"][..., :1]))
-    with pytest.raises(ValueError, match=r"axis 1 is 6, expected 8"):
-        model(dict(good, x=good["x"][:, :6]))
-    with pytest.raises(ValueError, match="'t'"):
-        model(dict(good, t=good["t"][:, None]))
-    with pytest.raises(ValueError, match="'x', 't'"):
-        model({"x": good["x"]})
-    with pytest.raises(ValueError, match="'x', 't'"):
-        model(good["x"])
+    for bad, match in [
+        (dict(good, x=good["x"][0]), "rank 4"),
+        (dict(good, x=good["x"][..., :1]), r"axis 3 is 1, expected 3"),
+        (dict(good, x=good["x"][:, :6]), r"axis 1 is 6, expected 8"),
+        (dict(good, t=good["t"][:, None]), "'t'"),
+        ({"x": good["x"]}, "'x', 't'"),
+        (good["x"], "'x', 't'"),
+    ]:
+        contract.run_bad_call_test(model, bad, match=match)
 
 
 # --------------------------------------------------------------------------------------
@@ -358,7 +326,7 @@ def test_bad_inputs():
     ],
 )
 def test_count_reference_matches_built_models(config):
-    assert dit.DiT(**config).count_params() == _count_reference(**config)
+    contract.run_parameter_count_test(dit.DiT(**config), _count_reference(**config))
 
 
 PAPER = {

@@ -14,19 +14,15 @@ import pytest
 from keras_minsnr.backbones import stable_diffusion as sd
 from keras_minsnr.backbones.stable_diffusion import StableDiffusionEncoders
 from keras_minsnr.backbones.stable_diffusion import StableDiffusionUNet
+from tests import backbone_contract as contract
+
+_predict = contract.predict
 
 def _kcv_source(name):
     import keras_cv
 
     root = pathlib.Path(keras_cv.__file__).parent / "src/models/stable_diffusion"
     return (root / name).read_text()
-
-
-def _predict(model, inputs):
-    # Eager JAX compiles every op on its own; one jit-compiled call is faster.
-    if keras.backend.backend() == "jax":
-        return np.asarray(model.predict_on_batch(inputs))
-    return keras.ops.convert_to_numpy(model(inputs))
 
 
 def _inputs(model, batch=2, seed=0):
@@ -76,13 +72,7 @@ def test_tiny_unet_shapes_and_contract(tiny_models, version, context_dim):
 
 def test_keras_round_trip(tiny_models, tmp_path):
     model = tiny_models["v1"]
-    inputs = _inputs(model)
-    expected = _predict(model, inputs)
-    path = str(tmp_path / "sd.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    assert restored.get_config() == model.get_config()
-    np.testing.assert_array_equal(_predict(restored, inputs), expected)
+    contract.run_round_trip_test(model, _inputs(model), tmp_path)
 
 
 @pytest.mark.skipif(
@@ -90,12 +80,13 @@ def test_keras_round_trip(tiny_models, tmp_path):
     reason="about a minute of XLA compilation on a 2-core CPU; the same KerasCV blocks "
     "run in bfloat16 on TensorFlow here, and tests/test_unet.py covers bf16 on JAX",
 )
-def test_mixed_bfloat16():
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    model = StableDiffusionUNet("v2", img_height=64, img_width=64, tiny=True)
-    out = _predict(model, _inputs(model))
-    assert out.dtype == np.float32 and out.shape == (2, 8, 8, 4)
-    assert np.all(np.isfinite(out))
+def test_mixed_bfloat16(tiny_models):
+    model = tiny_models["v2"]  # KerasCV's random init: no zero-initialised layer
+    contract.run_mixed_bfloat16_test(
+        lambda: StableDiffusionUNet("v2", img_height=64, img_width=64, tiny=True),
+        _inputs(model),
+        reference=model,
+    )
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -135,21 +126,20 @@ def test_urls_are_the_ones_in_kerascv_source():
 )
 def test_bad_construction(kwargs, words):
     base = {"version": "v1", "img_height": 64, "img_width": 64}
-    with pytest.raises(ValueError) as err:
-        StableDiffusionUNet(**{**base, **kwargs})
-    for word in words:
-        assert word in str(err.value)
+    contract.run_bad_construction_test(StableDiffusionUNet, {**base, **kwargs}, words)
 
 
 def test_bad_call_inputs(tiny_models):
     model = tiny_models["v1"]
     good = _inputs(model)
-    with pytest.raises(ValueError, match=r"\(2, 16, 16, 4\).*\(batch, 8, 8, 4\)"):
-        model({**good, "x": np.zeros((2, 16, 16, 4), "float32")})
-    with pytest.raises(ValueError, match="needs the text context"):
-        model({"x": good["x"], "t": good["t"]})
-    with pytest.raises(ValueError, match=r"\(2, 77, 1024\).*768"):
-        model({**good, "y": np.zeros((2, 77, 1024), "float32")})
+    for bad, match in [
+        ({**good, "x": np.zeros((2, 16, 16, 4), "float32")},
+         r"\(2, 16, 16, 4\).*\(batch, 8, 8, 4\)"),
+        ({"x": good["x"], "t": good["t"]}, "needs the text context"),
+        ({**good, "y": np.zeros((2, 77, 1024), "float32")}, r"\(2, 77, 1024\).*768"),
+        (good["x"], "expects a dict"),
+    ]:
+        contract.run_bad_call_test(model, bad, match=match)
 
 
 # ---------------------------------------------------------------- KerasCV's own .h5 layout

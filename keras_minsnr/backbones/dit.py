@@ -548,8 +548,9 @@ class DiT(keras.Model):
         num_classes: number of real classes, or ``None`` / 0 for an unconditional model.
         conditioning_mode: ``"adaln_zero"`` (DiT) or ``"in_context"`` (the Min-SNR ViT).
         frequency_dim: sinusoidal timestep features fed to the timestep MLP.
-        head_init_scale: ``in_context`` only: the head's kernel starts as a truncated
-            normal with std ``0.02 * head_init_scale`` (the ViT's ``init_scale=0.001``).
+        head_init_scale: ``in_context`` only: the head's kernel starts as timm's
+            truncated normal with std ``0.02 * head_init_scale`` (the ViT's
+            ``init_scale=0.001``). docs/backbones.md lists every layer's initialiser.
         **kwargs: `keras.Model` arguments (``name``, ``dtype``).
 
     Example:
