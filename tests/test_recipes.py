@@ -343,7 +343,7 @@ def test_unprepared_data_says_where_to_place_the_files(tmp_path, capsys):
 
 
 def test_unknown_encode_key_lists_the_valid_ones(tmp_path):
-    config = training.resolve_config(_recipe("imagenet256_vit_b2"),
-                                     {"data": str(tmp_path), "encode.vae": "x"})
+    # Found when the config is resolved, before anything is written or encoded.
     with pytest.raises(ValueError, match="encode key.*'vae'.*image_encoder_weights"):
-        training.prepare_data(config)
+        training.resolve_config(_recipe("imagenet256_vit_b2"),
+                                {"data": str(tmp_path), "encode.vae": "x"})
