@@ -326,6 +326,9 @@ def _run(parser, argv):
     try:
         args = parser.parse_args(argv)
         args.func(args)
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (ValueError, OSError) as error:  # UsageError is a ValueError
         message = " ".join(str(error).split())  # one line
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -77,6 +77,8 @@ def _state(run_dir):
 
 def test_every_paper_recipe_is_listed_and_resolves():
     assert set(PAPER_RECIPES) <= set(available_recipes())
+    for name in available_recipes():  # every key and value passes the typed config
+        assert training.resolve_config(_recipe(name))["description"], name
     for name in PAPER_RECIPES:
         module = importlib.import_module(f"recipes.{name}")
         config = training.resolve_config(module.RECIPE)
