@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import pkgutil  # noqa: E402
@@ -60,6 +61,42 @@ def _number_at_least(low):
         return value
 
     return parse
+
+
+@contextlib.contextmanager
+def _quiet_native_logs():
+    """Sends what native code writes to stderr while Keras/TensorFlow load to /dev/null.
+
+    TensorFlow's absl logging prints INFO lines (oneDNN, CUDA probing) before it reads
+    TF_CPP_MIN_LOG_LEVEL; with TF_CPP_MIN_LOG_LEVEL=0 nothing is hidden. Errors raised
+    inside are printed after stderr is restored.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _load_training():
+    """`keras_minsnr.training`, with TensorFlow (the tf.data pipelines of every backend)
+    and the backend's devices initialised while their start-up logs are hidden."""
+    with _quiet_native_logs():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        keras.distribution.list_devices()
+        from keras_minsnr import training
+    return training
 
 
 # === Recipes ===
@@ -120,13 +157,14 @@ def _config_from_args(args):
         overrides["steps"] = args.steps
     if getattr(args, "checkpoint_every", None) is not None:
         overrides["checkpoint_every"] = args.checkpoint_every
-    return run_config.resolve_config(load_recipe(args.recipe), overrides)
+    recipe = load_recipe(args.recipe)
+    with _quiet_native_logs():  # checking `backbone` loads the presets (and Keras)
+        return run_config.resolve_config(recipe, overrides)
 
 
 # === Commands ===
 
 def _train(args):
-    config = _config_from_args(args)
     allowed = args.allow_config_change or []
     unknown = [key for key in allowed if key not in run_config.DEFAULTS]
     if unknown:
@@ -135,7 +173,8 @@ def _train(args):
             f"{', '.join(sorted(run_config.DEFAULTS))}."
         )
     check_output_dir(args.output_dir)
-    from keras_minsnr import training
+    config = _config_from_args(args)
+    training = _load_training()
 
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
     training.train(config, args.output_dir, **kwargs)
@@ -151,8 +190,7 @@ def _sample(args):
             f"--output {path!r}: the extension names the image format; use one of "
             f"{', '.join(IMAGE_EXTENSIONS)}."
         )
-    from keras_minsnr import training
-
+    training = _load_training()
     config, model = training.load_run(args.run_dir)
     overrides = {
         key: value
@@ -170,6 +208,7 @@ def _sample(args):
 
 
 def _evaluate(args):
+    _load_training()
     from keras_minsnr import evaluation
 
     result = evaluation.evaluate_run(

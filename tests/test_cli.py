@@ -230,3 +230,17 @@ def test_show_prints_the_resolved_config_with_key_docs(capsys):
     assert "steps = 9" in out and "# Optimizer" in out
     assert cli.main(["show", "digits", "--set", "sampler=dim"]) == 2
     assert "'dim'" in _one_error_line(capsys)
+
+
+def test_a_fresh_process_prints_only_the_error_line(tmp_path):
+    # Checking `backbone` loads Keras and TensorFlow, whose start-up logs (oneDNN, CUDA
+    # probing) used to surround the error.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_minsnr.cli", "train", "digits", "--output-dir",
+         str(tmp_path / "run"), "--set", "backbone=dit_s2"],
+        env={**env, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        result.stderr.splitlines()[0]] and "backbone: 'dit_s2'" in result.stderr, result.stderr
+    assert result.stdout == "" and not (tmp_path / "run").exists()
