@@ -37,25 +37,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _int_at_least(low):
+def _at_least(low, kind=int):
+    """An argparse type: a ``kind`` (int or float) number >= ``low``."""
+
     def parse(text):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be >= {low}")
-        return value
-
-    return parse
-
-
-def _number_at_least(low):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not value >= low:
             raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be >= {low}")
         return value
@@ -270,9 +260,9 @@ def add_train_arguments(parser, recipe=None):
                        default=None if recipe is None else f"runs/{recipe}",
                        help="run directory to write or resume")
     length = parser.add_argument_group("run length and checkpoints")
-    length.add_argument("--steps", type=_int_at_least(1),
+    length.add_argument("--steps", type=_at_least(1),
                         help="total optimizer steps (sets `steps`; default: the recipe's)")
-    length.add_argument("--checkpoint-every", type=_int_at_least(1), metavar="STEPS",
+    length.add_argument("--checkpoint-every", type=_at_least(1), metavar="STEPS",
                         help="steps between checkpoints (sets `checkpoint_every`; default: "
                         "one per epoch)")
     config = _add_config_options(parser)
@@ -315,11 +305,11 @@ def build_parser():
         formatter_class=formatter,
     )
     sample.add_argument("run_dir", help="a run directory written by train")
-    sample.add_argument("--num-samples", type=_int_at_least(1), default=64, help="images")
+    sample.add_argument("--num-samples", type=_at_least(1), default=64, help="images")
     sample.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
-    sample.add_argument("--steps", type=_int_at_least(1), help="sampling steps (default: the "
+    sample.add_argument("--steps", type=_at_least(1), help="sampling steps (default: the "
                         "run's)")
-    sample.add_argument("--guidance-scale", type=_number_at_least(0), help="default: the run's")
+    sample.add_argument("--guidance-scale", type=_at_least(0, float), help="default: the run's")
     sample.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     sample.add_argument("--output", help="image path; its extension (" +
                         ", ".join(IMAGE_EXTENSIONS) + ") names the format (default: "
@@ -333,11 +323,11 @@ def build_parser():
         formatter_class=formatter,
     )
     evaluate.add_argument("run_dir", help="a run directory written by train")
-    evaluate.add_argument("--num-samples", type=_int_at_least(2), default=1000,
+    evaluate.add_argument("--num-samples", type=_at_least(2), default=1000,
                           help="generated images to compare")
     evaluate.add_argument("--extractor", default=None, help="digits or inception (default: by data)")
     evaluate.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: the run's")
-    evaluate.add_argument("--steps", type=_int_at_least(1), default=None,
+    evaluate.add_argument("--steps", type=_at_least(1), default=None,
                           help="sampling steps (default: the run's)")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     evaluate.set_defaults(func=_evaluate)
@@ -355,7 +345,7 @@ def build_parser():
         formatter_class=formatter,
     )
     show.add_argument("recipe", help=f"recipe name (see `{PROG} recipes`)")
-    show.add_argument("--steps", type=_int_at_least(1), help="as for train")
+    show.add_argument("--steps", type=_at_least(1), help="as for train")
     _add_config_options(show)
     show.set_defaults(func=_show)
     return parser

@@ -372,29 +372,34 @@ def _json(value):
     return json.dumps(value, ensure_ascii=False)
 
 
-def keys_help():
-    """The keys grouped, one line each, for `keras-minsnr train --help` (no Keras import)."""
+def _grouped_lines(title_line, key_line):
+    """One ``title_line(title)`` per group, then ``key_line(name, allowed, rules)`` per key."""
     lines = []
     for group, title in GROUPS.items():
-        lines.append(f"{title}:")
-        for name, annotation, default, rules in key_specs():
-            if rules.group == group:
-                allowed = allowed_text(annotation, rules, resolve_choices=False)
-                lines.append(f"  {name} = {_json(default)}  ({allowed}) {rules.doc}")
-    return "\n".join(lines)
+        lines.append(title_line(title))
+        lines.extend(
+            key_line(name, allowed_text(annotation, rules, resolve_choices=False), rules)
+            for name, annotation, _, rules in key_specs() if rules.group == group
+        )
+    return lines
+
+
+def keys_help():
+    """The keys grouped, one line each, for `keras-minsnr train --help` (no Keras import)."""
+    return "\n".join(_grouped_lines(
+        lambda title: f"{title}:",
+        lambda name, allowed, rules: f"  {name} = {_json(DEFAULTS[name])}  ({allowed}) "
+                                     f"{rules.doc}",
+    ))
 
 
 def describe(config):
     """A resolved config as ``key = value  # doc (allowed)`` lines, grouped."""
-    lines = []
-    for group, title in GROUPS.items():
-        lines.append(f"# {title}")
-        for name, annotation, _, rules in key_specs():
-            if rules.group == group:
-                allowed = allowed_text(annotation, rules, resolve_choices=False)
-                lines.append(f"{name} = {_json(config[name])}  # {rules.doc} ({allowed})")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(_grouped_lines(
+        lambda title: f"\n# {title}",
+        lambda name, allowed, rules: f"{name} = {_json(config[name])}  # {rules.doc} "
+                                     f"({allowed})",
+    )).lstrip("\n") + "\n"
 
 
 def markdown_table():
