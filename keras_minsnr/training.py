@@ -13,6 +13,8 @@ Checkpoints are written to a temporary file and renamed, so a killed run never l
 half-written one; starting the same run again resumes from the last checkpoint.
 """
 
+import ast
+import copy
 import json
 import os
 import sys
