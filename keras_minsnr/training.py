@@ -29,116 +29,13 @@ from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.visualization import save_image_grid
 
-DEFAULTS = {
-    # data
-    "data": "digits",
-    "data_args": {},
-    "image_size": None,
-    # encode raw images once into the latent cache named by `data` (see prepare_data)
-    "encode": {},
-    "batch_size": 256,
-    # model
-    "backbone": "dit_s_2",
-    "backbone_args": {},
-    "schedule": "cosine",
-    "num_timesteps": 1000,
-    "zero_terminal_snr": False,
-    "prediction_type": "epsilon",
-    "weighting": "min_snr",
-    "gamma": 5.0,
-    "label_dropout": 0.15,
-    "ema_decay": 0.9999,
-    # optimisation (the paper: AdamW 1e-4, betas (0.99, 0.99), weight decay 0.03)
-    "learning_rate": 1e-4,
-    "beta_1": 0.99,
-    "beta_2": 0.99,
-    "weight_decay": 0.03,
-    "clipnorm": None,
-    "warmup_steps": 0,
-    "mixed_precision": None,
-    # schedule of the run
-    "steps": 400_000,
-    "steps_per_epoch": 1000,
-    "seed": 0,
-    # samples
-    "sample_every_epochs": 1,
-    "num_samples": 64,
-    "sampler": "ddim",
-    "sample_steps": 50,
-    "guidance_scale": 1.5,
-    "clip_denoised": True,
-    # documentation only
-    "description": "",
-    "paper_source": "",
-}
-
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("steps", "sample_every_epochs", "num_samples", "sample_steps")
-
-
-def parse_overrides(pairs):
-    """``["a=1", "b.c=x"]`` → ``{"a": 1, "b.c": "x"}``; values are Python/JSON literals."""
-    overrides = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"Override {pair!r} is not of the form key=value.")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-        overrides[key.strip()] = value
-    return overrides
-
-
-def _set_nested(mapping, path, value, key):
-    """A copy of ``mapping`` with ``value`` at ``path`` (``a.b.c`` reaches nested dicts)."""
-    head, rest = path[0], path[1:]
-    if not rest:
-        return {**mapping, head: copy.deepcopy(value)}
-    inner = mapping.get(head)
-    if inner is None:
-        inner = {}
-    if not isinstance(inner, dict):
-        raise ValueError(f"{head!r} in {key!r} is not a dict; cannot set {key!r}.")
-    return {**mapping, head: _set_nested(inner, rest, value, key)}
-
-
-def resolve_config(recipe, overrides=None):
-    """Defaults ← recipe ← overrides, with unknown keys rejected.
-
-    Dotted keys reach into dict-valued entries: ``backbone_args.depth=4``, also nested
-    ones: ``encode.source_args.data_dir=/data``.
-    """
-    config = copy.deepcopy(DEFAULTS)
-    for source in (recipe, overrides or {}):
-        for key, value in source.items():
-            top, _, sub = key.partition(".")
-            if top not in DEFAULTS:
-                raise ValueError(
-                    f"Unknown config key {top!r}. Valid keys: {', '.join(sorted(DEFAULTS))}."
-                )
-            if sub:
-                if not isinstance(config[top], dict):
-                    raise ValueError(f"{top!r} is not a dict; cannot set {key!r}.")
-                config[top] = _set_nested(config[top], sub.split("."), value, key)
-            else:
-                config[top] = copy.deepcopy(value)
-    if config["steps"] < 1 or config["steps_per_epoch"] < 1:
-        raise ValueError(
-            f"steps and steps_per_epoch must be >= 1, got {config['steps']} and "
-            f"{config['steps_per_epoch']}."
-        )
-    return config
-
-
-ENCODE_KEYS = (
-    "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
-    "vocabulary", "batch_size", "sample_posterior", "decoder_weights",
-)
+# The config schema lives in run_config; these names stay importable from here.
+from keras_minsnr.run_config import DEFAULTS  # noqa: F401
+from keras_minsnr.run_config import ENCODE_KEYS  # noqa: F401
+from keras_minsnr.run_config import RESUMABLE_KEYS  # noqa: F401
+from keras_minsnr.run_config import _set_nested  # noqa: F401
+from keras_minsnr.run_config import parse_overrides  # noqa: F401
+from keras_minsnr.run_config import resolve_config  # noqa: F401
 
 
 def make_encoders(encode, needs_text):
