@@ -146,8 +146,10 @@ class RunDirectory:
 
     def remove_partial_files(self):
         """Deletes temporary files a killed process left behind (never a committed file)."""
-        for path in glob.glob(os.path.join(self.checkpoint_dir, "*.tmp*")):
-            os.remove(path)
+        for directory in (self.run_dir, self.checkpoint_dir):
+            for pattern in ("*.tmp", "*.tmp.keras"):
+                for path in glob.glob(os.path.join(directory, pattern)):
+                    os.remove(path)
 
     def save_checkpoint(self, model, step, epoch):
         name = f"step-{step:08d}.keras"
