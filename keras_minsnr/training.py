@@ -340,7 +340,7 @@ class RunLogger(keras.callbacks.Callback):
         self.checkpoint_every = checkpoint_interval(config)
         self.sample_every = self.steps_per_epoch * max(int(config["sample_every_epochs"]), 1)
         self.samples_path = os.path.join(run.run_dir, "samples.png")
-        self._step = start_step
+        self.last_step = start_step
 
     def _step_at(self, epoch, batch):
         return self.start_step + (epoch - self.initial_epoch) * self.epoch_steps + batch + 1
@@ -348,9 +348,9 @@ class RunLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         # Counted here rather than read from the optimizer: on JAX reading a variable
         # syncs the whole training state back from the device after every step.
-        self._step = self._step_at(self._epoch, batch)
-        checkpointing.inject_fault("step", self._step)
-        if self._step >= self.end_step:
+        self.last_step = self._step_at(self._epoch, batch)
+        checkpointing.inject_fault("step", self.last_step)
+        if self.last_step >= self.end_step:
             self.model.stop_training = True
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -359,7 +359,7 @@ class RunLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         logs = {k: float(ops.convert_to_numpy(v)) for k, v in (logs or {}).items()}
-        if step != self._step or not all(np.isfinite(v) for v in logs.values()):
+        if step != self.last_step or not all(np.isfinite(v) for v in logs.values()):
             return  # stopped on a non-finite loss: this interval is not kept
         row = {"epoch": (step - 1) // self.steps_per_epoch, "step": step}
         row.update({k: repr(v) for k, v in logs.items()})
@@ -641,7 +641,7 @@ def _fit(model, dataset, run, config, step, total, verbose):
             shuffle=False,  # the tf.data pipeline shuffles with its own seed
         )
         step = int(ops.convert_to_numpy(model.optimizer.iterations))
-        if logger._step != step:
+        if logger.last_step != step:
             break  # an interval stopped early; `train` reports it
 
 

@@ -230,3 +230,32 @@ def test_cli_fault_injection_random_schedules(tmp_path, reference, seed):
     model = _kill_and_resume(run, _fault_schedule(seed))
     _assert_same_weights(_weights(model), weights)
     assert _rows(run) == rows
+
+
+def test_truncated_metrics_keep_the_rows_up_to_the_checkpoint(tmp_path):
+    run = checkpointing.RunDirectory(str(tmp_path))
+    for step in (2, 4, 6):
+        run.append_metrics({"epoch": (step - 1) // 4, "step": step, "loss": 0.5})
+    with open(run.metrics_path, "a") as f:
+        f.write("2,8,0.")  # killed while writing the row of step 8
+    run.truncate_metrics(4)
+    assert [(r["epoch"], r["step"], r["loss"]) for r in _rows(str(tmp_path))] == [
+        ("0", "2", "0.5"), ("0", "4", "0.5")]
+    run.truncate_metrics(0)  # killed before the first checkpoint: no row survives
+    assert _rows(str(tmp_path)) == []
+
+
+def test_config_changes_need_permission_and_never_touch_the_saved_model(tmp_path):
+    config = _config(**REFERENCE)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    changed = {**config, "steps": 20, "learning_rate": 5e-4, "gamma": 1.0}
+    with pytest.raises(ValueError, match=r"changed: gamma, learning_rate\)"):
+        training.config_changes(str(tmp_path), changed)
+    with pytest.raises(ValueError, match="gamma cannot change in an existing run"):
+        training.config_changes(str(tmp_path), changed, ["gamma", "learning_rate"],
+                                has_checkpoint=True)
+    assert training.config_changes(str(tmp_path), changed, ["gamma", "learning_rate"]) == [
+        ("gamma", 5.0, 1.0), ("learning_rate", 1e-3, 5e-4), ("steps", 10, 20)]
+    with pytest.raises(ValueError, match="unknown config key.*lr"):
+        training.config_changes(str(tmp_path), changed, ["lr"])
