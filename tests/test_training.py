@@ -1,4 +1,4 @@
-"""Run directories: checkpoints, resumption after a kill, the CLI end to end.
+"""Run directories: the CLI end to end (kills and resumption: test_reliability.py).
 
 Config checks are in test_run_config.py, command-line errors in test_cli.py.
 """
@@ -6,17 +6,12 @@ Config checks are in test_run_config.py, command-line errors in test_cli.py.
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from keras_minsnr import cli
-from keras_minsnr import training
 from keras_minsnr.visualization import image_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +42,7 @@ def test_cli_trains_samples_and_refuses_to_overwrite(tmp_path, capsys):
             "--set", "steps_per_epoch=3"]
     assert cli.main(args) == 0
     for name in ("config.json", "metrics.csv", "model.keras", "samples.png",
-                 os.path.join("checkpoints", "latest.keras")):
+                 os.path.join("checkpoints", "state.json")):
         assert os.path.exists(os.path.join(run, name)), name
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
@@ -74,45 +69,3 @@ def test_cli_trains_samples_and_refuses_to_overwrite(tmp_path, capsys):
     assert cli.main([*args[:-2], "--set", "steps_per_epoch=3", "--set", "gamma=1"]) == 2
     assert "different configuration (changed: gamma)" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(run, "model.keras")) == before
-
-
-def _read_state(run):
-    try:
-        with open(os.path.join(run, "checkpoints", "state.json")) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def test_a_killed_run_resumes_to_the_same_step_count(tmp_path):
-    run = str(tmp_path / "run")
-    steps, per_epoch = 240, 40
-    command = [sys.executable, "-m", "keras_minsnr.cli", "train", "digits", "--output-dir", run,
-               "--steps", str(steps), *TINY, "--set", f"steps_per_epoch={per_epoch}",
-               "--set", "sample_every_epochs=100"]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        state = _read_state(run)
-        if state and state["epoch"] >= 1:
-            break
-        assert process.poll() is None, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = _read_state(run)
-    assert killed_at is not None and killed_at["epoch"] < steps // per_epoch
-    # No half-written files: every checkpoint present loads.
-    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if ".tmp" in n]
-
-    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert f"Resuming {run} after epoch {killed_at['epoch']}" in finished.stdout
-    state = _read_state(run)
-    assert state == {"epoch": steps // per_epoch, "step": steps}
-    with open(os.path.join(run, "metrics.csv")) as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
-    assert sorted(set(epochs)) == list(range(steps // per_epoch))
-    assert os.path.exists(os.path.join(run, "model.keras"))
