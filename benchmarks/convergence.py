@@ -1,41 +1,56 @@
-"""Convergence benchmark: FID vs training steps, constant vs Min-SNR-γ weighting, on digits.
+"""Convergence benchmark: FID vs training steps for loss weightings, on digits.
 
-The small-scale stand-in for the paper's "3.4x faster convergence" claim. Every run uses the
-digits recipe (`recipes/digits.py`: class-conditional `mlp_digits`, cosine schedule, AdamW
-1e-3, batch 128) and differs only in the prediction target and the loss weighting:
+The small-scale stand-in for the paper's "3.4x faster convergence" claim, on two backbones
+(``--backbone``):
 
-* for each target (``sample``, ``epsilon``, ``v_prediction``): ``constant`` vs ``min_snr`` (γ=5);
-* for ``epsilon``: the γ ablation (``min_snr`` with γ = 1 and 20) and ``soft_min_snr`` (γ=5).
+* ``mlp_digits`` (default): the digits recipe (`recipes/digits.py`: class-conditional
+  residual MLP, cosine schedule, AdamW 1e-3, batch 128), plan ``targets``: for each target
+  (``sample``, ``epsilon``, ``v_prediction``) ``constant`` vs ``min_snr`` (γ=5), and for ε the
+  γ ablation (γ = 1, 20) and ``soft_min_snr`` (γ=5). Outputs ``convergence.*``.
+* ``vit_tiny``: the paper's in-context ViT (`VIT_TINY`: 4 blocks, width 128, patch 2, on the
+  8x8 digits), plan ``table1``: the paper's Table 1 at small scale (see `run_plan`), 3
+  seeds. Outputs ``convergence_vit.*``.
 
 For a given seed every run starts from the same backbone weights (built once, copied in with
 ``set_weights``), sees the same batches (the data pipeline is seeded) and the same noise and
 timesteps (`DiffusionModel(seed=...)`). Training goes through `DiffusionModel.fit`; FID is
 measured by `keras_minsnr.evaluation.FIDCallback` at fixed step checkpoints (every
-``--eval-every`` steps) from ``--num-samples`` class-balanced DDIM-50 samples (EMA weights,
+``--eval-every`` steps) from ``--num-samples`` class-balanced DDIM samples (EMA weights,
 guidance 1, fixed sampling seed) against the real digits, with the offline digits feature
-extractor.
+extractor. On JAX, `import keras_minsnr` sets the XLA:CPU fusion flag that makes the train
+step fast on CPU (`keras_minsnr.xla_flags`), so JAX is the backend to run this with.
 
-Outputs (in ``--output-dir``, default ``docs/results``)::
+Outputs (in ``--output-dir``, default ``docs/results``; STEM is ``convergence`` or
+``convergence_vit``)::
 
-    convergence.csv    one row per run x checkpoint
-    convergence.png    FID vs steps, one panel per target, mean over seeds
-    convergence.json   the plan, per-target speed-ups and the mean curves
+    STEM.csv    one row per run x seed x checkpoint
+    STEM.png    FID vs steps, one panel per target (and one for a γ sweep): the mean over
+                seeds with its 95% interval as a band
+    STEM.json   the settings, per-target speed-ups and the other comparisons with their
+                intervals, per-seed speed-ups, mean curves and FID bands
 
-Speed-up (the paper's measure): the steps the baseline (``constant``) needs to reach its own
-final FID, divided by the steps Min-SNR needs to reach that same FID. Both are read off the
-seed-mean FID curves on the checkpoint grid with linear interpolation between neighbouring
-checkpoints (first crossing). A curve already below the target at its first checkpoint is
-credited with that first checkpoint (no extrapolation towards step 0), so the speed-up is then
-a lower bound. If Min-SNR never reaches the baseline's final FID the speed-up is ``null``.
+Speed-up (the paper's measure): the steps the baseline (``constant``, same target) needs to
+reach its own final FID, divided by the steps the candidate needs to reach that same FID.
+Both are read off the seed-mean FID curves on the checkpoint grid with linear interpolation
+between neighbouring checkpoints (first crossing). A curve already below the target at its
+first checkpoint is credited with that first checkpoint (no extrapolation towards step 0),
+so the speed-up is then a lower bound. If the candidate never reaches the baseline's final
+FID the speed-up is ``null``.
 
-Each finished run is recorded in ``OUTPUT_DIR/convergence_runs/`` (removed at the end), so a
-killed benchmark started again with the same settings skips the runs it already finished.
+Intervals (``--interval``): 95% Student-t over seeds by default (`t_interval`); a percentile
+bootstrap over seeds is available (`bootstrap_interval`) but with 3 seeds it has only 10
+distinct resamples and comes out too narrow. Speed-up intervals come from each seed's own
+speed-up, on the log scale (`speedup_interval`).
+
+Each finished run is recorded in ``OUTPUT_DIR/STEM_runs/`` (removed at the end), so a killed
+benchmark started again with the same settings skips the runs it already finished.
 
 Usage::
 
-    python benchmarks/convergence.py                 # ~1 hour on a 2-core CPU
+    python benchmarks/convergence.py                 # MLP, ~1 hour on a 2-core CPU
+    python benchmarks/convergence.py --backbone vit_tiny   # Table 1 on the ViT (see docs)
     python benchmarks/convergence.py --quick --output-dir /tmp/conv   # ~1-2 minutes
-    #   (quick: 1 seed, 40 steps, FID of 100 DDIM-10 samples at steps 20 and 40, no ablation)
+    python benchmarks/convergence.py --backbone vit_tiny --table   # the Table-1 markdown
     KERAS_BACKEND=jax python benchmarks/convergence.py --seeds 0 1 2
 """
 
