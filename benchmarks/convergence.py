@@ -625,6 +625,7 @@ def table1_markdown(summary, paper=PAPER):
         comparisons[entry["min_snr"]] = {
             "speedup": entry["speedup"],
             "speedup_interval": entry["speedup_interval"],
+            "per_seed": entry.get("per_seed", {}),
         }
     names = summary.get("runs") or sorted(bands)
     seeds = len(summary.get("seeds", [])) or bands[names[0]]["num_seeds"]
@@ -645,8 +646,12 @@ def table1_markdown(summary, paper=PAPER):
         elif name in comparisons:
             entry = comparisons[name]
             speed = _with_interval(entry["speedup"], entry["speedup_interval"], suffix="x")
+            per_seed = entry.get("per_seed") or {}
+            missed = sum(v is None for v in per_seed.values())
             if entry["speedup"] is None:
                 speed = "never reached"
+            elif missed:
+                speed += f" (no interval: {missed} of {len(per_seed)} seeds never reached)"
         else:
             speed = "—"
         theirs = paper["table1_fid"].get(name)

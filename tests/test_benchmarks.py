@@ -270,3 +270,9 @@ def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
                              str(out)]) == 0
     table = capsys.readouterr().out
     assert "| ε | `constant` | 210.00 [" in table and "| ε | `min_snr_5` |" in table
+    # The other comparison rule on planted curves: a seed whose candidate never reaches the
+    # baseline's final FID leaves the speed-up without an interval, and the table says so.
+    entry = summary["speedups"]["epsilon"]
+    entry.update(speedup=1.5, speedup_interval=[None, None], per_seed={"0": 1.5, "1": None})
+    assert "1.50x (no interval: 1 of 2 seeds never reached)" in convergence.table1_markdown(
+        summary)
