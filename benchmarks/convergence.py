@@ -802,6 +802,8 @@ def run_settings(args):
         "num_real": args.num_real,
         "backend": os.environ.get("KERAS_BACKEND", ""),
         "backbone": args.backbone,
+        # A changed VIT_TINY must not reuse runs trained with the old one.
+        "recipe": BACKBONES[args.backbone]["recipe"],
     }
 
 
