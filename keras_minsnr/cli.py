@@ -19,6 +19,7 @@ import pkgutil  # noqa: E402
 import sys  # noqa: E402
 
 from keras_minsnr import run_config  # noqa: E402
+from keras_minsnr import xla_flags  # noqa: E402
 
 PROG = "keras-minsnr"
 SAMPLERS = run_config.SAMPLERS
@@ -145,8 +146,9 @@ def _config_from_args(args):
     overrides = run_config.parse_overrides(args.set)
     if args.steps is not None:
         overrides["steps"] = args.steps
-    if getattr(args, "checkpoint_every", None) is not None:
-        overrides["checkpoint_every"] = args.checkpoint_every
+    for key in ("checkpoint_every", "distribution", "mesh", "multihost"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
     recipe = load_recipe(args.recipe)
     with _quiet_native_logs():  # checking `backbone` loads the presets (and Keras)
         return run_config.resolve_config(recipe, overrides)
@@ -164,6 +166,11 @@ def _train(args):
         )
     check_output_dir(args.output_dir)
     config = _config_from_args(args)
+    if config["multihost"] and xla_flags.keras_backend_name() == "jax":
+        # Before JAX makes its devices (_load_training lists them).
+        from keras_minsnr import distribution
+
+        distribution.initialize_multihost()
     training = _load_training()
 
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
@@ -265,6 +272,13 @@ def add_train_arguments(parser, recipe=None):
     length.add_argument("--checkpoint-every", type=_at_least(1), metavar="STEPS",
                         help="steps between checkpoints (sets `checkpoint_every`; default: "
                         "one per epoch)")
+    devices = parser.add_argument_group("devices")
+    devices.add_argument("--distribution", choices=run_config.DISTRIBUTIONS,
+                         help="sets `distribution` (default: the recipe's, else none)")
+    devices.add_argument("--mesh", metavar="DATAxMODEL",
+                         help="device mesh for JAX, e.g. 2x4 (sets `mesh`)")
+    devices.add_argument("--multihost", action="store_true", default=None,
+                         help="join a multi-host cluster first (sets `multihost`)")
     config = _add_config_options(parser)
     config.add_argument(
         "--allow-config-change", nargs="+", metavar="KEY", default=[],

@@ -33,8 +33,10 @@ GROUPS = {
     "optimizer": "Optimizer",
     "run": "Length of the run and checkpoints",
     "samples": "Sample grids",
+    "scale": "Devices (keras.distribution on JAX, tf.distribute on TensorFlow)",
     "about": "Documentation only",
 }
+DISTRIBUTIONS = ("none", "data_parallel", "model_parallel")
 
 
 def _backbone_presets():
@@ -160,6 +162,19 @@ class RunConfig:
                                  low=0)
     clip_denoised: bool | None = _key(
         True, "clip predicted images to [-1, 1] (null: the model's default)", "samples")
+    # === Devices === (a run may resume on another device count: all resumable)
+    distribution: str = _key(
+        "none", "none: one device; data_parallel: the batch split over every device (JAX: "
+        "keras.distribution, TensorFlow: MirroredStrategy); model_parallel: JAX only, "
+        "transformer blocks split over the mesh's model axis", "scale", choices=DISTRIBUTIONS,
+        resumable=True)
+    mesh: str | None = _key(
+        None, "DATAxMODEL devices, e.g. 2x4 (null: every device on the data axis)", "scale",
+        resumable=True)
+    multihost: bool = _key(
+        False, "join a multi-host JAX cluster first (jax.distributed.initialize from the "
+        "environment; TensorFlow: MultiWorkerMirroredStrategy from TF_CONFIG)", "scale",
+        resumable=True)
     # === Documentation only ===
     description: str = _key("", "one line about the recipe", "about")
     paper_source: str = _key("", "where the recipe's numbers come from", "about")

@@ -15,6 +15,7 @@ Starting the same run again resumes from the last checkpoint and continues exact
 it stopped; see `keras_minsnr.checkpointing` and docs/reliability.md.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from keras import ops
 
 from keras_minsnr import backbones
 from keras_minsnr import checkpointing
+from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.visualization import save_image_grid
@@ -166,12 +168,13 @@ def build_model(config, info):
         args.setdefault("num_classes", info.num_classes)
     backbone = backbones.get(config["backbone"], **args)
     conditional = getattr(backbone, "conditioning", None) is not None
+    weighting = weighting_lib.get(config["weighting"], gamma=config["gamma"],
+                                  terminal_weight=config.get("terminal_weight", 1.0))
     model = DiffusionModel(
         backbone,
         NoiseSchedule(config["schedule"], config["num_timesteps"], config["zero_terminal_snr"]),
         prediction_type=config["prediction_type"],
-        weighting=config["weighting"],
-        gamma=config["gamma"],
+        weighting=weighting,
         label_dropout=config["label_dropout"] if conditional else 0.0,
         ema_decay=config["ema_decay"],
         seed=config["seed"],
@@ -459,6 +462,7 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     """
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
+    scope = distribution_scope(config)  # bad device settings fail before anything is written
     os.makedirs(run_dir, exist_ok=True)
     run = checkpointing.RunDirectory(run_dir, config.get("keep_checkpoints", 2))
     run.remove_partial_files()
@@ -476,9 +480,10 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     keras.utils.set_random_seed(config["seed"])
 
     dataset, info = build_dataset(config)
-    model = load_checkpoint(run_dir, config) if state else None
-    if model is None:
-        model = build_model(config, info)
+    with scope():  # variables get their device layout when they are made
+        model = load_checkpoint(run_dir, config) if state else None
+        if model is None:
+            model = build_model(config, info)
     # Written once the data and the model exist, so a start that fails on them leaves no
     # config behind that would hold the directory to the failed settings.
     checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
@@ -488,7 +493,8 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
               f"({run.checkpoint_path(state)}).")
     start = time.time()
     try:
-        _fit(model, dataset, run, config, step, total, verbose)
+        with scope():
+            _fit(model, dataset, run, config, step, total, verbose)
     except FloatingPointError as error:
         state = run.read_state()
         kept = state["step"] if state else 0
@@ -506,6 +512,51 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
         write_samples(model, os.path.join(run_dir, "samples.png"), config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
     return model
+
+
+def distribution_scope(config):
+    """The context a run builds and trains its model in, for ``config["distribution"]``.
+
+    Returns a function that makes the context (enter one to build, another to train).
+    JAX: the scope of the `keras.distribution` that `kms.distribution.configure` makes.
+    TensorFlow: ``data_parallel`` is a `tf.distribute.MirroredStrategy`
+    (``MultiWorkerMirroredStrategy`` with ``multihost``); ``model_parallel`` is refused.
+    The global batch ``batch_size`` must divide evenly over the data-parallel devices.
+    """
+    kind = config.get("distribution", "none")
+    if kind == "none":
+        return contextlib.nullcontext
+    from keras_minsnr import distribution
+
+    mesh_shape = distribution.parse_mesh(config.get("mesh"))
+    if keras.backend.backend() == "jax":
+        dist = distribution.configure(kind, mesh_shape, backbone_name=config["backbone"],
+                                      set_global=False)
+        data_devices = dist.device_mesh.shape[0]
+        scope = dist.scope
+    else:
+        import tensorflow as tf
+
+        if kind != "data_parallel":
+            raise ValueError(
+                f"distribution={kind!r} needs the JAX backend (keras.distribution); on "
+                "TensorFlow use distribution=data_parallel (tf.distribute)."
+            )
+        if mesh_shape is not None:
+            raise ValueError(
+                f"mesh={config['mesh']!r} is for JAX; TensorFlow's data_parallel uses every "
+                "device (set CUDA_VISIBLE_DEVICES to choose)."
+            )
+        strategy = (tf.distribute.MultiWorkerMirroredStrategy() if config.get("multihost")
+                    else tf.distribute.MirroredStrategy())
+        data_devices = strategy.num_replicas_in_sync
+        scope = strategy.scope
+    if config["batch_size"] % data_devices:
+        raise ValueError(
+            f"batch_size={config['batch_size']} must be a multiple of the {data_devices} "
+            "data-parallel devices (it is the global batch, split over them)."
+        )
+    return scope
 
 
 def _fit(model, dataset, run, config, step, total, verbose):
