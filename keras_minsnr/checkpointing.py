@@ -123,7 +123,6 @@ class RunDirectory:
         self.state_path = os.path.join(self.checkpoint_dir, "state.json")
         self.metrics_path = os.path.join(run_dir, "metrics.csv")
         self.history_path = os.path.join(run_dir, "history.jsonl")
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -153,6 +152,7 @@ class RunDirectory:
 
     def save_checkpoint(self, model, step, epoch):
         name = f"step-{step:08d}.keras"
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
         atomic_save_model(model, os.path.join(self.checkpoint_dir, name), fault_step=step)
         state = {
             "step": int(step),

@@ -459,6 +459,12 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
             per epoch otherwise (logs, CI).
         allow_config_change: top-level config keys that may differ from the run's stored
             config; each change is printed and appended to ``history.jsonl``.
+
+    Raises:
+        FloatingPointError: the loss became NaN or Inf. Nothing of the interval it
+            happened in is saved; the message says how to resume with a lower rate.
+        ValueError: a changed config key that was not allowed, or that is part of the
+            checkpointed model.
     """
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
