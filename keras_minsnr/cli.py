@@ -378,6 +378,9 @@ def _run(parser, argv):
         if isinstance(error, UsageError):
             raise SystemExit(2) from None
         return 2
+    except FloatingPointError as error:  # training diverged: the message says what to do
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -253,3 +253,16 @@ def test_a_plain_import_registers_every_class_for_load_model():
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[True, True, True, True, True]"
+
+
+def test_a_diverging_run_ends_with_one_line_naming_the_way_out(tmp_path, capsys):
+    run = tmp_path / "nan"
+    code = cli.main(["train", "digits", "--output-dir", str(run), "--steps", "4",
+                     "--set", "learning_rate=1e30", "--set", "warmup_steps=0",
+                     "--set", "steps_per_epoch=2", "--set", "backbone_args.depth=1",
+                     "--set", "backbone_args.hidden_size=32", "--set", "batch_size=16"])
+    assert code == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("keras-minsnr")]
+    assert len(errors) == 1 and "Traceback" not in captured.err
+    assert "--allow-config-change learning_rate" in errors[0]
