@@ -1,7 +1,10 @@
-"""Small helpers the benchmarks share: process memory and a description of the device."""
+"""Small helpers the benchmarks share: process memory, the device, child processes."""
 
+import json
 import os
 import platform
+import subprocess
+import sys
 
 
 def rss_mb(field):
@@ -63,3 +66,16 @@ def device_description(backend):
     except OSError:
         pass
     return gpu or f"CPU: {cpu}, {os.cpu_count()} cores (shared, noisy machine)"
+
+
+def run_child(script, backend, arguments, cwd):
+    """Runs ``script ARGUMENTS`` on ``backend`` in a fresh process; returns the JSON object
+    of its last ``RESULT {...}`` line (one backend per process: Keras fixes it at import)."""
+    command = [sys.executable, os.path.abspath(script), *arguments]
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stderr[-4000:])
+        raise RuntimeError(f"{backend} {' '.join(arguments)} failed (exit {done.returncode}).")
+    return json.loads(lines[-1][len("RESULT "):])

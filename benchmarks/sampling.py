@@ -39,6 +39,8 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import _common  # noqa: E402
+
 CASE = "dit_small"
 SAMPLERS = {"ddim50": ("ddim", 50), "edm_heun20": ("edm_heun", 20)}
 CHAIN = 20  # forward passes per compiled call when timing the network alone
@@ -202,14 +204,7 @@ def child(batch_size, repeats):
 
 
 def run_child(backend, arguments):
-    command = [sys.executable, os.path.abspath(__file__), *arguments]
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stderr[-4000:])
-        raise RuntimeError(f"{backend} {' '.join(arguments)} failed (exit {done.returncode}).")
-    return json.loads(lines[-1][len("RESULT "):])
+    return _common.run_child(__file__, backend, arguments, ROOT)
 
 
 def report_lines(result):

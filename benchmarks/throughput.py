@@ -48,6 +48,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import _common  # noqa: E402
 from _common import device_description  # noqa: E402,F401 - the child prints it
 from _common import device_peak_mb  # noqa: E402
 from _common import gpu_name  # noqa: E402
@@ -185,14 +186,7 @@ def child(case, batch_size, steps, warmup, sample_batch, policy):
 
 
 def run_child(backend, arguments):
-    command = [sys.executable, os.path.abspath(__file__), *arguments]
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stderr[-4000:])
-        raise RuntimeError(f"{backend} {' '.join(arguments)} failed (exit {done.returncode}).")
-    return json.loads(lines[-1][len("RESULT "):])
+    return _common.run_child(__file__, backend, arguments, ROOT)
 
 
 def add_mfu(result, counts):
