@@ -3,7 +3,8 @@
 ``import keras_minsnr`` imports the whole public API at once, so every class is
 registered with Keras and ``keras.models.load_model`` finds it. Only the ``keras-minsnr``
 command-line process imports names on first use (PEP 562), so its ``--help`` and config
-checks run without loading Keras, TensorFlow or JAX; its commands import what they use.
+checks run without loading Keras, TensorFlow or JAX; its commands import what they use
+(also under ``python -m keras_minsnr.cli`` and ``python -m recipes.NAME``).
 """
 
 import importlib
@@ -58,7 +59,10 @@ def import_all():
 
 
 def _is_command_line_process():
-    return bool(sys.argv) and os.path.basename(sys.argv[0] or "") == COMMAND_NAME
+    # The console script, or `python -m keras_minsnr.cli` / `-m recipes.NAME`: while
+    # Python locates a `-m` module, argv[0] is "-m".
+    first = (sys.argv or [""])[0] or ""
+    return os.path.basename(first) == COMMAND_NAME or first == "-m"
 
 
 if not _is_command_line_process():

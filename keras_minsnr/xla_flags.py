@@ -13,7 +13,10 @@ all of these hold, and says once on stderr what it set:
   ``XLA_FLAGS`` once, when the first device is made);
 - no GPU or TPU plugin for JAX is installed (the flag is about XLA:CPU only);
 - the installed jaxlib is one this flag was verified on (an unknown flag aborts XLA);
-- ``XLA_FLAGS`` does not already name the option;
+- the CPU is one device (no ``--xla_force_host_platform_device_count`` above 1): with
+  sharded programs XLA fails ("Instruction with unsupported layout in YNN fusion");
+- ``XLA_FLAGS`` does not already name the option (a value this module added, inherited
+  by a child process, is decided anew there);
 - ``KERAS_MINSNR_XLA_CPU_FLAGS`` is not ``0`` (the opt-out).
 """
 
@@ -21,10 +24,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import sys
 
 FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 OPT_OUT_VARIABLE = "KERAS_MINSNR_XLA_CPU_FLAGS"
+# Set beside XLA_FLAGS when this module added the flag, so a child process can tell.
+ADDED_VARIABLE = "KERAS_MINSNR_ADDED_XLA_FLAGS"
 # jaxlib versions on which FUSION_FLAG exists and was measured (>= this, < the next major).
 VERIFIED_JAXLIB = ((0, 10), (0, 11))
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
@@ -57,8 +63,12 @@ def _reason_not_to_set(backend, environ):
         return f"{OPT_OUT_VARIABLE}=0"
     if backend != "jax":
         return f"the Keras backend is {backend}"
-    if "xla_cpu_experimental_ynn_fusion_type" in environ.get("XLA_FLAGS", ""):
+    flags = environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
         return "XLA_FLAGS already sets it"
+    devices = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if devices and int(devices.group(1)) > 1:
+        return "the CPU is split into several devices"
     platforms = environ.get("JAX_PLATFORMS", "")
     cpu_only = platforms.strip().lower() == "cpu"
     if not cpu_only and any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS):
@@ -96,9 +106,18 @@ def configure(backend=None, environ=None, stream=None):
     environ = os.environ if environ is None else environ
     if backend is None:
         backend = keras_backend_name(environ)
+    flags = environ.get("XLA_FLAGS", "").split()
+    if environ.get(ADDED_VARIABLE) == FUSION_FLAG and FUSION_FLAG in flags:
+        if _jax_devices_created():
+            return False  # in force already: XLA read it
+        # Inherited from a parent this module configured: decide again for this process.
+        flags.remove(FUSION_FLAG)
+        environ["XLA_FLAGS"] = " ".join(flags)
+        del environ[ADDED_VARIABLE]
     if _reason_not_to_set(backend, environ) is not None:
         return False
     environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + FUSION_FLAG).strip()
+    environ[ADDED_VARIABLE] = FUSION_FLAG
     print(
         f"keras_minsnr: added {FUSION_FLAG} to XLA_FLAGS (faster JAX training on CPU; "
         f"set {OPT_OUT_VARIABLE}=0 to opt out).",

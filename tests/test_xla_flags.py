@@ -23,10 +23,27 @@ def test_adds_the_flag_once_and_says_so(fresh_jax):
     stream = io.StringIO()
     assert xla_flags.configure("jax", environ, stream)
     assert environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + xla_flags.FUSION_FLAG
+    assert environ[xla_flags.ADDED_VARIABLE] == xla_flags.FUSION_FLAG
     assert "KERAS_MINSNR_XLA_CPU_FLAGS=0" in stream.getvalue()
-    # A second import (or a child process inheriting the variable) leaves it as it is.
-    assert not xla_flags.configure("jax", environ, io.StringIO())
+    # A second import, or a child process inheriting the variables, keeps one copy.
+    xla_flags.configure("jax", environ, io.StringIO())
     assert environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+
+def test_a_child_that_splits_the_cpu_into_devices_drops_the_inherited_flag(fresh_jax):
+    # Sharded programs fail with the flag ("unsupported layout in YNN fusion"), so a child
+    # process that asks for 8 CPU devices must not keep what its parent added.
+    parent = {}
+    assert xla_flags.configure("jax", parent, io.StringIO())
+    child = dict(parent)
+    child["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+    assert not xla_flags.configure("jax", child, io.StringIO())
+    assert child["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    assert xla_flags.ADDED_VARIABLE not in child
+    # A flag the user set themselves stays, whatever the device count.
+    own = {"XLA_FLAGS": xla_flags.FUSION_FLAG + " --xla_force_host_platform_device_count=8"}
+    assert not xla_flags.configure("jax", own, io.StringIO())
+    assert own["XLA_FLAGS"].startswith(xla_flags.FUSION_FLAG)
 
 
 @pytest.mark.parametrize(
@@ -35,6 +52,7 @@ def test_adds_the_flag_once_and_says_so(fresh_jax):
         ("tensorflow", {}, "backend is tensorflow"),
         ("jax", {"KERAS_MINSNR_XLA_CPU_FLAGS": "0"}, "=0"),
         ("jax", {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}, "already"),
+        ("jax", {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, "several devices"),
     ],
 )
 def test_leaves_xla_flags_alone_when_told_or_not_jax(fresh_jax, backend, environ, reason):
@@ -63,7 +81,7 @@ def test_a_plain_import_on_cpu_jax_sets_the_flag_and_xla_accepts_it():
     # Runs on either suite: the child process uses JAX whatever this one uses.
     environ = {
         k: v for k, v in os.environ.items()
-        if k not in ("XLA_FLAGS", "KERAS_MINSNR_XLA_CPU_FLAGS")
+        if k not in ("XLA_FLAGS", "KERAS_MINSNR_XLA_CPU_FLAGS", xla_flags.ADDED_VARIABLE)
     }
     environ.update(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     code = (
