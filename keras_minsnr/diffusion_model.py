@@ -442,8 +442,8 @@ class DiffusionModel(keras.Model):
             eta: DDIM stochasticity.
             use_ema: sample with the EMA weights (when the model keeps an EMA).
             clip_denoised: clip x̂₀ to [-1, 1] at each step; None uses the model's
-                ``clip_denoised`` (True for pixel-space models). Not used by the flow
-                samplers, which integrate the velocity unchanged.
+                ``clip_denoised`` (True for pixel-space models). The flow samplers clip
+                x̂₀ = x − t·û and use the velocity ``(x − x̂₀)/t`` it implies.
             batch_size: generate in chunks of this size (default: all at once).
             verbose: show a progress bar.
             shift: flow samplers only: SD3's shift of the time grid (``> 1`` takes smaller

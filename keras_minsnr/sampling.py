@@ -61,12 +61,20 @@ def flow_velocity(model, params, x, time):
 
     The backbone gets the nearest training step (`FlowMatchingSchedule.timestep_index`);
     guidance combines its raw outputs (as for the other samplers) and the result is turned
-    into a velocity at ``time`` itself. ``params`` as for `guided_prediction`.
+    into a velocity at ``time`` itself. ``params`` as for `denoise`; with the clip flag
+    set, x̂₀ = x − t·û is clipped to [-1, 1] and the velocity re-derived from it,
+    ``û = (x − x̂₀)/t`` (as DDIM re-derives ε̂), so the last Euler step lands in [-1, 1].
     """
     x = ops.cast(x, "float32")
     steps = model.schedule.timestep_index(time)
-    prediction = guided_prediction(model, params, x, steps)
-    return model.schedule.velocity_at_time(x, prediction, time, model.prediction_type)
+    prediction = guided_prediction(model, params[:5], x, steps)
+    u = model.schedule.velocity_at_time(x, prediction, time, model.prediction_type)
+    clip = params[5] if len(params) > 5 else None
+    if clip is None:
+        return u
+    t = ops.reshape(ops.cast(time, "float32"), (-1,) + (1,) * (len(x.shape) - 1))
+    x0 = ops.clip(x - t * u, -1.0, 1.0)
+    return ops.where(clip > 0, (x - x0) / ops.maximum(t, 1e-8), u)
 
 
 def check_sampler_for(model, sampler):
@@ -150,7 +158,7 @@ def generate(
             outputs.append(
                 flow.sample_flow(
                     model._flow_step_functions,
-                    params[:5],
+                    params,
                     (size,) + model.image_shape,
                     sampler=sampler,
                     num_steps=num_steps,

@@ -183,6 +183,27 @@ def test_flow_guidance_combines_the_velocities():
     np.testing.assert_allclose(u(labels, null, 3.0), uncond + 3 * (cond - uncond), atol=1e-4)
 
 
+def test_flow_clipping_clips_x0_and_rederives_the_velocity():
+    """With the clip flag û becomes ``(x − clip(x − t·û, −1, 1)) / t``; samples end in [-1, 1]."""
+    model = tiny_flow_model()
+    rng = np.random.default_rng(1)
+    x = ops.convert_to_tensor(3 * rng.normal(size=(2, 4, 4, 1)), "float32")
+    time = ops.convert_to_tensor([0.7, 0.2], "float32")
+    weights = [v.value for v in model.backbone.trainable_variables]
+
+    def u(clip):
+        params = (weights, [], None, None, ops.convert_to_tensor(1.0), clip)
+        return ops.convert_to_numpy(sampling.flow_velocity(model, params, x, time))
+
+    raw, t, xn = u(None), np.array([0.7, 0.2])[:, None, None, None], ops.convert_to_numpy(x)
+    expected = (xn - np.clip(xn - t * raw, -1, 1)) / t
+    assert np.any(np.abs(xn - t * raw) > 1)  # the clip is active somewhere
+    np.testing.assert_allclose(u(ops.convert_to_tensor(1.0)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(u(ops.convert_to_tensor(0.0)), raw, rtol=1e-6, atol=1e-6)
+    clipped = model.generate(8, num_steps=3, seed=0, clip_denoised=True)
+    assert clipped.min() >= -1 and clipped.max() <= 1
+
+
 def test_edm_arguments_reach_the_sampler():
     """sigma_max = 1 (instead of 80) starts EDM-Heun at σ = 1: the first step changes."""
     model = kms.DiffusionModel(TinyConvBackbone((4, 4, 1), width=4), "cosine", ema_decay=0)
@@ -237,7 +258,7 @@ def reference_flow_scale(sampler, num_steps):
 def test_generate_with_the_optimal_velocity_reproduces_gaussian_data(sampler, num_steps):
     model = kms.DiffusionModel(
         optimal_velocity_backbone(), kms.FlowMatchingSchedule(T), prediction_type="flow",
-        ema_decay=0,
+        ema_decay=0, clip_denoised=False,
     )
     samples = model.generate(512, num_steps=num_steps, sampler=sampler, seed=0).astype(np.float64)
     mean, std = reference_flow_scale(sampler, num_steps)
