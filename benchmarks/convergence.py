@@ -1,41 +1,56 @@
-"""Convergence benchmark: FID vs training steps, constant vs Min-SNR-γ weighting, on digits.
+"""Convergence benchmark: FID vs training steps for loss weightings, on digits.
 
-The small-scale stand-in for the paper's "3.4x faster convergence" claim. Every run uses the
-digits recipe (`recipes/digits.py`: class-conditional `mlp_digits`, cosine schedule, AdamW
-1e-3, batch 128) and differs only in the prediction target and the loss weighting:
+The small-scale stand-in for the paper's "3.4x faster convergence" claim, on two backbones
+(``--backbone``):
 
-* for each target (``sample``, ``epsilon``, ``v_prediction``): ``constant`` vs ``min_snr`` (γ=5);
-* for ``epsilon``: the γ ablation (``min_snr`` with γ = 1 and 20) and ``soft_min_snr`` (γ=5).
+* ``mlp_digits`` (default): the digits recipe (`recipes/digits.py`: class-conditional
+  residual MLP, cosine schedule, AdamW 1e-3, batch 128), plan ``targets``: for each target
+  (``sample``, ``epsilon``, ``v_prediction``) ``constant`` vs ``min_snr`` (γ=5), and for ε the
+  γ ablation (γ = 1, 20) and ``soft_min_snr`` (γ=5). Outputs ``convergence.*``.
+* ``vit_tiny``: the paper's in-context ViT (`VIT_TINY`: 4 blocks, width 128, patch 2, on the
+  8x8 digits), plan ``table1``: the paper's Table 1 at small scale (see `run_plan`), 3
+  seeds. Outputs ``convergence_vit.*``.
 
 For a given seed every run starts from the same backbone weights (built once, copied in with
 ``set_weights``), sees the same batches (the data pipeline is seeded) and the same noise and
 timesteps (`DiffusionModel(seed=...)`). Training goes through `DiffusionModel.fit`; FID is
 measured by `keras_minsnr.evaluation.FIDCallback` at fixed step checkpoints (every
-``--eval-every`` steps) from ``--num-samples`` class-balanced DDIM-50 samples (EMA weights,
+``--eval-every`` steps) from ``--num-samples`` class-balanced DDIM samples (EMA weights,
 guidance 1, fixed sampling seed) against the real digits, with the offline digits feature
-extractor.
+extractor. On JAX, `import keras_minsnr` sets the XLA:CPU fusion flag that makes the train
+step fast on CPU (`keras_minsnr.xla_flags`), so JAX is the backend to run this with.
 
-Outputs (in ``--output-dir``, default ``docs/results``)::
+Outputs (in ``--output-dir``, default ``docs/results``; STEM is ``convergence`` or
+``convergence_vit``)::
 
-    convergence.csv    one row per run x checkpoint
-    convergence.png    FID vs steps, one panel per target, mean over seeds
-    convergence.json   the plan, per-target speed-ups and the mean curves
+    STEM.csv    one row per run x seed x checkpoint
+    STEM.png    FID vs steps, one panel per target (and one for a γ sweep): the mean over
+                seeds with its 95% interval as a band
+    STEM.json   the settings, per-target speed-ups and the other comparisons with their
+                intervals, per-seed speed-ups, mean curves and FID bands
 
-Speed-up (the paper's measure): the steps the baseline (``constant``) needs to reach its own
-final FID, divided by the steps Min-SNR needs to reach that same FID. Both are read off the
-seed-mean FID curves on the checkpoint grid with linear interpolation between neighbouring
-checkpoints (first crossing). A curve already below the target at its first checkpoint is
-credited with that first checkpoint (no extrapolation towards step 0), so the speed-up is then
-a lower bound. If Min-SNR never reaches the baseline's final FID the speed-up is ``null``.
+Speed-up (the paper's measure): the steps the baseline (``constant``, same target) needs to
+reach its own final FID, divided by the steps the candidate needs to reach that same FID.
+Both are read off the seed-mean FID curves on the checkpoint grid with linear interpolation
+between neighbouring checkpoints (first crossing). A curve already below the target at its
+first checkpoint is credited with that first checkpoint (no extrapolation towards step 0),
+so the speed-up is then a lower bound. If the candidate never reaches the baseline's final
+FID the speed-up is ``null``.
 
-Each finished run is recorded in ``OUTPUT_DIR/convergence_runs/`` (removed at the end), so a
-killed benchmark started again with the same settings skips the runs it already finished.
+Intervals (``--interval``): 95% Student-t over seeds by default (`t_interval`); a percentile
+bootstrap over seeds is available (`bootstrap_interval`) but with 3 seeds it has only 10
+distinct resamples and comes out too narrow. Speed-up intervals come from each seed's own
+speed-up, on the log scale (`speedup_interval`).
+
+Each finished run is recorded in ``OUTPUT_DIR/STEM_runs/`` (removed at the end), so a killed
+benchmark started again with the same settings skips the runs it already finished.
 
 Usage::
 
-    python benchmarks/convergence.py                 # ~1 hour on a 2-core CPU
+    python benchmarks/convergence.py                 # MLP, ~1 hour on a 2-core CPU
+    python benchmarks/convergence.py --backbone vit_tiny   # Table 1 on the ViT (see docs)
     python benchmarks/convergence.py --quick --output-dir /tmp/conv   # ~1-2 minutes
-    #   (quick: 1 seed, 40 steps, FID of 100 DDIM-10 samples at steps 20 and 40, no ablation)
+    python benchmarks/convergence.py --backbone vit_tiny --table   # the Table-1 markdown
     KERAS_BACKEND=jax python benchmarks/convergence.py --seeds 0 1 2
 """
 
@@ -69,23 +84,111 @@ CSV_COLUMNS = (
     "kid_std",
     "train_seconds",
 )
-FULL = {"steps": 2000, "eval_every": 250, "num_samples": 1000, "seeds": [0, 1],
-        "sample_steps": 50, "ablation": True}
-# CI-sized: one seed, no ablation, a short sampler; the numbers mean nothing, the files do.
-QUICK = {"steps": 40, "eval_every": 20, "num_samples": 100, "seeds": [0],
-         "sample_steps": 10, "ablation": False}
+
+# The paper's in-context ViT (timestep and class as two extra tokens, learned positions,
+# pre-LN blocks, no adaLN; `DiT(conditioning_mode="in_context")` behind the
+# `vit_b_2_in256` preset) cut down until the Table-1 plan (16 runs x 3 seeds) fits one
+# long run on a 2-core CPU. The digits stay at their native 8x8: patch 2 gives 16 patch
+# tokens (+2 condition tokens). Upsampling to 16x16 with patch 2 gives 64 tokens, which
+# adds no information (the FID extractor resizes back to 8x8) but multiplies the step time
+# by ~4 (see docs/results.md, "ViT step time").
+VIT_TINY = {
+    "description": "The Min-SNR paper's in-context ViT, 4 blocks of width 128, 4 heads, "
+    "patch 2, on the native 8x8 digits (0.8 M parameters).",
+    "paper_source": "Hang et al. 2023, guided_diffusion/vision_transformer.py (ViT-B/2 "
+    "layout); Table 1's weighting ablation at small scale.",
+    "image_size": 8,
+    "backbone": "vit_b_2_in256",
+    "backbone_args": {"patch_size": 2, "hidden_size": 128, "depth": 4, "num_heads": 4},
+    "batch_size": 32,
+    # The paper's AdamW (wd 0.03) with a short-run learning rate and warm-up, as the MLP
+    # recipe does; beta_1 0.9 because 0.99 is too slow for an 800-step run.
+    "learning_rate": 5e-4,
+    "beta_1": 0.9,
+    "beta_2": 0.99,
+    "weight_decay": 0.03,
+    "warmup_steps": 100,
+    "ema_decay": 0.995,
+}
+
+# Per benchmark backbone: recipe overrides (on top of recipes/digits.py), output file stem,
+# default plan, full and CI-sized settings.
+BACKBONES = {
+    "mlp_digits": {
+        "recipe": {},
+        "stem": "convergence",
+        "plan": "targets",
+        "full": {"steps": 2000, "eval_every": 250, "num_samples": 1000, "seeds": [0, 1],
+                 "sample_steps": 50},
+        # CI-sized: one seed, a short sampler; the numbers mean nothing, the files do.
+        "quick": {"steps": 40, "eval_every": 20, "num_samples": 100, "seeds": [0],
+                  "sample_steps": 10},
+    },
+    "vit_tiny": {
+        "recipe": VIT_TINY,
+        "stem": "convergence_vit",
+        "plan": "table1",
+        # Sized from the step times measured on the shared 2-core CPU (docs/results.md,
+        # "ViT step time") so that 16 runs x 3 seeds fit one long run.
+        "full": {"steps": 800, "eval_every": 200, "num_samples": 300, "seeds": [0, 1, 2],
+                 "sample_steps": 20},
+        "quick": {"steps": 4, "eval_every": 2, "num_samples": 20, "seeds": [0],
+                  "sample_steps": 2},
+    },
+}
+# Kept for callers of the MLP benchmark's settings.
+FULL = {**BACKBONES["mlp_digits"]["full"], "ablation": True}
+QUICK = {**BACKBONES["mlp_digits"]["quick"], "ablation": False}
+
+PLANS = ("targets", "table1")
+# The γ sweep of the Table-1 plan runs on the x₀ target: there Min-SNR-γ's weight is
+# min(SNR, γ) itself, so γ is the cap on the per-step weight with nothing folded in (with ε
+# it becomes min(1, γ/SNR)), and x₀ is the target of the official ViT configs
+# (`pred_x0__min_snr_5`).
+GAMMA_SWEEP = (1.0, 2.0, 5.0, 10.0, 20.0)
+SWEEP_TARGET = "sample"
 
 
-def run_plan(targets=TARGETS, ablation=True):
-    """The runs: ``(name, target, weighting, gamma)`` tuples."""
+def _run(target, weighting, gamma=None):
+    suffix = weighting if gamma is None else f"{weighting}_{gamma:g}"
+    return (f"{target}/{suffix}", target, weighting, gamma)
+
+
+def run_plan(targets=TARGETS, ablation=True, plan="targets"):
+    """The runs: ``(name, target, weighting, gamma)`` tuples.
+
+    ``"targets"`` (the MLP benchmark): for each target ``constant`` vs ``min_snr`` (γ=5);
+    with `ablation`, ε with γ = 1 and 20 and ``soft_min_snr`` (γ=5).
+
+    ``"table1"`` (the paper's Table 1 at small scale): on x₀, ``constant``, ``snr``,
+    ``trunc_snr``, ``max_snr`` (γ=5), ``min_snr`` (γ=5); on ε and v, ``constant`` vs
+    ``min_snr`` (γ=5); the γ sweep `GAMMA_SWEEP` on x₀; and on x₀ the later weightings
+    ``soft_min_snr`` (γ=5), ``p2`` (k=1, exponent 1) and ``debiased``.
+    """
+    if plan not in PLANS:
+        raise ValueError(f"Unknown plan {plan!r}; expected one of {PLANS}.")
     runs = []
+    if plan == "targets":
+        for target in targets:
+            runs.append(_run(target, "constant"))
+            runs.append(_run(target, "min_snr", 5.0))
+        if ablation and "epsilon" in targets:
+            runs.append(_run("epsilon", "min_snr", 1.0))
+            runs.append(_run("epsilon", "min_snr", 20.0))
+            runs.append(_run("epsilon", "soft_min_snr", 5.0))
+        return runs
     for target in targets:
-        runs.append((f"{target}/constant", target, "constant", None))
-        runs.append((f"{target}/min_snr_5", target, "min_snr", 5.0))
-    if ablation and "epsilon" in targets:
-        runs.append(("epsilon/min_snr_1", "epsilon", "min_snr", 1.0))
-        runs.append(("epsilon/min_snr_20", "epsilon", "min_snr", 20.0))
-        runs.append(("epsilon/soft_min_snr_5", "epsilon", "soft_min_snr", 5.0))
+        runs.append(_run(target, "constant"))
+        if target == SWEEP_TARGET:
+            runs.append(_run(target, "snr"))
+            runs.append(_run(target, "trunc_snr"))
+            runs.append(_run(target, "max_snr", 5.0))
+        runs.append(_run(target, "min_snr", 5.0))
+        if target == SWEEP_TARGET and ablation:
+            runs.extend(_run(target, "min_snr", g) for g in GAMMA_SWEEP if g != 5.0)
+            runs.append(_run(target, "soft_min_snr", 5.0))
+            runs.append(_run(target, "p2"))
+            runs.append(_run(target, "debiased"))
     return runs
 
 
@@ -141,7 +244,7 @@ def _config(args, target, weighting, gamma, seed):
     }
     if gamma is not None:
         overrides["gamma"] = gamma
-    recipe = {k: v for k, v in RECIPE.items()}
+    recipe = {**RECIPE, **BACKBONES[args.backbone]["recipe"]}
     return resolve_config(recipe, overrides)
 
 
@@ -216,60 +319,185 @@ def initial_backbone_weights(args, seed):
     return build_model(config, info).backbone.get_weights()
 
 
+# -- intervals over seeds -------------------------------------------------------------------
+
+INTERVAL_METHODS = ("t", "bootstrap")
+CONFIDENCE = 0.95
+
+
+def t_interval(values, confidence=CONFIDENCE):
+    """Student-t interval for the mean of `values` (independent seeds).
+
+    ``mean ± t_{(1+confidence)/2, n-1} · s / sqrt(n)`` with ``s`` the sample standard
+    deviation (ddof 1). Returns ``(mean, low, high)``; the bounds are ``None`` for fewer
+    than two values.
+    """
+    import numpy as np
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {values.shape}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, None, None
+    quantile = stats.t.ppf(0.5 + confidence / 2.0, df=values.size - 1)
+    half = float(quantile * values.std(ddof=1) / np.sqrt(values.size))
+    return mean, mean - half, mean + half
+
+
+def bootstrap_interval(values, confidence=CONFIDENCE, num_resamples=10_000, seed=0):
+    """Percentile-bootstrap interval for the mean of `values` (resampling seeds).
+
+    Draws `num_resamples` samples of ``len(values)`` seeds with replacement (fixed `seed`)
+    and returns ``(mean, low, high)`` with the ``(1 ∓ confidence)/2`` quantiles of the
+    resampled means. With 3 seeds there are only 10 distinct resamples, so this interval is
+    too narrow; the t-interval is the default for that reason.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {values.shape}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, None, None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, values.size, size=(num_resamples, values.size))
+    means = values[picks].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(low), float(high)
+
+
+def interval(values, method="t"):
+    if method == "t":
+        return t_interval(values)
+    if method == "bootstrap":
+        return bootstrap_interval(values)
+    raise ValueError(f"Unknown interval method {method!r}; expected one of {INTERVAL_METHODS}.")
+
+
+def speedup_interval(per_seed, method="t"):
+    """Interval of the speed-up from the per-seed speed-ups ``{seed: value or None}``.
+
+    A speed-up is a ratio, so the interval is taken on ``log(speed-up)`` and mapped back
+    (the centre is the geometric mean over seeds). ``(None, None, None)`` when a seed never
+    reached the baseline's FID (its speed-up is undefined) or there are no seeds.
+    """
+    import numpy as np
+
+    values = list(per_seed.values())
+    if not values or any(v is None or not v > 0 for v in values):
+        return None, None, None
+    centre, low, high = interval(np.log(values), method)
+    if low is None:
+        return float(np.exp(centre)), None, None
+    return float(np.exp(centre)), float(np.exp(low)), float(np.exp(high))
+
+
 # -- summary -------------------------------------------------------------------------------
+
+
+def _by_run_step(rows):
+    by_run = {}
+    for row in rows:
+        by_run.setdefault(row["run"], {}).setdefault(row["step"], {})[row["seed"]] = row["fid"]
+    return by_run
 
 
 def mean_curves(rows):
     """``{run: (steps, mean_fids)}`` over seeds (only steps every seed reached)."""
-    by_run = {}
-    for row in rows:
-        by_run.setdefault(row["run"], {}).setdefault(row["step"], []).append(row["fid"])
     seeds = len({row["seed"] for row in rows})
     curves = {}
-    for run, per_step in by_run.items():
+    for run, per_step in _by_run_step(rows).items():
         steps = sorted(s for s, v in per_step.items() if len(v) == seeds)
-        curves[run] = (steps, [sum(per_step[s]) / len(per_step[s]) for s in steps])
+        curves[run] = (steps, [sum(per_step[s].values()) / seeds for s in steps])
     return curves
 
 
-def summarise(rows, runs):
+def fid_intervals(rows, method="t"):
+    """``{run: {"steps", "mean", "low", "high", "num_seeds"}}``: the FID band over seeds."""
+    seeds = len({row["seed"] for row in rows})
+    result = {}
+    for run, per_step in sorted(_by_run_step(rows).items()):
+        steps = sorted(s for s, v in per_step.items() if len(v) == seeds)
+        stats = [interval(list(per_step[s].values()), method) for s in steps]
+        result[run] = {
+            "steps": steps,
+            "mean": [m for m, _, _ in stats],
+            "low": [lo for _, lo, _ in stats],
+            "high": [hi for _, _, hi in stats],
+            "num_seeds": seeds,
+        }
+    return result
+
+
+def _comparison(rows, curves, bands, base, name, method):
+    value, b_steps, c_steps, fid = speedup(curves[base][0], curves[base][1], curves[name][1])
+    per_seed = per_seed_speedups(rows, base, name)
+    _, low, high = speedup_interval(per_seed, method)
+    return {
+        "baseline": base,
+        "target_fid": fid,
+        "baseline_steps": b_steps,
+        "steps": c_steps,
+        "speedup": value,
+        "speedup_interval": [low, high],
+        # The same measure on each seed's own curves: the spread behind the mean.
+        "per_seed": per_seed,
+        "final_fid": curves[name][1][-1],
+        "final_fid_interval": [bands[name]["low"][-1], bands[name]["high"][-1]],
+    }
+
+
+def summarise(rows, runs, method="t"):
     curves = mean_curves(rows)
+    bands = fid_intervals(rows, method)
     result = {"speedups": {}, "ablation": {}}
     for target in TARGETS:
         base, cand = f"{target}/constant", f"{target}/min_snr_5"
         if base not in curves or cand not in curves:
             continue
-        steps = curves[base][0]
-        value, b_steps, c_steps, fid = speedup(steps, curves[base][1], curves[cand][1])
+        entry = _comparison(rows, curves, bands, base, cand, method)
         result["speedups"][target] = {
             "baseline": base,
             "min_snr": cand,
-            "target_fid": fid,
-            "baseline_steps": b_steps,
-            "min_snr_steps": c_steps,
-            "speedup": value,
-            "min_snr_final_fid": curves[cand][1][-1],
-            # The same measure on each seed's own curves: the spread behind the mean.
-            "per_seed": per_seed_speedups(rows, base, cand),
+            "target_fid": entry["target_fid"],
+            "baseline_steps": entry["baseline_steps"],
+            "min_snr_steps": entry["steps"],
+            "speedup": entry["speedup"],
+            "speedup_interval": entry["speedup_interval"],
+            "min_snr_final_fid": entry["final_fid"],
+            "min_snr_final_fid_interval": entry["final_fid_interval"],
+            "baseline_final_fid_interval": [bands[base]["low"][-1], bands[base]["high"][-1]],
+            "per_seed": entry["per_seed"],
         }
     for name, target, _, _ in runs:
         base = f"{target}/constant"
         if name in (base, f"{target}/min_snr_5") or name not in curves or base not in curves:
             continue
-        value, b_steps, c_steps, fid = speedup(curves[base][0], curves[base][1],
-                                               curves[name][1])
-        result["ablation"][name] = {
-            "baseline": base,
-            "target_fid": fid,
-            "baseline_steps": b_steps,
-            "steps": c_steps,
-            "speedup": value,
-            "final_fid": curves[name][1][-1],
-        }
+        result["ablation"][name] = _comparison(rows, curves, bands, base, name, method)
     result["mean_curves"] = {
         run: {"steps": s, "fid": f} for run, (s, f) in sorted(curves.items())
     }
+    result["fid_intervals"] = bands
+    result["interval_method"] = INTERVAL_DESCRIPTIONS[method]
     return result
+
+
+INTERVAL_DESCRIPTIONS = {
+    "t": "95% Student-t interval over seeds (mean ± t_{0.975,n-1}·s/sqrt(n)); for "
+    "speed-ups on log(speed-up) of each seed's own curves, mapped back (centre = geometric "
+    "mean); null when a seed never reached the baseline's final FID or with one seed",
+    "bootstrap": "95% percentile bootstrap over seeds (10000 resamples, seed 0); for "
+    "speed-ups on log(speed-up) of each seed's own curves, mapped back; null when a seed "
+    "never reached the baseline's final FID or with one seed",
+}
 
 
 def per_seed_speedups(rows, baseline, candidate):
@@ -298,33 +526,146 @@ def read_rows(path):
     return rows
 
 
-def plot(rows, path):
+def plot_panels(runs):
+    """Panel title → run names: one panel per target, the γ sweep apart."""
+    panels = {}
+    for name in runs:
+        target, label = name.split("/", 1)
+        sweep = label.startswith("min_snr_") and label != "min_snr_5"
+        key = f"{target}: γ sweep" if sweep else f"target: {target}"
+        panels.setdefault(key, [])
+        if sweep and not panels[key]:
+            panels[key] += [n for n in (f"{target}/constant", f"{target}/min_snr_5")
+                            if n in runs]
+        panels[key].append(name)
+    return panels
+
+
+def plot(rows, path, title="Digits, mlp_digits", method="t"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = mean_curves(rows)
-    fig, axes = plt.subplots(1, len(TARGETS), figsize=(5 * len(TARGETS), 4), squeeze=False)
-    for ax, target in zip(axes[0], TARGETS):
-        for run, (steps, fids) in sorted(curves.items()):
-            if not run.startswith(target + "/"):
-                continue
-            label = run.split("/", 1)[1]
+    bands = fid_intervals(rows, method)
+    panels = plot_panels(list(dict.fromkeys(row["run"] for row in rows)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (panel, names) in zip(axes[0], panels.items()):
+        for name in names:
+            band = bands[name]
+            label = name.split("/", 1)[1]
             style = "--" if label == "constant" else "-"
-            ax.plot(steps, fids, style, marker="o", markersize=3, label=label)
-        ax.set_title(f"target: {target}")
+            (line,) = ax.plot(band["steps"], band["mean"], style, marker="o", markersize=3,
+                              label=label)
+            if all(v is not None for v in band["low"] + band["high"]):
+                ax.fill_between(band["steps"], [max(v, 1e-3) for v in band["low"]],
+                                band["high"], color=line.get_color(), alpha=0.15,
+                                linewidth=0)
+        ax.set_title(panel)
         ax.set_xlabel("training steps")
         ax.set_ylabel("FID (digits features)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.get_lines():
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     seeds = len({row["seed"] for row in rows})
-    fig.suptitle(f"Digits, mlp_digits: FID vs steps (mean over {seeds} seeds)")
+    what = "mean and 95% interval" if seeds > 1 else "one seed"
+    fig.suptitle(f"{title}: FID vs steps ({what} over {seeds} seed{'s' * (seeds > 1)})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- the Table-1 analogue ------------------------------------------------------------------
+
+# What the paper states that this table is compared with. The FIDs of the paper's Table 1
+# (its loss-weighting ablation) are left as None: they could not be read from the paper in
+# the offline session that wrote this file, and a number typed from memory is worse than
+# none. Fill `table1_fid` from the PDF (arXiv 2303.09556v3, Table 1) with the run names
+# below as keys; `table1_markdown` then prints them next to ours.
+PAPER = {
+    "source": "Hang et al., \"Efficient Diffusion Training via Min-SNR Weighting Strategy\", "
+    "ICCV 2023, arXiv 2303.09556",
+    "speedup": 3.4,
+    "speedup_source": "abstract: \"3.4x faster than previous weighting strategies\"",
+    "table1_source": "Table 1 (loss-weighting ablation)",
+    "table1_fid": {
+        "sample/constant": None,
+        "sample/snr": None,
+        "sample/trunc_snr": None,
+        "sample/max_snr_5": None,
+        "sample/min_snr_5": None,
+    },
+}
+
+_TARGET_LABELS = {"sample": "x₀", "epsilon": "ε", "v_prediction": "v"}
+
+
+def _fmt(value, digits=2, suffix=""):
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _with_interval(value, bounds, digits=2, suffix=""):
+    text = _fmt(value, digits, suffix)
+    if value is None or bounds is None or None in bounds:
+        return text
+    return f"{text} [{_fmt(bounds[0], digits)}, {_fmt(bounds[1], digits)}]"
+
+
+def table1_markdown(summary, paper=PAPER):
+    """The Table-1 analogue as markdown, from a convergence summary (the JSON's dict).
+
+    One row per run, in plan order: final FID (seed mean and 95% interval), the speed-up
+    over the same target's ``constant`` run with its interval, and the paper's Table-1 FID
+    where `paper` has one. A closing line quotes the paper's speed-up claim.
+    """
+    bands = summary["fid_intervals"]
+    comparisons = dict(summary.get("ablation", {}))
+    for target, entry in summary.get("speedups", {}).items():
+        comparisons[entry["min_snr"]] = {
+            "speedup": entry["speedup"],
+            "speedup_interval": entry["speedup_interval"],
+            "per_seed": entry.get("per_seed", {}),
+        }
+    names = summary.get("runs") or sorted(bands)
+    seeds = len(summary.get("seeds", [])) or bands[names[0]]["num_seeds"]
+    last = summary["checkpoints"][-1] if summary.get("checkpoints") else None
+    lines = [
+        f"| target | weighting | final FID at step {last} (95% interval) | speed-up vs "
+        f"`constant` (95% interval) | paper, {paper['table1_source']} |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name in names:
+        if name not in bands:
+            continue
+        target, label = name.split("/", 1)
+        band = bands[name]
+        fid = _with_interval(band["mean"][-1], [band["low"][-1], band["high"][-1]])
+        if label == "constant":
+            speed = "1 (baseline)"
+        elif name in comparisons:
+            entry = comparisons[name]
+            speed = _with_interval(entry["speedup"], entry["speedup_interval"], suffix="x")
+            per_seed = entry.get("per_seed") or {}
+            missed = sum(v is None for v in per_seed.values())
+            if entry["speedup"] is None:
+                speed = "never reached"
+            elif missed:
+                speed += f" (no interval: {missed} of {len(per_seed)} seeds never reached)"
+        else:
+            speed = "—"
+        theirs = paper["table1_fid"].get(name)
+        theirs = "not transcribed" if name in paper["table1_fid"] and theirs is None else (
+            _fmt(theirs) if theirs is not None else "—")
+        lines.append(f"| {_TARGET_LABELS.get(target, target)} | `{label}` | {fid} | {speed} "
+                     f"| {theirs} |")
+    lines.append("")
+    lines.append(
+        f"{seeds} seeds; intervals: {summary.get('interval_method', 'see the JSON')}. "
+        f"The paper's claim to compare with: {paper['speedup']}x faster convergence "
+        f"({paper['speedup_source']}; {paper['source']})."
+    )
+    return "\n".join(lines) + "\n"
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -332,30 +673,44 @@ def plot(rows, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", default="mlp_digits", choices=sorted(BACKBONES),
+                        help="mlp_digits (the default plan, ~1 h) or vit_tiny (the paper's "
+                        "in-context ViT, Table-1 plan, 3 seeds)")
+    parser.add_argument("--plan", choices=PLANS,
+                        help="'targets' (constant vs Min-SNR-5 per target, ε ablation) or "
+                        "'table1' (the paper's Table 1 at small scale); default: targets "
+                        "for mlp_digits, table1 for vit_tiny")
     parser.add_argument("--quick", action="store_true", help="tiny CI-sized run (~1-2 min)")
-    parser.add_argument("--steps", type=int, help=f"training steps per run ({FULL['steps']})")
-    parser.add_argument("--eval-every", type=int,
-                        help=f"FID checkpoint period in steps ({FULL['eval_every']})")
-    parser.add_argument("--num-samples", type=int,
-                        help=f"samples per FID ({FULL['num_samples']})")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (0 1)")
+    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--eval-every", type=int, help="FID checkpoint period in steps")
+    parser.add_argument("--num-samples", type=int, help="samples per FID")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--no-ablation", action="store_true",
-                        help="skip the γ ablation and soft_min_snr runs")
-    parser.add_argument("--sample-steps", type=int, help="DDIM steps (50; quick 10)")
+                        help="skip the γ ablation and the other weightings")
+    parser.add_argument("--sample-steps", type=int, help="DDIM steps")
     parser.add_argument("--sample-seed", type=int, default=1234)
     parser.add_argument("--num-real", type=int, default=1797,
                         help="real digits to compare with (all 1797 by default)")
+    parser.add_argument("--interval", default="t", choices=INTERVAL_METHODS,
+                        help="95%% intervals over seeds: Student-t (default) or percentile "
+                        "bootstrap")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "docs", "results"))
     parser.add_argument("--verbose", type=int, default=None,
                         help="fit verbosity (default 2, quick 0)")
+    parser.add_argument("--table", action="store_true",
+                        help="train nothing: print the Table-1 analogue (markdown) from "
+                        "the summary JSON in --output-dir")
     parser.add_argument("--from-csv", action="store_true",
-                        help="train nothing: recompute convergence.json and .png from the "
-                        "convergence.csv (and the settings in convergence.json) in "
-                        "--output-dir")
+                        help="train nothing: recompute the summary JSON and the plot from "
+                        "the CSV (and the settings in the JSON) in --output-dir")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    args.ablation = defaults["ablation"] and not args.no_ablation
+    spec = BACKBONES[args.backbone]
+    args.stem = spec["stem"]
+    if args.plan is None:
+        args.plan = spec["plan"]
+    defaults = spec["quick"] if args.quick else spec["full"]
+    args.ablation = not args.quick and not args.no_ablation
     for key in ("steps", "eval_every", "num_samples", "seeds", "sample_steps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -374,31 +729,39 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.from_csv:
-        return resummarise(args.output_dir)
+        return resummarise(args.output_dir, args.stem, args.interval)
+    if args.table:
+        with open(os.path.join(args.output_dir, args.stem + ".json")) as f:
+            print(table1_markdown(json.load(f)), end="")
+        return 0
     import keras
 
     from keras_minsnr.evaluation import real_images_for
     from keras_minsnr.metrics import get_feature_extractor
 
-    runs = run_plan(args.targets, ablation=args.ablation)
+    runs = run_plan(args.targets, ablation=args.ablation, plan=args.plan)
+    probe = _config(args, "epsilon", "constant", None, args.seeds[0])
     checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
     total = len(runs) * len(args.seeds)
     print(
         f"Plan ({keras.backend.backend()}): {len(runs)} runs x {len(args.seeds)} seeds = "
-        f"{total} trainings of {args.steps} steps (batch 128, mlp_digits), FID from "
+        f"{total} trainings of {args.steps} steps (batch {probe['batch_size']}, "
+        f"{args.backbone}: {probe['backbone']} {probe['backbone_args']}, "
+        f"{probe['image_size']}x{probe['image_size']}), FID from "
         f"{args.num_samples} DDIM-{args.sample_steps} samples at steps {checkpoints}.\n"
         f"Runs: {', '.join(name for name, *_ in runs)}",
         flush=True,
     )
     os.makedirs(args.output_dir, exist_ok=True)
     extractor = get_feature_extractor("digits")
-    real = real_images_for({"data": "digits"}, args.num_real)
+    real = real_images_for({"data": "digits", "image_size": probe["image_size"]},
+                           args.num_real)
     rows = []
     bar = keras.utils.Progbar(total, unit_name="run")
     start = time.perf_counter()
     # Finished runs are kept in WORKDIR until the end, so a killed benchmark resumes
     # where it stopped instead of starting the hour again.
-    workdir = os.path.join(args.output_dir, "convergence_runs")
+    workdir = os.path.join(args.output_dir, f"{args.stem}_runs")
     os.makedirs(workdir, exist_ok=True)
     settings = run_settings(args)
     done = 0
@@ -438,6 +801,9 @@ def run_settings(args):
         "sample_seed": args.sample_seed,
         "num_real": args.num_real,
         "backend": os.environ.get("KERAS_BACKEND", ""),
+        "backbone": args.backbone,
+        # A changed VIT_TINY must not reuse runs trained with the old one.
+        "recipe": BACKBONES[args.backbone]["recipe"],
     }
 
 
@@ -457,18 +823,33 @@ def save_finished_run(path, settings, rows):
     os.replace(partial, path)
 
 
+def _title(backbone):
+    return f"Digits, {backbone}"
+
+
 def write_outputs(args, runs, rows, checkpoints, seconds):
     import keras
 
-    with open(os.path.join(args.output_dir, "convergence.csv"), "w", newline="") as f:
+    stem = os.path.join(args.output_dir, args.stem)
+    with open(stem + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, os.path.join(args.output_dir, "convergence.png"))
-    summary = summarise(rows, runs)
+    plot(rows, stem + ".png", _title(args.backbone), args.interval)
+    summary = summarise(rows, runs, args.interval)
+    config = _config(args, "epsilon", "constant", None, args.seeds[0])
     summary.update(
         {
             "quick": bool(args.quick),
+            "backbone": args.backbone,
+            "backbone_config": {
+                key: config[key]
+                for key in ("backbone", "backbone_args", "image_size", "batch_size",
+                            "learning_rate", "beta_1", "beta_2", "weight_decay",
+                            "warmup_steps", "ema_decay", "schedule")
+            },
+            "plan": args.plan,
+            "runs": [name for name, *_ in runs],
             "backend": keras.backend.backend(),
             "device": device_description(keras.backend.backend()),
             "cpu_count": os.cpu_count(),
@@ -480,6 +861,7 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
             "sampler": f"ddim-{args.sample_steps}, guidance 1.0, EMA weights, "
             f"seed {args.sample_seed}",
             "extractor": "digits",
+            "interval": args.interval,
             "speedup_method": "seed-mean FID curves on the checkpoint grid, linear "
             "interpolation at the first crossing of the baseline's final FID; a curve "
             "already below it at the first checkpoint is credited with that checkpoint "
@@ -487,7 +869,7 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
             "wall_seconds": round(seconds, 1),
         }
     )
-    with open(os.path.join(args.output_dir, "convergence.json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump(_finite_or_null(summary), f, indent=2)
     for target, entry in summary["speedups"].items():
         value = entry["speedup"]
@@ -495,23 +877,25 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
               f" (baseline final FID {entry['target_fid']:.3f})")
 
 
-def resummarise(output_dir):
+def resummarise(output_dir, stem="convergence", method=None):
     """Rewrites the summary and plot from a finished run's CSV (after a change to them)."""
-    summary_path = os.path.join(output_dir, "convergence.json")
-    csv_path = os.path.join(output_dir, "convergence.csv")
+    summary_path = os.path.join(output_dir, stem + ".json")
+    csv_path = os.path.join(output_dir, stem + ".csv")
     for path in (csv_path, summary_path):
         if not os.path.exists(path):
             raise SystemExit(f"--from-csv needs {path} from an earlier run.")
     with open(summary_path) as f:
         previous = json.load(f)
+    method = method or previous.get("interval", "t")
     rows = read_rows(csv_path)
     runs = [(name, name.split("/", 1)[0], None, None)
             for name in dict.fromkeys(row["run"] for row in rows)]
-    summary = {**previous, **summarise(rows, runs)}
-    plot(rows, os.path.join(output_dir, "convergence.png"))
+    summary = {**previous, **summarise(rows, runs, method), "interval": method}
+    plot(rows, os.path.join(output_dir, stem + ".png"),
+         _title(previous.get("backbone", "mlp_digits")), method)
     with open(summary_path, "w") as f:
         json.dump(_finite_or_null(summary), f, indent=2)
-    print(f"rewrote {summary_path} and convergence.png from {csv_path}")
+    print(f"rewrote {summary_path} and {stem}.png from {csv_path}")
     return 0
 
 

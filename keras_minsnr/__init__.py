@@ -1,22 +1,65 @@
-"""keras_minsnr: Min-SNR-gamma diffusion training for Keras 3 (TensorFlow and JAX)."""
+"""keras_minsnr: Min-SNR-gamma diffusion training for Keras 3 (TensorFlow and JAX).
+
+``import keras_minsnr`` imports the whole public API at once, so every class is
+registered with Keras and ``keras.models.load_model`` finds it. Only the ``keras-minsnr``
+command-line process imports names on first use (PEP 562), so its ``--help`` and config
+checks run without loading Keras, TensorFlow or JAX; its commands import what they use.
+"""
+
+import importlib
+import os
+import sys
 
 from keras_minsnr import xla_flags
 
 xla_flags.configure()  # before anything makes a JAX device: see xla_flags
 
-from keras_minsnr import backbones  # noqa: E402
-from keras_minsnr import distribution
-from keras_minsnr import samplers
-from keras_minsnr import weighting
-from keras_minsnr.diffusion_model import DiffusionModel
-from keras_minsnr.flow import FlowMatchingSchedule
-from keras_minsnr.samplers import SAMPLERS
-from keras_minsnr.schedules import PREDICTION_TYPES
-from keras_minsnr.schedules import SCHEDULES
-from keras_minsnr.schedules import NoiseSchedule
-from keras_minsnr.timestep_sampling import TimestepSampling
-from keras_minsnr.weighting import STRATEGIES
-from keras_minsnr.weighting import LossWeighting
-from keras_minsnr.weighting import loss_weight
+# public name -> (module, attribute or None for the module itself)
+_EXPORTS = {
+    "backbones": ("keras_minsnr.backbones", None),
+    "distribution": ("keras_minsnr.distribution", None),
+    "samplers": ("keras_minsnr.samplers", None),
+    "weighting": ("keras_minsnr.weighting", None),
+    "DiffusionModel": ("keras_minsnr.diffusion_model", "DiffusionModel"),
+    "FlowMatchingSchedule": ("keras_minsnr.flow", "FlowMatchingSchedule"),
+    "SAMPLERS": ("keras_minsnr.samplers", "SAMPLERS"),
+    "PREDICTION_TYPES": ("keras_minsnr.schedules", "PREDICTION_TYPES"),
+    "SCHEDULES": ("keras_minsnr.schedules", "SCHEDULES"),
+    "NoiseSchedule": ("keras_minsnr.schedules", "NoiseSchedule"),
+    "TimestepSampling": ("keras_minsnr.timestep_sampling", "TimestepSampling"),
+    "STRATEGIES": ("keras_minsnr.weighting", "STRATEGIES"),
+    "LossWeighting": ("keras_minsnr.weighting", "LossWeighting"),
+    "loss_weight": ("keras_minsnr.weighting", "loss_weight"),
+}
+COMMAND_NAME = "keras-minsnr"
 
 __version__ = "0.1.0"
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keras_minsnr' has no attribute {name!r}")
+    module_name, attribute = _EXPORTS[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def import_all():
+    """Imports every public name, registering all classes that `.keras` files name."""
+    for name in _EXPORTS:
+        __getattr__(name)
+
+
+def _is_command_line_process():
+    return bool(sys.argv) and os.path.basename(sys.argv[0] or "") == COMMAND_NAME
+
+
+if not _is_command_line_process():
+    import_all()

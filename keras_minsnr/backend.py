@@ -35,6 +35,23 @@ def check_backend():
     return backend
 
 
+def replica_position():
+    """``(index, count)`` of the replica running this code under `tf.distribute`.
+
+    ``(0, 1)`` on one device and on JAX, where a `keras.distribution` step sees the
+    global batch. A `tf.distribute` replica sees only its slice of the global batch, but
+    the same mirrored random state as every other replica.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return 0, 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 0, 1
+    return context.replica_id_in_sync_group, context.num_replicas_in_sync
+
+
 def compile_function(fn):
     """Compiles a pure function of tensors (`jax.jit` / `tf.function` with XLA off)."""
     if keras.backend.backend() == "jax":

@@ -1,42 +1,186 @@
-"""The ``keras-minsnr`` command line: ``train``, ``sample`` and ``evaluate``."""
+"""The ``keras-minsnr`` command line: ``train``, ``sample``, ``evaluate``, ``recipes``, ``show``.
 
-import argparse
-import importlib
-import json
+Every expected failure (a bad flag or config value, an unusable output folder, missing
+data) ends in one line ``keras-minsnr: error: ...`` and exit code 2, before anything is
+written. Keras, TensorFlow and JAX are imported only by the commands that need them, so
+``--help``, ``recipes`` and ``show`` answer at once.
+"""
+
 import os
-import pkgutil
-import sys
+
+# Before anything can import TensorFlow: no C++ INFO/WARNING lines (CUDA probing, oneDNN).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import pkgutil  # noqa: E402
+import sys  # noqa: E402
+
+from keras_minsnr import run_config  # noqa: E402
+
+PROG = "keras-minsnr"
+SAMPLERS = run_config.SAMPLERS
+# Extensions `sample --output` can write (the format follows the extension).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UsageError(ValueError):
+    """A bad command line; printed as one line like every other expected failure."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``keras-minsnr: error: ...``, exit code 2)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _at_least(low, kind=int):
+    """An argparse type: a ``kind`` (int or float) number >= ``low``."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be >= {low}")
+        return value
+
+    return parse
+
+
+@contextlib.contextmanager
+def _quiet_native_logs():
+    """Sends what native code writes to stderr while Keras/TensorFlow load to /dev/null.
+
+    TensorFlow's absl logging prints INFO lines (oneDNN, CUDA probing) before it reads
+    TF_CPP_MIN_LOG_LEVEL; with TF_CPP_MIN_LOG_LEVEL=0 nothing is hidden. Errors raised
+    inside are printed after stderr is restored.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _load_training():
+    """`keras_minsnr.training`, with TensorFlow (the tf.data pipelines of every backend)
+    and the backend's devices initialised while their start-up logs are hidden."""
+    with _quiet_native_logs():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        keras.distribution.list_devices()
+        from keras_minsnr import training
+    return training
+
+
+# === Recipes ===
+
+def _recipes_package():
+    """Installed: ``keras_minsnr.recipes``; in a source checkout: the top-level ``recipes``."""
+    try:
+        return importlib.import_module("keras_minsnr.recipes")
+    except ModuleNotFoundError:
+        return importlib.import_module("recipes")
 
 
 def available_recipes():
-    import recipes
-
-    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+    package = _recipes_package()
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                  if not m.name.startswith("_"))
 
 
 def load_recipe(name):
     names = available_recipes()
     if name not in names:
         raise ValueError(f"Unknown recipe {name!r}. Available recipes: {', '.join(names)}.")
-    return importlib.import_module(f"recipes.{name}").RECIPE
+    return importlib.import_module(f"{_recipes_package().__name__}.{name}").RECIPE
 
 
-def _train(args):
-    from keras_minsnr import training
+# === Checks before anything is written ===
 
-    overrides = training.parse_overrides(args.set)
+def check_output_dir(path):
+    """Raises `ValueError` unless ``path`` is a folder, or can be made one, that is writable.
+
+    Nothing is created: the nearest existing ancestor must be a writable folder.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"--output-dir {path!r} is a file, not a folder.")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"--output-dir {path!r} is not writable.")
+        return path
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(
+            f"--output-dir {path!r} cannot be created: {ancestor!r} is a file, not a folder."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--output-dir {path!r} cannot be created: {ancestor!r} is not writable "
+            "(read-only disk or no permission)."
+        )
+    return path
+
+
+def _config_from_args(args):
+    overrides = run_config.parse_overrides(args.set)
     if args.steps is not None:
         overrides["steps"] = args.steps
-    config = training.resolve_config(load_recipe(args.recipe), overrides)
-    training.train(config, args.output_dir)
+    if getattr(args, "checkpoint_every", None) is not None:
+        overrides["checkpoint_every"] = args.checkpoint_every
+    recipe = load_recipe(args.recipe)
+    with _quiet_native_logs():  # checking `backbone` loads the presets (and Keras)
+        return run_config.resolve_config(recipe, overrides)
+
+
+# === Commands ===
+
+def _train(args):
+    allowed = args.allow_config_change or []
+    unknown = [key for key in allowed if key not in run_config.DEFAULTS]
+    if unknown:
+        raise ValueError(
+            f"--allow-config-change: unknown config key {unknown[0]!r}. Valid keys: "
+            f"{', '.join(sorted(run_config.DEFAULTS))}."
+        )
+    check_output_dir(args.output_dir)
+    config = _config_from_args(args)
+    training = _load_training()
+
+    kwargs = {"allow_config_change": list(allowed)} if allowed else {}
+    training.train(config, args.output_dir, **kwargs)
     print(f"Run directory: {os.path.abspath(args.output_dir)}")
     for name in ("samples.png", "metrics.csv", "model.keras"):
         print(f"  {os.path.join(args.output_dir, name)}")
 
 
 def _sample(args):
-    from keras_minsnr import training
-
+    path = args.output or os.path.join(args.run_dir, "samples_cli.png")
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        raise ValueError(
+            f"--output {path!r}: the extension names the image format; use one of "
+            f"{', '.join(IMAGE_EXTENSIONS)}."
+        )
+    training = _load_training()
     config, model = training.load_run(args.run_dir)
     overrides = {
         key: value
@@ -47,7 +191,6 @@ def _sample(args):
         ).items()
         if value is not None
     }
-    path = args.output or os.path.join(args.run_dir, "samples_cli.png")
     training.write_samples(
         model, path, config, num_samples=args.num_samples, seed=args.seed, **overrides
     )
@@ -55,6 +198,7 @@ def _sample(args):
 
 
 def _evaluate(args):
+    _load_training()
     from keras_minsnr import evaluation
 
     result = evaluation.evaluate_run(
@@ -68,67 +212,178 @@ def _evaluate(args):
     print(json.dumps(result, indent=2))
 
 
+def _recipes(args):
+    names = available_recipes()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {load_recipe(name).get('description', '')}")
+
+
+def _show(args):
+    config = _config_from_args(args)
+    print(f"# Recipe {args.recipe}: resolved config (recipe, then --set)")
+    print(run_config.describe(config), end="")
+
+
+# === Parser ===
+
+def _add_config_options(parser):
+    group = parser.add_argument_group("config")
+    group.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", default=[],
+        help="override a config value (repeatable), e.g. --set gamma=1 "
+        "--set backbone_args.depth=4; the keys are listed below",
+    )
+    return group
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the key list's line breaks; shows defaults that are not None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_train_arguments(parser, recipe=None):
+    """The options of `train`; ``recipe`` given (``python -m recipes.NAME``): no positional,
+    and ``--output-dir`` defaults to ``runs/NAME``."""
+    if recipe is None:
+        parser.add_argument("recipe", help=f"recipe name (see `{PROG} recipes`)")
+    else:
+        parser.set_defaults(recipe=recipe)
+    where = parser.add_argument_group("run directory")
+    where.add_argument("--output-dir", required=recipe is None,
+                       default=None if recipe is None else f"runs/{recipe}",
+                       help="run directory to write or resume")
+    length = parser.add_argument_group("run length and checkpoints")
+    length.add_argument("--steps", type=_at_least(1),
+                        help="total optimizer steps (sets `steps`; default: the recipe's)")
+    length.add_argument("--checkpoint-every", type=_at_least(1), metavar="STEPS",
+                        help="steps between checkpoints (sets `checkpoint_every`; default: "
+                        "one per epoch)")
+    config = _add_config_options(parser)
+    config.add_argument(
+        "--allow-config-change", nargs="+", metavar="KEY", default=[],
+        help="resume a run although these keys changed (e.g. learning_rate after a NaN); "
+        "recorded in the run's history",
+    )
+    parser.epilog = (
+        f"Config keys for --set (default, allowed values, meaning; `{PROG} recipes` lists "
+        f"the recipes, `{PROG} show RECIPE` a recipe's values):\n\n" + run_config.keys_help()
+    )
+    parser.set_defaults(func=_train)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="keras-minsnr",
+    formatter = _HelpFormatter
+    parser = _Parser(
+        prog=PROG,
         description="Train diffusion models with Min-SNR-γ loss weighting (Keras 3, "
         "TensorFlow or JAX: set KERAS_BACKEND).",
+        epilog=f"`{PROG} recipes` lists the recipes; `{PROG} show RECIPE` prints one's "
+        f"config with the meaning of each key; `{PROG} COMMAND --help` gives a command's "
+        "options.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser(
         "train",
         help="train a recipe into a run directory (resumes it if it exists)",
-        description="Train a recipe from recipes/ into a run directory. Re-running the "
-        "same command resumes from the last checkpoint.",
+        description="Train a recipe into a run directory. Re-running the same command "
+        "resumes from the last checkpoint. The whole config is checked before anything "
+        "is written.",
+        formatter_class=formatter,
     )
-    train.add_argument("recipe", help="recipe name, e.g. digits, cifar10_unet, sd15_captions")
-    train.add_argument("--output-dir", required=True, help="run directory to write")
-    train.add_argument("--steps", type=int, help="total optimizer steps (overrides the recipe)")
-    train.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set gamma=1 --set backbone_args.depth=4 "
-        "(repeatable)",
-    )
-    train.set_defaults(func=_train)
+    add_train_arguments(train)
 
     sample = commands.add_parser(
-        "sample", help="draw samples from a trained run", description="Draw a grid of samples."
+        "sample", help="draw samples from a trained run", description="Draw a grid of samples.",
+        formatter_class=formatter,
     )
-    sample.add_argument("run_dir")
-    sample.add_argument("--num-samples", type=int, default=64)
-    sample.add_argument("--sampler", choices=("ddim", "ddpm", "edm_heun"))
-    sample.add_argument("--steps", type=int, help="sampling steps")
-    sample.add_argument("--guidance-scale", type=float)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--output", help="PNG path (default: RUN_DIR/samples_cli.png)")
+    sample.add_argument("run_dir", help="a run directory written by train")
+    sample.add_argument("--num-samples", type=_at_least(1), default=64, help="images")
+    sample.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
+    sample.add_argument("--steps", type=_at_least(1), help="sampling steps (default: the "
+                        "run's)")
+    sample.add_argument("--guidance-scale", type=_at_least(0, float), help="default: the run's")
+    sample.add_argument("--seed", type=int, default=0, help="sampling noise seed")
+    sample.add_argument("--output", help="image path; its extension (" +
+                        ", ".join(IMAGE_EXTENSIONS) + ") names the format (default: "
+                        "RUN_DIR/samples_cli.png)")
     sample.set_defaults(func=_sample)
 
     evaluate = commands.add_parser(
         "evaluate",
         help="FID/KID of a run's samples against its data; writes RUN_DIR/eval.json",
         description="Generate samples and compare them with the run's training data.",
+        formatter_class=formatter,
     )
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--num-samples", type=int, default=1000)
+    evaluate.add_argument("run_dir", help="a run directory written by train")
+    evaluate.add_argument("--num-samples", type=_at_least(2), default=1000,
+                          help="generated images to compare")
     evaluate.add_argument("--extractor", default=None, help="digits or inception (default: by data)")
-    evaluate.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "edm_heun"))
-    evaluate.add_argument("--steps", type=int, default=None)
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: the run's")
+    evaluate.add_argument("--steps", type=_at_least(1), default=None,
+                          help="sampling steps (default: the run's)")
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     evaluate.set_defaults(func=_evaluate)
+
+    recipes = commands.add_parser(
+        "recipes", help="list the recipes, one line each",
+        description="List the recipes with one line about each.",
+        formatter_class=formatter,
+    )
+    recipes.set_defaults(func=_recipes)
+
+    show = commands.add_parser(
+        "show", help="print a recipe's resolved config with the meaning of each key",
+        description="Print a recipe's config (with --set applied) and what each key means.",
+        formatter_class=formatter,
+    )
+    show.add_argument("recipe", help=f"recipe name (see `{PROG} recipes`)")
+    show.add_argument("--steps", type=_at_least(1), help="as for train")
+    _add_config_options(show)
+    show.set_defaults(func=_show)
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def _run(parser, argv):
     try:
+        args = parser.parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"keras-minsnr: error: {error}", file=sys.stderr)
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except (ValueError, OSError) as error:  # UsageError is a ValueError
+        message = " ".join(str(error).split())  # one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        if isinstance(error, UsageError):
+            raise SystemExit(2) from None
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def main(argv=None):
+    """Runs a command; returns the exit code (usage errors raise `SystemExit(2)`)."""
+    return _run(build_parser(), argv)
+
+
+def main_for_recipe(name, argv=None):
+    """``python -m recipes.NAME [train options]``: `train` with the recipe filled in."""
+    parser = _Parser(
+        prog=f"python -m recipes.{name}",
+        description=f"Train the {name} recipe (as `{PROG} train {name}`).",
+        formatter_class=_HelpFormatter,
+    )
+    add_train_arguments(parser, recipe=name)
+    return _run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -271,17 +271,40 @@ class DiffusionModel(keras.Model):
         images, condition, timesteps, noise = self.unpack_batch(data)
         batch_size = ops.shape(images)[0]
         if timesteps is None:
-            timesteps = self.timestep_sampling.sample(batch_size, self.seed_generator)
+            timesteps = self._draw_per_example(
+                lambda shape: self.timestep_sampling.sample(shape[0], self.seed_generator),
+                (batch_size,),
+            )
         if noise is None:
-            noise = keras.random.normal(ops.shape(images), seed=self.seed_generator)
+            noise = self._draw_per_example(
+                lambda shape: keras.random.normal(shape, seed=self.seed_generator),
+                ops.shape(images),
+            )
         if training and self.label_dropout > 0:
-            drop = keras.random.uniform((batch_size,), seed=self.seed_generator)
+            drop = self._draw_per_example(
+                lambda shape: keras.random.uniform(shape, seed=self.seed_generator),
+                (batch_size,),
+            )
             drop = drop < self.label_dropout
             null = self.null_condition(batch_size)
             mask = ops.reshape(drop, (-1,) + (1,) * (len(condition.shape) - 1))
             condition = ops.where(mask, null, condition)
         loss, mse = self.diffusion_loss_terms(images, condition, timesteps, noise, training)
         return loss, (mse, timesteps)
+
+    def _draw_per_example(self, draw, shape):
+        """``draw(shape)`` for this step's examples.
+
+        Under `tf.distribute` every replica holds the same random state: each draws for
+        the whole global batch and keeps its own slice, so replicas never share noise and
+        the step equals one device's with the same seed.
+        """
+        index, count = kms_backend.replica_position()
+        if count == 1:
+            return draw(shape)
+        rest = tuple(shape[1:])
+        everything = draw((shape[0] * count,) + rest)
+        return ops.take(ops.reshape(everything, (count, -1) + rest), index, axis=0)
 
     def compute_evaluation_loss(self, data):
         """The loss on a fixed grid of timesteps with fixed noise: deterministic."""

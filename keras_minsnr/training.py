@@ -3,19 +3,20 @@
 A run directory holds::
 
     config.json      the resolved configuration (recipe + overrides)
-    metrics.csv      one row per epoch (loss and the per-SNR-quarter MSE)
+    metrics.csv      one row per logged step (epoch ends and checkpoints): loss and the
+                     per-SNR-quarter MSE
+    history.jsonl    every configuration change between sessions
     logs/            TensorBoard logs
-    checkpoints/     latest.keras (model, optimizer, EMA, RNG state) + state.json
+    checkpoints/     step-NNNNNNNN.keras (model, optimizer, EMA) + state.json
     samples.png      a grid of samples, refreshed during training
     model.keras      the final model
 
-Checkpoints are written to a temporary file and renamed, so a killed run never leaves a
-half-written one; starting the same run again resumes from the last checkpoint.
+Starting the same run again resumes from the last checkpoint and continues exactly where
+it stopped; see `keras_minsnr.checkpointing` and docs/reliability.md.
 """
 
-import ast
-import copy
 import json
+import math
 import os
 import sys
 import time
@@ -25,120 +26,18 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr import backbones
+from keras_minsnr import checkpointing
 from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.visualization import save_image_grid
 
-DEFAULTS = {
-    # data
-    "data": "digits",
-    "data_args": {},
-    "image_size": None,
-    # encode raw images once into the latent cache named by `data` (see prepare_data)
-    "encode": {},
-    "batch_size": 256,
-    # model
-    "backbone": "dit_s_2",
-    "backbone_args": {},
-    "schedule": "cosine",
-    "num_timesteps": 1000,
-    "zero_terminal_snr": False,
-    "prediction_type": "epsilon",
-    "weighting": "min_snr",
-    "gamma": 5.0,
-    "label_dropout": 0.15,
-    "ema_decay": 0.9999,
-    # optimisation (the paper: AdamW 1e-4, betas (0.99, 0.99), weight decay 0.03)
-    "learning_rate": 1e-4,
-    "beta_1": 0.99,
-    "beta_2": 0.99,
-    "weight_decay": 0.03,
-    "clipnorm": None,
-    "warmup_steps": 0,
-    "mixed_precision": None,
-    # schedule of the run
-    "steps": 400_000,
-    "steps_per_epoch": 1000,
-    "seed": 0,
-    # samples
-    "sample_every_epochs": 1,
-    "num_samples": 64,
-    "sampler": "ddim",
-    "sample_steps": 50,
-    "guidance_scale": 1.5,
-    "clip_denoised": True,
-    # documentation only
-    "description": "",
-    "paper_source": "",
-}
-
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ("steps", "sample_every_epochs", "num_samples", "sample_steps")
-
-
-def parse_overrides(pairs):
-    """``["a=1", "b.c=x"]`` → ``{"a": 1, "b.c": "x"}``; values are Python/JSON literals."""
-    overrides = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"Override {pair!r} is not of the form key=value.")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-        overrides[key.strip()] = value
-    return overrides
-
-
-def _set_nested(mapping, path, value, key):
-    """A copy of ``mapping`` with ``value`` at ``path`` (``a.b.c`` reaches nested dicts)."""
-    head, rest = path[0], path[1:]
-    if not rest:
-        return {**mapping, head: copy.deepcopy(value)}
-    inner = mapping.get(head)
-    if inner is None:
-        inner = {}
-    if not isinstance(inner, dict):
-        raise ValueError(f"{head!r} in {key!r} is not a dict; cannot set {key!r}.")
-    return {**mapping, head: _set_nested(inner, rest, value, key)}
-
-
-def resolve_config(recipe, overrides=None):
-    """Defaults ← recipe ← overrides, with unknown keys rejected.
-
-    Dotted keys reach into dict-valued entries: ``backbone_args.depth=4``, also nested
-    ones: ``encode.source_args.data_dir=/data``.
-    """
-    config = copy.deepcopy(DEFAULTS)
-    for source in (recipe, overrides or {}):
-        for key, value in source.items():
-            top, _, sub = key.partition(".")
-            if top not in DEFAULTS:
-                raise ValueError(
-                    f"Unknown config key {top!r}. Valid keys: {', '.join(sorted(DEFAULTS))}."
-                )
-            if sub:
-                if not isinstance(config[top], dict):
-                    raise ValueError(f"{top!r} is not a dict; cannot set {key!r}.")
-                config[top] = _set_nested(config[top], sub.split("."), value, key)
-            else:
-                config[top] = copy.deepcopy(value)
-    if config["steps"] < 1 or config["steps_per_epoch"] < 1:
-        raise ValueError(
-            f"steps and steps_per_epoch must be >= 1, got {config['steps']} and "
-            f"{config['steps_per_epoch']}."
-        )
-    return config
-
-
-ENCODE_KEYS = (
-    "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
-    "vocabulary", "batch_size", "sample_posterior", "decoder_weights",
-)
+# The config schema lives in run_config; these names stay importable from here.
+from keras_minsnr.run_config import DEFAULTS  # noqa: F401
+from keras_minsnr.run_config import ENCODE_KEYS  # noqa: F401
+from keras_minsnr.run_config import RESUMABLE_KEYS  # noqa: F401
+from keras_minsnr.run_config import _set_nested  # noqa: F401
+from keras_minsnr.run_config import parse_overrides  # noqa: F401
+from keras_minsnr.run_config import resolve_config  # noqa: F401
 
 
 def make_encoders(encode, needs_text):
@@ -280,6 +179,13 @@ def build_model(config, info):
     )
     if model.conditioning == "context" and getattr(info, "null_context_file", None):
         model.set_null_context(np.load(info.null_context_file))
+    optimizer = make_optimizer(config)
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def make_optimizer(config):
+    """AdamW with the config's rate (after a linear warm-up), betas, decay and clipping."""
     learning_rate = config["learning_rate"]
     if config["warmup_steps"]:
         learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -289,66 +195,126 @@ def build_model(config, info):
             warmup_target=learning_rate,
             warmup_steps=config["warmup_steps"],
         )
-    optimizer = keras.optimizers.AdamW(
+    return keras.optimizers.AdamW(
         learning_rate,
         beta_1=config["beta_1"],
         beta_2=config["beta_2"],
         weight_decay=config["weight_decay"],
         clipnorm=config["clipnorm"],
     )
-    model.compile(optimizer=optimizer)
+
+
+class RunLogger(keras.callbacks.Callback):
+    """Ends each logged interval of a run: a metrics row, a checkpoint, a sample grid.
+
+    `train` runs `fit` with Keras epochs of ``segment`` optimizer steps, a divisor of both
+    ``steps_per_epoch`` and ``checkpoint_every``, so every row, checkpoint and grid falls on
+    an epoch end. An interval that stopped early (a non-finite loss, whose update was
+    skipped) writes nothing: the last checkpoint stays the latest.
+
+    Args:
+        run: the `checkpointing.RunDirectory`.
+        config: the run's config.
+        start_step: the optimizer step `fit` starts from.
+        end_step: the step to stop after (the run's ``steps``).
+        initial_epoch: the ``initial_epoch`` passed to `fit`.
+        epoch_steps: the ``steps_per_epoch`` passed to `fit`.
+    """
+
+    def __init__(self, run, config, start_step, end_step, initial_epoch, epoch_steps):
+        super().__init__()
+        self.run = run
+        self.config = config
+        self.start_step = start_step
+        self.end_step = end_step
+        self.initial_epoch = initial_epoch
+        self.epoch_steps = epoch_steps
+        self.steps_per_epoch = config["steps_per_epoch"]
+        self.checkpoint_every = checkpoint_interval(config)
+        self.sample_every = self.steps_per_epoch * max(int(config["sample_every_epochs"]), 1)
+        self.samples_path = os.path.join(run.run_dir, "samples.png")
+        self.last_step = start_step
+
+    def _step_at(self, epoch, batch):
+        return self.start_step + (epoch - self.initial_epoch) * self.epoch_steps + batch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Counted here rather than read from the optimizer: on JAX reading a variable
+        # syncs the whole training state back from the device after every step.
+        self.last_step = self._step_at(self._epoch, batch)
+        checkpointing.inject_fault("step", self.last_step)
+        if self.last_step >= self.end_step:
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        logs = {k: float(ops.convert_to_numpy(v)) for k, v in (logs or {}).items()}
+        if step != self.last_step or not all(np.isfinite(v) for v in logs.values()):
+            return  # stopped on a non-finite loss: this interval is not kept
+        row = {"epoch": (step - 1) // self.steps_per_epoch, "step": step}
+        row.update({k: repr(v) for k, v in logs.items()})
+        self.run.append_metrics(row)
+        if step % self.checkpoint_every == 0 or step == self.end_step:
+            self.run.save_checkpoint(self.model, step, epoch=step // self.steps_per_epoch)
+        if step % self.sample_every == 0:
+            write_samples(self.model, self.samples_path, self.config)
+
+
+def checkpoint_interval(config):
+    """Optimizer steps between checkpoints (``checkpoint_every``, default one epoch)."""
+    every = config.get("checkpoint_every") or config["steps_per_epoch"]
+    if int(every) != every or every < 1:
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}.")
+    return int(every)
+
+
+def load_checkpoint(run_dir, config=None):
+    """The model of a run directory's newest checkpoint, ready to train on this backend.
+
+    Returns None before the first checkpoint. The `.keras` file's compile settings are not
+    trusted: `jit_compile` is backend-specific (a TensorFlow checkpoint says ``False``,
+    which would run JAX op by op), so the model is recompiled with the current backend's
+    default. With ``config``, the optimizer is rebuilt from it (so an allowed change of the
+    learning rate or betas takes effect) and the saved optimizer state is carried over.
+    The random-generator states, which `.keras` files do not restore, come from
+    ``state.json``.
+    """
+    run = checkpointing.RunDirectory(run_dir)
+    state = run.read_state()
+    if state is None:
+        return None
+    model = keras.models.load_model(run.checkpoint_path(state))
+    if "seed_states" in state:
+        checkpointing.restore_seed_states(model, state["seed_states"])
+    optimizer = model.optimizer
+    if config is not None:
+        optimizer = make_optimizer(config)
+        optimizer.build(model.trainable_variables)
+        _copy_optimizer_state(model.optimizer, optimizer)
+    model.compile(optimizer=optimizer)  # jit_compile="auto": this backend's default
     return model
 
 
-def _atomic_save_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+def _copy_optimizer_state(source, target):
+    """Iterations and slot variables from ``source``; hyperparameters stay ``target``'s."""
 
+    def by_name(optimizer):
+        # Paths start with the optimizer's own (possibly uniquified) name.
+        return {v.path.split("/", 1)[-1]: v for v in optimizer.variables}
 
-def atomic_save_model(model, path):
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-class RunCheckpoint(keras.callbacks.Callback):
-    """Saves the whole model (weights, optimizer, EMA, RNG state) atomically each epoch."""
-
-    def __init__(self, run_dir):
-        super().__init__()
-        self.directory = os.path.join(run_dir, "checkpoints")
-        os.makedirs(self.directory, exist_ok=True)
-        self.model_path = os.path.join(self.directory, "latest.keras")
-        self.state_path = os.path.join(self.directory, "state.json")
-
-    def on_epoch_end(self, epoch, logs=None):
-        atomic_save_model(self.model, self.model_path)
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        _atomic_save_json(self.state_path, {"epoch": epoch + 1, "step": step})
-
-    def load(self):
-        """``(model, epochs_done)`` from the last checkpoint, or ``(None, 0)``."""
-        if not (os.path.exists(self.state_path) and os.path.exists(self.model_path)):
-            return None, 0
-        with open(self.state_path) as f:
-            state = json.load(f)
-        return keras.models.load_model(self.model_path), int(state["epoch"])
-
-
-class SampleGrid(keras.callbacks.Callback):
-    """Writes a grid of samples (one row per class for class-conditional models)."""
-
-    def __init__(self, path, config, every_epochs=1):
-        super().__init__()
-        self.path = path
-        self.config = config
-        self.every_epochs = max(int(every_epochs), 1)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every_epochs == 0:
-            write_samples(self.model, self.path, self.config)
+    old = by_name(source)
+    for name, variable in by_name(target).items():
+        if name == "learning_rate":
+            continue
+        if name not in old or tuple(old[name].shape) != tuple(variable.shape):
+            raise ValueError(
+                f"The checkpoint's optimizer state has no variable {name!r} of shape "
+                f"{tuple(variable.shape)}; the optimizer cannot be rebuilt from the config."
+            )
+        variable.assign(old[name])
 
 
 def sample_labels(model, num_samples):
@@ -427,69 +393,151 @@ def decode_for_display(images, config):
     return np.concatenate([ops.convert_to_numpy(d) for d in decoded])
 
 
-def check_run_directory(run_dir, config):
-    """Refuses to resume a directory that holds a run with a different configuration."""
+# Keys whose change would not reach a checkpointed model (they are part of the saved one).
+MODEL_KEYS = (
+    "backbone", "backbone_args", "schedule", "num_timesteps", "zero_terminal_snr",
+    "prediction_type", "weighting", "gamma", "label_dropout", "ema_decay", "mixed_precision",
+)
+# Keys of this module that may always change between sessions.
+RUN_KEYS = ("checkpoint_every", "keep_checkpoints")
+
+
+def config_changes(run_dir, config, allow_config_change=(), has_checkpoint=False):
+    """``[(key, old, new)]`` between the run's stored config and ``config``.
+
+    Refuses changes the user did not allow (``allow_config_change``, or the freely
+    resumable keys such as ``steps``) and changes of the saved model's structure.
+    """
+    unknown = sorted(set(allow_config_change) - set(config))
+    if unknown:
+        raise ValueError(
+            f"--allow-config-change names unknown config key(s) {', '.join(unknown)}. "
+            f"Valid keys: {', '.join(sorted(config))}."
+        )
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
-        return
+        return []
     with open(path) as f:
         previous = json.load(f)
     current = json.loads(json.dumps(config, default=str))
-    changed = sorted(
-        k for k in set(previous) | set(current)
-        if k not in RESUMABLE_KEYS and previous.get(k) != current.get(k)
-    )
-    if changed:
+    # A key the stored config lacks came with a newer version: not a change.
+    changes = [(k, previous[k], current[k]) for k in sorted(current)
+               if k in previous and previous[k] != current[k]]
+    refused = [k for k, _, _ in changes
+               if k not in RESUMABLE_KEYS + RUN_KEYS and k not in allow_config_change]
+    if refused:
         raise ValueError(
             f"{run_dir} already holds a run with a different configuration (changed: "
-            f"{', '.join(changed)}). It is never overwritten: pick a new --output-dir, or "
-            "repeat the original settings to resume it."
+            f"{', '.join(refused)}). It is never overwritten: pick a new --output-dir, "
+            "repeat the original settings to resume it, or accept the change with "
+            f"--allow-config-change {' '.join(refused)} (recorded in history.jsonl)."
         )
+    frozen = [k for k, _, _ in changes if k in MODEL_KEYS]
+    if frozen and has_checkpoint:
+        raise ValueError(
+            f"{', '.join(frozen)} cannot change in an existing run: it is part of the "
+            "checkpointed model. Start a new --output-dir."
+        )
+    return changes
 
 
-def train(config, run_dir, verbose=None):
-    """Trains (or resumes) a run and returns the trained `DiffusionModel`.
+def train(config, run_dir, verbose=None, allow_config_change=()):
+    """Trains (or resumes) a run for exactly ``config["steps"]`` optimizer steps.
 
-    ``verbose`` defaults to a live progress bar on a terminal and one line per epoch
-    otherwise (logs, CI).
+    Returns the trained `DiffusionModel`. Checkpoints are written every
+    ``checkpoint_every`` steps (default: one epoch); the newest ``keep_checkpoints`` are
+    kept. A resumed run continues the data order where the checkpoint stopped and equals
+    the run that was never interrupted.
+
+    Args:
+        config: the resolved config.
+        run_dir: the run directory, created or resumed.
+        verbose: `fit`'s verbosity; default a live progress bar on a terminal and one line
+            per epoch otherwise (logs, CI).
+        allow_config_change: top-level config keys that may differ from the run's stored
+            config; each change is printed and appended to ``history.jsonl``.
     """
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     os.makedirs(run_dir, exist_ok=True)
-    check_run_directory(run_dir, config)
-    _atomic_save_json(os.path.join(run_dir, "config.json"), config)
+    run = checkpointing.RunDirectory(run_dir, config.get("keep_checkpoints", 2))
+    run.remove_partial_files()
+    state = run.read_state()
+    changes = config_changes(run_dir, config, allow_config_change, state is not None)
+    step = state["step"] if state else 0
+    backend = keras.backend.backend()
+    if state and state.get("backend", backend) != backend:
+        changes.append(("backend", state["backend"], backend))
+    for key, old, new in changes:
+        print(f"Config change at step {step}: {key} {old!r} -> {new!r}")
+        run.record_change(step, key, old, new)
+    # Rows logged after the checkpoint are replayed below, identically.
+    run.truncate_metrics(step)
     keras.utils.set_random_seed(config["seed"])
 
     dataset, info = build_dataset(config)
-    checkpoint = RunCheckpoint(run_dir)
-    model, epochs_done = checkpoint.load()
+    model = load_checkpoint(run_dir, config) if state else None
     if model is None:
         model = build_model(config, info)
-    total_epochs = int(np.ceil(config["steps"] / config["steps_per_epoch"]))
-    if epochs_done:
-        print(f"Resuming {run_dir} after epoch {epochs_done} of {total_epochs}.")
-    callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "metrics.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
-        checkpoint,
-        SampleGrid(os.path.join(run_dir, "samples.png"), config, config["sample_every_epochs"]),
-    ]
+    # Written once the data and the model exist, so a start that fails on them leaves no
+    # config behind that would hold the directory to the failed settings.
+    checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
+    total = int(config["steps"])
+    if state:
+        print(f"Resuming {run_dir} from step {step} of {total} "
+              f"({run.checkpoint_path(state)}).")
     start = time.time()
-    if epochs_done < total_epochs:
-        model.fit(
-            dataset,
-            epochs=total_epochs,
-            initial_epoch=epochs_done,
-            steps_per_epoch=config["steps_per_epoch"],
-            callbacks=callbacks,
-            verbose=verbose,
-            shuffle=False,  # the tf.data pipeline shuffles with its own seed
-        )
-    atomic_save_model(model, os.path.join(run_dir, "model.keras"))
+    try:
+        _fit(model, dataset, run, config, step, total, verbose)
+    except FloatingPointError as error:
+        state = run.read_state()
+        kept = state["step"] if state else 0
+        raise FloatingPointError(
+            f"{error} Nothing after step {kept} was saved: {run_dir} resumes from "
+            f"{'its checkpoint of step ' + str(kept) if state else 'the start'}. To resume "
+            "with a lower learning rate, repeat the command with --set learning_rate=... "
+            "--allow-config-change learning_rate."
+        ) from None
+    final = int(ops.convert_to_numpy(model.optimizer.iterations))
+    if final < total:
+        raise RuntimeError(f"Training stopped at step {final} of {total}.")
+    checkpointing.atomic_save_model(model, os.path.join(run_dir, "model.keras"))
     if not os.path.exists(os.path.join(run_dir, "samples.png")):
         write_samples(model, os.path.join(run_dir, "samples.png"), config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
     return model
+
+
+def _fit(model, dataset, run, config, step, total, verbose):
+    """`fit` from optimizer step ``step`` to ``total`` on the data from batch ``step`` on.
+
+    Keras epochs are ``segment`` steps long, so every metrics row, checkpoint and sample
+    grid falls on an epoch end; a start between two of them first runs a short epoch up to
+    the next.
+    """
+    segment = math.gcd(config["steps_per_epoch"], checkpoint_interval(config))
+    while step < total:
+        epoch_steps = min(segment - step % segment, total - step)
+        initial_epoch = step // segment
+        num_epochs = 1 if step % segment else -(-(total - step) // segment)
+        logger = RunLogger(run, config, step, total, initial_epoch, epoch_steps)
+        model.fit(
+            # The data order continues where the checkpoint stopped (batch `step` of the
+            # seeded, repeated pipeline).
+            dataset.skip(step) if step else dataset,
+            initial_epoch=initial_epoch,
+            epochs=initial_epoch + num_epochs,
+            steps_per_epoch=epoch_steps,
+            callbacks=[
+                keras.callbacks.TensorBoard(os.path.join(run.run_dir, "logs"), write_graph=False),
+                logger,
+            ],
+            verbose=verbose,
+            shuffle=False,  # the tf.data pipeline shuffles with its own seed
+        )
+        step = int(ops.convert_to_numpy(model.optimizer.iterations))
+        if logger.last_step != step:
+            break  # an interval stopped early; `train` reports it
 
 
 def load_run(run_dir):
@@ -499,10 +547,10 @@ def load_run(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json).")
     with open(config_path) as f:
         config = json.load(f)
-    for name in ("model.keras", os.path.join("checkpoints", "latest.keras")):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            return config, keras.models.load_model(path)
-    raise FileNotFoundError(
-        f"{run_dir} has no model.keras nor checkpoints/latest.keras yet; train it first."
-    )
+    final = os.path.join(run_dir, "model.keras")
+    model = keras.models.load_model(final) if os.path.exists(final) else load_checkpoint(run_dir)
+    if model is None:
+        raise FileNotFoundError(
+            f"{run_dir} has no model.keras nor a checkpoint yet; train it first."
+        )
+    return config, model

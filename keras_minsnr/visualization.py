@@ -38,12 +38,14 @@ def image_grid(images, columns=None, padding=1, min_size=256):
 
 
 def save_image_grid(images, path, columns=None):
-    """Writes `image_grid(images)` as a PNG, atomically (temp file, then rename)."""
+    """Writes `image_grid(images)` atomically (temp file, then rename); the extension
+    names the format (PNG, JPEG, ...)."""
     from PIL import Image
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp.png"
+    root, extension = os.path.splitext(path)
+    tmp = f"{root}.tmp{extension or '.png'}"
     Image.fromarray(image_grid(images, columns)).save(tmp)
     os.replace(tmp, path)
     return path

@@ -19,6 +19,7 @@ all of these hold, and says once on stderr what it set:
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 
@@ -71,13 +72,30 @@ def _reason_not_to_set(backend, environ):
     return None
 
 
+def keras_backend_name(environ=None):
+    """The backend Keras uses or will use, without importing Keras if it is not loaded."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    return backend_from_environment(os.environ if environ is None else environ)
+
+
+def backend_from_environment(environ):
+    """What Keras will pick: ``KERAS_BACKEND``, else ``keras.json``, else TensorFlow."""
+    if environ.get("KERAS_BACKEND"):
+        return environ["KERAS_BACKEND"]
+    home = environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"  # Keras' own default
+
+
 def configure(backend=None, environ=None, stream=None):
     """Adds `FUSION_FLAG` to ``XLA_FLAGS`` where it helps; returns whether it did."""
     environ = os.environ if environ is None else environ
     if backend is None:
-        import keras
-
-        backend = keras.backend.backend()
+        backend = keras_backend_name(environ)
     if _reason_not_to_set(backend, environ) is not None:
         return False
     environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + FUSION_FLAG).strip()

@@ -1,13 +1,11 @@
 """Shared entry point so every recipe runs with ``python -m recipes.NAME``."""
 
-import argparse
 import sys
 
 
 def run_recipe(name, argv=None):
-    from keras_minsnr.cli import main
+    """Trains recipe ``name`` with the options of ``keras-minsnr train`` (``--help`` lists
+    them); ``--output-dir`` defaults to ``runs/NAME``."""
+    from keras_minsnr.cli import main_for_recipe
 
-    parser = argparse.ArgumentParser(prog=f"python -m recipes.{name}")
-    parser.add_argument("--output-dir", default=f"runs/{name}")
-    args, rest = parser.parse_known_args(argv)
-    sys.exit(main(["train", name, "--output-dir", args.output_dir, *rest]))
+    sys.exit(main_for_recipe(name, argv))

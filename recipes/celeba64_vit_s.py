@@ -16,7 +16,7 @@ on a machine with internet), then::
         --set data_args.data_dir=~/tensorflow_datasets
 """
 
-from recipes._main import run_recipe
+from ._main import run_recipe
 
 RECIPE = {
     "description": "Unconditional in-context ViT-S/4 (512 wide, 13 blocks) on CelebA 64x64.",

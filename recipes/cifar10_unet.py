@@ -14,7 +14,7 @@ on a machine with internet), then::
     python -m recipes.cifar10_unet --output-dir runs/cifar10 --set data_args.data_dir=DIR
 """
 
-from recipes._main import run_recipe
+from ._main import run_recipe
 
 RECIPE = {
     "description": "Unconditional DDPM UNet (35.7M) on CIFAR-10 32x32, ε target, Min-SNR-5.",

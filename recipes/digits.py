@@ -5,7 +5,7 @@ Runs offline in a few minutes on a laptop CPU (`make demo`); samples are one row
     python -m recipes.digits --output-dir runs/digits [--steps N] [--set key=value ...]
 """
 
-from recipes._main import run_recipe
+from ._main import run_recipe
 
 RECIPE = {
     "description": "Class-conditional residual MLP on the 8x8 scikit-learn digits.",

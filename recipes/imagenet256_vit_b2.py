@@ -24,7 +24,7 @@ tars), or write the cache yourself with `keras_minsnr.data.cache_latents` and pa
 ``--set data=CACHE_DIR``.
 """
 
-from recipes._main import run_recipe
+from ._main import run_recipe
 
 RECIPE = {
     "description": "Class-conditional in-context ViT-B/2 on ImageNet-256 SD-VAE latents "

@@ -19,8 +19,8 @@ can share one cache)::
 
 import copy
 
-from recipes._main import run_recipe
-from recipes.imagenet256_vit_b2 import RECIPE as VIT_B2_RECIPE
+from ._main import run_recipe
+from .imagenet256_vit_b2 import RECIPE as VIT_B2_RECIPE
 
 # Same data, cache, encoder, target, weighting, CFG and sampler as ViT-B/2: only the
 # backbone differs.

@@ -16,7 +16,7 @@ once with download=True (nothing is fetched, TFDS only extracts)::
         --set data_args.manual_dir=/data/imagenet --set data_args.download=true
 """
 
-from recipes._main import run_recipe
+from ._main import run_recipe
 
 RECIPE = {
     "description": "Class-conditional in-context ViT-L/4 (269M) on ImageNet 64x64, CFG.",

@@ -30,7 +30,7 @@ Samples use the first cached captions. Add
 decoded in `samples.png`; without it the grid shows the first three latent channels.
 """
 
-from recipes._main import run_recipe
+from ._main import run_recipe
 
 WEIGHTS_DIR = "weights/sd15"
 

@@ -108,3 +108,171 @@ def test_quick_run_writes_the_three_files_and_resumes(tmp_path):
     assert again["speedups"] == before["speedups"] and again["quick"] is True
     assert again["mean_curves"] == before["mean_curves"]
     assert (out / "convergence.png").exists()
+
+
+# -- intervals over seeds ------------------------------------------------------------------
+
+
+def test_t_interval_matches_closed_forms_and_scipy():
+    from scipy import stats
+
+    # df = 1: the 97.5% t quantile is tan(0.475 π); [0, 2] has mean 1 and s/sqrt(n) = 1.
+    mean, low, high = convergence.t_interval([0.0, 2.0])
+    half = math.tan(0.475 * math.pi)
+    assert mean == 1.0 and low == pytest.approx(1 - half) and high == pytest.approx(1 + half)
+    # df = 2: F(t) = 1/2 + t / (2 sqrt(2 + t²)), so t = u sqrt(2 / (1 - u²)) with u = 0.95.
+    mean, low, high = convergence.t_interval([0.0, 1.0, 2.0])
+    half = 0.95 * math.sqrt(2.0 / (1.0 - 0.95**2)) / math.sqrt(3.0)
+    assert (low, high) == (pytest.approx(1 - half), pytest.approx(1 + half))
+    # df = 4 against scipy's own interval routine.
+    sample = [3.1, 2.4, 5.0, 4.2, 3.3]
+    ref = stats.t.interval(0.95, df=4, loc=sum(sample) / 5, scale=stats.sem(sample))
+    assert convergence.t_interval(sample)[1:] == pytest.approx(ref, rel=1e-12)
+    assert convergence.t_interval([4.0]) == (4.0, None, None)
+    with pytest.raises(ValueError, match="non-empty"):
+        convergence.t_interval([])
+
+
+def test_bootstrap_interval_closed_form_and_coverage():
+    import numpy as np
+
+    # Two values: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles are 0 and 1.
+    assert convergence.bootstrap_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)
+    # Coverage of the true mean on normal samples of 30 (fixed seed): close to 95%.
+    rng = np.random.default_rng(7)
+    trials, hits = 300, 0
+    for i in range(trials):
+        sample = rng.normal(10.0, 3.0, size=30)
+        _, low, high = convergence.bootstrap_interval(sample, num_resamples=2000, seed=i)
+        hits += low <= 10.0 <= high
+    assert 0.90 <= hits / trials <= 0.98
+
+
+def test_speedup_interval_is_taken_on_the_log_scale():
+    centre, low, high = convergence.speedup_interval({"0": 1.0, "1": 4.0})
+    # log values 0 and log 4: mean log 2, s = log 4 / sqrt 2, n = 2, t = tan(0.475 π).
+    half = math.tan(0.475 * math.pi) * math.log(4.0) / math.sqrt(2.0) / math.sqrt(2.0)
+    assert centre == pytest.approx(2.0)
+    assert low == pytest.approx(2.0 * math.exp(-half))
+    assert high == pytest.approx(2.0 * math.exp(half))
+    assert convergence.speedup_interval({"0": 2.0, "1": 2.0, "2": 2.0}) == (
+        pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0)
+    )
+    # A seed that never reached the baseline's FID: no interval.
+    assert convergence.speedup_interval({"0": 2.0, "1": None}) == (None, None, None)
+
+
+def test_fid_bands_and_summary_intervals_on_planted_curves():
+    steps = (100, 200)
+    fids = {  # run -> seed -> FIDs at the two checkpoints
+        "sample/constant": {0: (40.0, 20.0), 1: (44.0, 22.0), 2: (42.0, 24.0)},
+        "sample/min_snr_5": {0: (18.0, 10.0), 1: (19.0, 12.0), 2: (20.0, 14.0)},
+    }
+    rows = [
+        {"seed": seed, "run": run, "target": "sample", "weighting": run.split("/")[1],
+         "gamma": "", "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0,
+         "train_seconds": 1.0}
+        for run, per_seed in fids.items()
+        for seed, values in per_seed.items()
+        for step, fid in zip(steps, values)
+    ]
+    band = convergence.fid_intervals(rows)["sample/min_snr_5"]
+    # Final FIDs 10, 12, 14: mean 12, s = 2, t(0.975, 2) from the closed form above.
+    half = 0.95 * math.sqrt(2.0 / (1.0 - 0.95**2)) * 2.0 / math.sqrt(3.0)
+    assert band["steps"] == [100, 200] and band["mean"] == [19.0, 12.0]
+    assert band["low"][1] == pytest.approx(12 - half)
+    assert band["high"][1] == pytest.approx(12 + half)
+    runs = convergence.run_plan(["sample"], ablation=False, plan="targets")
+    summary = convergence.summarise(rows, runs)
+    entry = summary["speedups"]["sample"]
+    # Each seed: the baseline reaches its final FID at step 200, min_snr_5 already at 100
+    # (credited with the first checkpoint), so every per-seed speed-up is 2.
+    assert entry["per_seed"] == {"0": 2.0, "1": 2.0, "2": 2.0}
+    assert entry["speedup_interval"] == [pytest.approx(2.0), pytest.approx(2.0)]
+    assert entry["min_snr_final_fid_interval"] == [pytest.approx(12 - half),
+                                                   pytest.approx(12 + half)]
+    table = convergence.table1_markdown({**summary, "runs": [r[0] for r in runs],
+                                         "seeds": [0, 1, 2], "checkpoints": [100, 200]})
+    assert "| x₀ | `min_snr_5` | 12.00 [" in table and "| 2.00x [2.00, 2.00] |" in table
+    assert "| x₀ | `constant` | 22.00 [" in table and "1 (baseline)" in table
+    assert "3.4x" in table and "2303.09556" in table
+
+
+def test_table1_plan_is_the_papers_ablation():
+    names = [name for name, *_ in convergence.run_plan(plan="table1")]
+    assert names == [
+        "sample/constant", "sample/snr", "sample/trunc_snr", "sample/max_snr_5",
+        "sample/min_snr_5", "sample/min_snr_1", "sample/min_snr_2", "sample/min_snr_10",
+        "sample/min_snr_20", "sample/soft_min_snr_5", "sample/p2", "sample/debiased",
+        "epsilon/constant", "epsilon/min_snr_5",
+        "v_prediction/constant", "v_prediction/min_snr_5",
+    ]
+    plan = {name: (weighting, gamma) for name, _, weighting, gamma in
+            convergence.run_plan(plan="table1")}
+    assert plan["sample/max_snr_5"] == ("max_snr", 5.0)
+    assert plan["sample/min_snr_20"] == ("min_snr", 20.0)
+    with pytest.raises(ValueError, match="Unknown plan 'table2'"):
+        convergence.run_plan(plan="table2")
+    args = convergence.parse_args(["--backbone", "vit_tiny"])
+    assert args.plan == "table1" and args.seeds == [0, 1, 2] and args.stem == "convergence_vit"
+
+
+def _vit_rows(seed, run, weighting, gamma, fids):
+    return [
+        {"seed": seed, "run": run, "target": "epsilon", "weighting": weighting,
+         "gamma": gamma, "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0,
+         "train_seconds": 1.0}
+        for step, fid in zip((2, 4), fids)
+    ]
+
+
+def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["--backbone", "vit_tiny", "--quick", "--targets", "epsilon", "--seeds", "0", "1",
+            "--output-dir", str(out)]
+    # Three of the four trainings finished before a kill; only seed 1's min_snr_5 trains.
+    workdir = out / "convergence_vit_runs"
+    workdir.mkdir(parents=True)
+    settings = convergence.run_settings(convergence.parse_args(argv))
+    planted = {
+        (0, "epsilon/constant"): ("constant", "", (300.0, 200.0)),
+        (0, "epsilon/min_snr_5"): ("min_snr", 5.0, (150.0, 100.0)),
+        (1, "epsilon/constant"): ("constant", "", (320.0, 220.0)),
+    }
+    for (seed, run), (weighting, gamma, fids) in planted.items():
+        convergence.save_finished_run(
+            str(workdir / f"{seed}_{run.replace('/', '_')}.json"), settings,
+            _vit_rows(seed, run, weighting, gamma, fids),
+        )
+    assert convergence.main(argv) == 0
+    assert not workdir.exists()
+    with open(out / "convergence_vit.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    trained = [r for r in rows if r["seed"] == "1" and r["run"] == "epsilon/min_snr_5"]
+    assert [int(r["step"]) for r in trained] == [2, 4]
+    assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0 for r in trained)
+    assert (out / "convergence_vit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "convergence_vit.json").read_text())
+    assert summary["backbone"] == "vit_tiny" and summary["plan"] == "table1"
+    assert summary["backbone_config"]["backbone"] == "vit_b_2_in256"
+    assert summary["runs"] == ["epsilon/constant", "epsilon/min_snr_5"]
+    band = summary["fid_intervals"]["epsilon/constant"]
+    # Two seeds, final FIDs 200 and 220: mean 210 ± tan(0.475 π) · 10.
+    half = math.tan(0.475 * math.pi) * 10.0
+    assert band["num_seeds"] == 2 and band["mean"][-1] == pytest.approx(210.0)
+    assert band["low"][-1] == pytest.approx(210.0 - half)
+    assert band["high"][-1] == pytest.approx(210.0 + half)
+    assert "Student-t" in summary["interval_method"]
+    capsys.readouterr()
+    assert convergence.main(["--backbone", "vit_tiny", "--table", "--output-dir",
+                             str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| ε | `constant` | 210.00 [" in table and "| ε | `min_snr_5` |" in table
+    # The other comparison rule on planted curves: a seed whose candidate never reaches the
+    # baseline's final FID leaves the speed-up without an interval, and the table says so.
+    entry = summary["speedups"]["epsilon"]
+    entry.update(speedup=1.5, speedup_interval=[None, None], per_seed={"0": 1.5, "1": None})
+    assert "1.50x (no interval: 1 of 2 seeds never reached)" in convergence.table1_markdown(
+        summary)

@@ -204,7 +204,7 @@ def class_folder(tmp_path):
 
 
 def test_image_folder_labels_classes_and_skips_corrupt_files(class_folder):
-    with pytest.warns(UserWarning, match="Skipped 2 unreadable"):
+    with pytest.warns(UserWarning, match="Skipped 2 image file"):
         ds, info = kd.image_folder_dataset(class_folder, 8, batch_size=4, seed=0,
                                            drop_remainder=False)
     assert info.class_names == ("ant", "moth", "zebra")
@@ -291,6 +291,58 @@ def test_folder_errors_name_the_path(tmp_path):
         kd.image_folder_dataset(empty, 8, channels=2)
 
 
+def _png_header_only(path, width, height):
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_folder_tensorflow_cannot_decode_fails_at_once(tmp_path):
+    # TIFF files named .png: PIL reads them, TensorFlow does not. The old check (PIL)
+    # passed them, and the repeated pipeline then span forever skipping every file.
+    root = tmp_path / "tiffs"
+    for name in ("a", "b"):
+        for i in range(2):
+            _save(str(root / name / f"{i}.png"), np.full((6, 6, 3), 40, np.uint8), "TIFF")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as error:
+            kd.image_folder_dataset(root, 4, repeat=True)
+    message = str(error.value)
+    assert "no readable images" in message and str(root) in message
+    assert "4 TIFF data that TensorFlow cannot decode" in message
+
+
+def test_folder_reports_found_and_why_files_were_skipped(tmp_path, capsys):
+    root = tmp_path / "mixed"
+    for i in range(3):
+        _save(str(root / "cats" / f"{i}.png"), np.full((6, 6, 3), 200, np.uint8))
+    _save(str(root / "dogs" / "0.jpg"), np.full((6, 6, 3), 90, np.uint8), "JPEG")
+    _save(str(root / "dogs" / "tiff.png"), np.full((6, 6, 3), 90, np.uint8), "TIFF")
+    _png_header_only(str(root / "dogs" / "huge.png"), 20000, 20000)
+    (root / "dogs" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.warns(UserWarning, match="Skipped 3 image file"):
+        ds, info = kd.image_folder_dataset(root, 4, batch_size=None, shuffle=False)
+    assert info.size == 4 and info.num_skipped == 3 and info.num_classes == 2
+    out = capsys.readouterr().out
+    assert f"Found 4 images in 2 classes in {str(root)!r} (skipped 3: " in out
+    assert "1 TIFF data that TensorFlow cannot decode (tiff.png)" in out
+    # A huge image is too large, not "corrupt".
+    assert "1 too large: 400000000 pixels" in out and "(huge.png)" in out
+    assert "1 corrupt or not an image (cut.png)" in out
+    got = [e["images"] for e in ds.as_numpy_iterator()]
+    assert len(got) == 4  # every kept file decodes in the training pipeline
+
+
 # -------------------------------------------------------- caption folders
 
 
@@ -324,7 +376,7 @@ def test_caption_folder_skips_and_counts_corrupt_images(tmp_path):
     lines.append(json.dumps({"file_name": "imgs/bad.jpg", "text": "broken"}))
     root = _caption_folder(tmp_path / "caps", lines)
     (root / "imgs" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
-    with pytest.warns(UserWarning, match="Skipped 1 unreadable"):
+    with pytest.warns(UserWarning, match="Skipped 1 image file"):
         ds, info = kd.caption_folder_dataset(root, 4, batch_size=None, shuffle=False)
     assert info.num_skipped == 1 and info.size == 3
     assert [e["text"].decode() for e in ds.as_numpy_iterator()] == ["t0", "t1", "t2"]

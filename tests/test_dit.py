@@ -1,7 +1,6 @@
 """DiT (adaLN-Zero) and the in-context ViT: shapes, init, references, presets, errors."""
 
 import math
-import os
 
 import keras
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 from keras_minsnr import backbones
 from keras_minsnr.backbones import dit
+from tests import backbone_contract as contract
 
 TINY = dict(image_shape=(8, 8, 3), patch_size=2, hidden_size=32, depth=2, num_heads=4)
 
@@ -19,14 +19,6 @@ def _inputs(batch=3, shape=(8, 8, 3), num_classes=10, seed=0):
     t = rng.integers(0, 1000, size=(batch,)).astype("int32")
     y = rng.integers(0, num_classes + 1, size=(batch,)).astype("int32")
     return {"x": x, "t": t, "y": y}
-
-
-def _randomize(model, seed=1, scale=0.1):
-    """Replaces every weight by noise so zero-initialised paths carry signal."""
-    rng = np.random.default_rng(seed)
-    model.set_weights(
-        [scale * rng.standard_normal(w.shape).astype("float32") for w in model.get_weights()]
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -100,7 +92,7 @@ def _count_reference(image_shape, patch_size, hidden_size, depth, mlp_ratio=4.0,
 @pytest.mark.parametrize("num_classes", [10, None])
 def test_output_shape_and_finite(mode, num_classes):
     model = dit.DiT(**TINY, num_classes=num_classes, conditioning_mode=mode)
-    _randomize(model)
+    contract.randomize(model)
     inputs = _inputs()
     if num_classes is None:
         inputs.pop("y")
@@ -123,7 +115,7 @@ def test_non_square_images_and_patch_4():
         image_shape=(8, 16, 3), patch_size=4, hidden_size=32, depth=1, num_heads=4,
         num_classes=10, conditioning_mode="in_context",
     )
-    _randomize(model)
+    contract.randomize(model)
     out = keras.ops.convert_to_numpy(model(_inputs(3, (8, 16, 3))))
     assert out.shape == (3, 8, 16, 3)
     assert np.all(np.isfinite(out))
@@ -155,7 +147,7 @@ def test_in_context_head_starts_small_but_not_zero():
 def test_null_class_row():
     model = dit.DiT(**TINY, num_classes=10, conditioning_mode="in_context")
     assert tuple(model.y_embedder.embeddings.shape) == (11, 32)
-    _randomize(model)
+    contract.randomize(model)
     inputs = _inputs()
     null = dict(inputs, y=np.full((3,), 10, "int32"))
     missing = {"x": inputs["x"], "t": inputs["t"]}
@@ -255,7 +247,7 @@ def test_dit_block_matches_numpy_with_nonzero_modulation():
 def test_in_context_tokens_reach_the_patches():
     """The timestep only enters through its extra token, so changing t changes x."""
     model = dit.DiT(**TINY, num_classes=None, conditioning_mode="in_context")
-    _randomize(model)
+    contract.randomize(model)
     inputs = _inputs()
     inputs.pop("y")
     a = keras.ops.convert_to_numpy(model(inputs))
@@ -270,35 +262,15 @@ def test_in_context_tokens_reach_the_patches():
 @pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
 def test_keras_file_round_trip(tmp_path, mode):
     model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
-    _randomize(model)
-    inputs = _inputs()
-    expected = keras.ops.convert_to_numpy(model(inputs))
-    path = os.path.join(tmp_path, "dit.keras")
-    model.save(path)
-    restored = keras.models.load_model(path)
-    assert isinstance(restored, dit.DiT)
-    assert restored.get_config() == model.get_config()
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored(inputs)), expected)
-    assert restored.image_shape == (8, 8, 3)
+    contract.randomize(model)
+    contract.run_round_trip_test(model, _inputs(), tmp_path)
 
 
 @pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
 def test_mixed_bfloat16(mode):
-    reference = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
-    _randomize(reference)
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
-    assert model.compute_dtype == "bfloat16"
-    assert all(w.dtype == "float32" for w in model.weights)
-    model.set_weights(reference.get_weights())
-    inputs = _inputs()
-    out = model(inputs)
-    assert keras.backend.standardize_dtype(out.dtype) == "float32"
-    out = keras.ops.convert_to_numpy(out)
-    assert np.all(np.isfinite(out))
-    expected = keras.ops.convert_to_numpy(reference(inputs))
-    # bfloat16 keeps ~3 significant digits.
-    assert np.abs(out - expected).max() < 0.05 * np.abs(expected).max() + 1e-3
+    contract.run_mixed_bfloat16_test(
+        lambda: dit.DiT(**TINY, num_classes=10, conditioning_mode=mode), _inputs()
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -320,25 +292,21 @@ def test_mixed_bfloat16(mode):
     ],
 )
 def test_bad_construction(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        dit.DiT(**{**TINY, **overrides})
+    contract.run_bad_construction_test(dit.DiT, {**TINY, **overrides}, match=match)
 
 
 def test_bad_inputs():
     model = dit.DiT(**TINY, num_classes=10)
     good = _inputs()
-    with pytest.raises(ValueError, match="rank 4"):
-        model(dict(good, x=good["x"][0]))
-    with pytest.raises(ValueError, match=r"axis 3 is 1, expected 3"):
-        model(dict(good, x=good["x"][..., :1]))
-    with pytest.raises(ValueError, match=r"axis 1 is 6, expected 8"):
-        model(dict(good, x=good["x"][:, :6]))
-    with pytest.raises(ValueError, match="'t'"):
-        model(dict(good, t=good["t"][:, None]))
-    with pytest.raises(ValueError, match="'x', 't'"):
-        model({"x": good["x"]})
-    with pytest.raises(ValueError, match="'x', 't'"):
-        model(good["x"])
+    for bad, match in [
+        (dict(good, x=good["x"][0]), "rank 4"),
+        (dict(good, x=good["x"][..., :1]), r"axis 3 is 1, expected 3"),
+        (dict(good, x=good["x"][:, :6]), r"axis 1 is 6, expected 8"),
+        (dict(good, t=good["t"][:, None]), "'t'"),
+        ({"x": good["x"]}, "'x', 't'"),
+        (good["x"], "'x', 't'"),
+    ]:
+        contract.run_bad_call_test(model, bad, match=match)
 
 
 # --------------------------------------------------------------------------------------
@@ -358,7 +326,7 @@ def test_bad_inputs():
     ],
 )
 def test_count_reference_matches_built_models(config):
-    assert dit.DiT(**config).count_params() == _count_reference(**config)
+    contract.run_parameter_count_test(dit.DiT(**config), _count_reference(**config))
 
 
 PAPER = {
@@ -404,3 +372,121 @@ def test_registry_get_with_overrides_and_unknown_name():
     with pytest.raises(ValueError, match="dit_s_2") as info:
         backbones.get("dit_s_3")
     assert "dit_s_3" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# initialisation against the references' distributions
+
+
+def _normal_cdf(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def _truncated_normal_std(stddev, lower, upper):
+    """Closed-form std of N(0, stddev²) truncated to [lower, upper]."""
+    a, b = lower / stddev, upper / stddev
+    pdf = lambda z: math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)  # noqa: E731
+    mass = _normal_cdf(b) - _normal_cdf(a)
+    mean = (pdf(a) - pdf(b)) / mass
+    var = 1.0 + (a * pdf(a) - b * pdf(b)) / mass - mean**2
+    return stddev * math.sqrt(var)
+
+
+def _measured_std(weight):
+    return float(np.std(np.asarray(keras.ops.convert_to_numpy(weight), np.float64)))
+
+
+# A model whose every initialised kernel holds at least 4096 values: the sample std
+# then sits within ~1.1% (one standard error) of the distribution's, and the checks
+# below allow 4%, while the distributions they tell apart differ by 12% or more.
+INIT = dict(image_shape=(32, 32, 8), patch_size=4, hidden_size=256, depth=2,
+            num_heads=4, num_classes=1000)
+
+
+def _assert_std(weight, expected, name):
+    got = _measured_std(weight)
+    assert abs(got / expected - 1) < 0.04, (name, got, expected)
+
+
+def test_truncated_normal_is_timm_trunc_normal():
+    # timm's trunc_normal_(std=.02) cuts at +-2 absolute (100 sigma): std 0.0200; Keras'
+    # TruncatedNormal(0.02) cuts at 2 sigma: std 0.0176. The reference is the former.
+    from keras_minsnr.backbones.initializers import TruncatedNormal
+
+    assert abs(_truncated_normal_std(0.02, -2, 2) - 0.02) < 1e-12
+    assert abs(_truncated_normal_std(0.02, -0.04, 0.04) - 0.01759) < 1e-4
+    values = keras.ops.convert_to_numpy(TruncatedNormal(stddev=0.02)((512, 512)))
+    _assert_std(values, 0.02, "stddev 0.02")
+    assert abs(values.mean()) < 4 * 0.02 / 512
+    # Bounds are absolute, as in timm: with std 1 and [-2, 2] the std is 0.8796.
+    values = keras.ops.convert_to_numpy(TruncatedNormal(stddev=1.0)((512, 512)))
+    _assert_std(values, _truncated_normal_std(1.0, -2, 2), "stddev 1, cut at 2")
+    assert values.min() >= -2 and values.max() <= 2
+    restored = TruncatedNormal.from_config(TruncatedNormal(0.5, lower=-1).get_config())
+    assert (restored.stddev, restored.lower, restored.upper) == (0.5, -1, 2)
+
+
+def test_adaln_zero_initialisation_matches_dit_initialize_weights():
+    """facebookresearch/DiT models.py initialize_weights, one line per layer."""
+    model = dit.DiT(**INIT)
+    d, p, c = 256, 4, 8
+    xavier = lambda fan_in, fan_out: math.sqrt(2.0 / (fan_in + fan_out))  # noqa: E731
+    # Patch embedding: xavier_uniform on the conv kernel seen as a (D, p*p*C) matrix.
+    _assert_std(model.patch_embed.kernel, xavier(p * p * c, d), "patch_embed")
+    # Timestep MLP: normal(std=0.02) on both linear layers.
+    _assert_std(model.t_embedder.dense_1.kernel, 0.02, "t_embedder.dense_1")
+    _assert_std(model.t_embedder.dense_2.kernel, 0.02, "t_embedder.dense_2")
+    # Label table: normal(std=0.02).
+    _assert_std(model.y_embedder.embeddings, 0.02, "y_embedder")
+    for block in model.blocks:  # every other linear layer: xavier_uniform
+        _assert_std(block.attn.qkv.kernel, xavier(d, 3 * d), "qkv")
+        _assert_std(block.attn.proj.kernel, xavier(d, d), "proj")
+        _assert_std(block.fc1.kernel, xavier(d, 4 * d), "fc1")
+        _assert_std(block.fc2.kernel, xavier(4 * d, d), "fc2")
+    zeros = [model.final_layer.modulation, model.final_layer.linear]
+    zeros += [block.modulation for block in model.blocks]  # adaLN-Zero
+    for layer in zeros:
+        for w in layer.weights:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), 0.0)
+    _assert_independent_draws(model)
+    # Linear biases start at zero.
+    for w in model.weights:
+        if w.path.endswith("bias"):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), 0.0)
+
+
+def test_in_context_initialisation_matches_the_min_snr_vit():
+    """Min-SNR guided_diffusion/vision_transformer.py: timm trunc_normal_(std=.02) on every
+    linear layer and the positions, fix_init_weight, init_scale on the head, PyTorch's
+    default Conv2d init on the patch embedding and N(0, 1) for the class table."""
+    model = dit.DiT(**INIT, conditioning_mode="in_context")
+    d, p, c = 256, 4, 8
+    fan_in = p * p * c
+    # nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias too.
+    _assert_std(model.patch_embed.kernel, 1.0 / math.sqrt(3 * fan_in), "patch_embed")
+    bias = keras.ops.convert_to_numpy(model.patch_embed.bias)
+    assert np.abs(bias).max() <= 1.0 / math.sqrt(fan_in) and np.std(bias) > 0
+    _assert_std(model.pos_embed, 0.02, "pos_embed")
+    _assert_std(model.y_embedder.embeddings, 1.0, "class table")
+    for i, block in enumerate(model.blocks):
+        _assert_std(block.attn.qkv.kernel, 0.02, "qkv")
+        _assert_std(block.fc1.kernel, 0.02, "fc1")
+        shrunk = 0.02 / math.sqrt(2.0 * (i + 1))
+        _assert_std(block.attn.proj.kernel, shrunk, "proj")
+        _assert_std(block.fc2.kernel, shrunk, "fc2")
+    _assert_std(model.head.kernel, 0.02 * 1e-3, "head")
+    _assert_independent_draws(model)
+
+
+def _assert_independent_draws(model):
+    """No two same-shaped kernels share values (one unseeded initializer instance reused
+    across layers returns the same draw every call)."""
+    kernels = [w for w in model.weights if w.path.endswith(("kernel", "embeddings"))]
+    seen = {}
+    for w in kernels:
+        values = keras.ops.convert_to_numpy(w)
+        if not values.any():
+            continue  # zero-initialised layers
+        for other, other_values in seen.get(values.shape, []):
+            assert not np.array_equal(values, other_values), (w.path, other)
+        seen.setdefault(values.shape, []).append((w.path, values))

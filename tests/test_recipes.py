@@ -77,6 +77,8 @@ def _state(run_dir):
 
 def test_every_paper_recipe_is_listed_and_resolves():
     assert set(PAPER_RECIPES) <= set(available_recipes())
+    for name in available_recipes():  # every key and value passes the typed config
+        assert training.resolve_config(_recipe(name))["description"], name
     for name in PAPER_RECIPES:
         module = importlib.import_module(f"recipes.{name}")
         config = training.resolve_config(module.RECIPE)
@@ -343,7 +345,7 @@ def test_unprepared_data_says_where_to_place_the_files(tmp_path, capsys):
 
 
 def test_unknown_encode_key_lists_the_valid_ones(tmp_path):
-    config = training.resolve_config(_recipe("imagenet256_vit_b2"),
-                                     {"data": str(tmp_path), "encode.vae": "x"})
+    # Found when the config is resolved, before anything is written or encoded.
     with pytest.raises(ValueError, match="encode key.*'vae'.*image_encoder_weights"):
-        training.prepare_data(config)
+        training.resolve_config(_recipe("imagenet256_vit_b2"),
+                                {"data": str(tmp_path), "encode.vae": "x"})

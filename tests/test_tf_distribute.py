@@ -57,3 +57,12 @@ def test_nan_in_one_replica_skips_the_update_on_every_replica(report):
     assert bad["steps"] == 1
     # The state is that after the first (finite) global batch only.
     assert_same_state(bad["state"], report["one_device_first_batch"]["state"])
+
+
+def test_mirrored_replicas_draw_their_own_noise_as_one_device_would(report):
+    # Each replica must not draw the same timesteps, noise and label dropout as the other
+    # (one random state is mirrored on both): the draws for the global batch are split
+    # over the replicas, so the run equals one device with the same seed.
+    one, two = report["one_device_random"], report["mirrored_random"]
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    assert_same_state(two["state"], one["state"])

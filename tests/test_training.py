@@ -1,19 +1,17 @@
-"""Run directories: config resolution, checkpoints, resumption after a kill, the CLI."""
+"""Run directories: the CLI end to end (kills and resumption: test_reliability.py).
+
+Config checks are in test_run_config.py, command-line errors in test_cli.py.
+"""
 
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from keras_minsnr import cli
-from keras_minsnr import training
 from keras_minsnr.visualization import image_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,42 +22,6 @@ TINY = [
     "--set", "sample_steps=2",
     "--set", "batch_size=16",
 ]
-
-
-def test_resolve_config_layers_defaults_recipe_and_overrides():
-    recipe = {"gamma": 3.0, "backbone_args": {"depth": 2}}
-    overrides = training.parse_overrides(
-        ["gamma=1", "backbone_args.hidden_size=64", "weighting=soft_min_snr", "clipnorm=1.5"]
-    )
-    config = training.resolve_config(recipe, overrides)
-    assert config["gamma"] == 1
-    assert config["backbone_args"] == {"depth": 2, "hidden_size": 64}
-    assert config["weighting"] == "soft_min_snr" and config["clipnorm"] == 1.5
-    # the paper's defaults where nothing overrides them
-    assert (config["learning_rate"], config["beta_1"], config["beta_2"]) == (1e-4, 0.99, 0.99)
-    assert (config["weight_decay"], config["ema_decay"], config["label_dropout"]) == (
-        0.03,
-        0.9999,
-        0.15,
-    )
-
-
-@pytest.mark.parametrize(
-    "overrides, match",
-    [
-        ({"gama": 5}, "Unknown config key 'gama'.*gamma"),
-        ({"gamma.x": 5}, "not a dict"),
-        ({"steps": 0}, "steps"),
-    ],
-)
-def test_bad_config(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        training.resolve_config({}, overrides)
-
-
-def test_parse_overrides_rejects_missing_equals():
-    with pytest.raises(ValueError, match="key=value"):
-        training.parse_overrides(["gamma"])
 
 
 def test_image_grid_layout_and_values():
@@ -80,7 +42,7 @@ def test_cli_trains_samples_and_refuses_to_overwrite(tmp_path, capsys):
             "--set", "steps_per_epoch=3"]
     assert cli.main(args) == 0
     for name in ("config.json", "metrics.csv", "model.keras", "samples.png",
-                 os.path.join("checkpoints", "latest.keras")):
+                 os.path.join("checkpoints", "state.json")):
         assert os.path.exists(os.path.join(run, name)), name
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
@@ -107,59 +69,3 @@ def test_cli_trains_samples_and_refuses_to_overwrite(tmp_path, capsys):
     assert cli.main([*args[:-2], "--set", "steps_per_epoch=3", "--set", "gamma=1"]) == 2
     assert "different configuration (changed: gamma)" in capsys.readouterr().err
     assert os.path.getmtime(os.path.join(run, "model.keras")) == before
-
-
-def test_cli_errors_name_the_valid_choices(tmp_path, capsys):
-    assert cli.main(["train", "mnist", "--output-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "Unknown recipe 'mnist'" in err and "digits" in err
-    assert cli.main(["train", "digits", "--output-dir", str(tmp_path), "--set", "lr=1"]) == 2
-    assert "Unknown config key 'lr'" in capsys.readouterr().err
-    assert cli.main(["sample", str(tmp_path / "nowhere")]) == 2
-    assert "not a run directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--help"])
-    assert exit_info.value.code == 0
-    assert "--output-dir" in capsys.readouterr().out
-
-
-def _read_state(run):
-    try:
-        with open(os.path.join(run, "checkpoints", "state.json")) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def test_a_killed_run_resumes_to_the_same_step_count(tmp_path):
-    run = str(tmp_path / "run")
-    steps, per_epoch = 240, 40
-    command = [sys.executable, "-m", "keras_minsnr.cli", "train", "digits", "--output-dir", run,
-               "--steps", str(steps), *TINY, "--set", f"steps_per_epoch={per_epoch}",
-               "--set", "sample_every_epochs=100"]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        state = _read_state(run)
-        if state and state["epoch"] >= 1:
-            break
-        assert process.poll() is None, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = _read_state(run)
-    assert killed_at is not None and killed_at["epoch"] < steps // per_epoch
-    # No half-written files: every checkpoint present loads.
-    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if ".tmp" in n]
-
-    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert f"Resuming {run} after epoch {killed_at['epoch']}" in finished.stdout
-    state = _read_state(run)
-    assert state == {"epoch": steps // per_epoch, "step": steps}
-    with open(os.path.join(run, "metrics.csv")) as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
-    assert sorted(set(epochs)) == list(range(steps // per_epoch))
-    assert os.path.exists(os.path.join(run, "model.keras"))

@@ -10,6 +10,7 @@ from keras_minsnr.backbones import unet as unet_lib
 from keras_minsnr.backbones.unet import UNet
 from keras_minsnr.backbones.unet import UNetAttentionBlock
 from keras_minsnr.backbones.unet import UNetResBlock
+from tests import backbone_contract as contract
 
 TINY = dict(
     image_shape=(16, 16, 3),
@@ -23,11 +24,8 @@ TINY = dict(
 )
 
 
-def _randomize(model, seed=1, scale=0.2):
-    """Replaces every weight (zero-initialised ones included) by Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        w.assign(rng.normal(0.0, scale, w.shape).astype(w.dtype))
+def _randomize(model):
+    contract.randomize(model, scale=0.2)
 
 
 def _inputs(batch=2, shape=(16, 16, 3), labels=None, seed=0):
@@ -41,12 +39,7 @@ def _inputs(batch=2, shape=(16, 16, 3), labels=None, seed=0):
     return out
 
 
-def _predict(model, inputs):
-    """Forward pass; on JAX through one jit-compiled function, since eager JAX compiles
-    every op separately and a UNet has hundreds of them."""
-    if keras.backend.backend() == "jax":
-        return np.asarray(model.predict_on_batch(inputs))
-    return keras.ops.convert_to_numpy(model(inputs))
+_predict = contract.predict
 
 
 # ---------------------------------------------------------------- float64 references
@@ -171,25 +164,13 @@ def test_unconditional_and_timestep_dependence():
 def test_keras_round_trip(tmp_path):
     model = UNet(**TINY, num_classes=5, use_scale_shift_norm=False)
     _randomize(model)
-    inputs = _inputs(labels=[0, 3])
-    expected = _predict(model, inputs)
-    path = str(tmp_path / "unet.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    assert isinstance(restored, UNet)
-    assert restored.get_config() == model.get_config()
-    np.testing.assert_array_equal(_predict(restored, inputs), expected)
+    contract.run_round_trip_test(model, _inputs(labels=[0, 3]), tmp_path)
 
 
 def test_mixed_bfloat16():
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    model = UNet(**TINY, num_classes=5)
-    assert model.get_layer("conv_in").compute_dtype == "bfloat16"
-    assert all(w.dtype == "float32" for w in model.weights)
-    _randomize(model)
-    out = _predict(model, _inputs(labels=[0, 5]))
-    assert out.dtype == np.float32
-    assert out.shape == (2, 16, 16, 3) and np.all(np.isfinite(out))
+    contract.run_mixed_bfloat16_test(
+        lambda: UNet(**TINY, num_classes=5), _inputs(labels=[0, 5])
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,22 +185,20 @@ def test_mixed_bfloat16():
     ],
 )
 def test_bad_construction(overrides, words):
-    with pytest.raises(ValueError) as err:
-        UNet(**{**TINY, **overrides})
-    for word in words:
-        assert word in str(err.value)
+    contract.run_bad_construction_test(UNet, {**TINY, **overrides}, words)
 
 
 def test_bad_call_inputs():
     model = UNet(**TINY)
-    with pytest.raises(ValueError, match=r"rank 4.*\(2, 16, 16\)"):
-        model({"x": np.zeros((2, 16, 16), "float32"), "t": np.zeros((2,), "int32")})
-    with pytest.raises(ValueError, match="has 4 channels.*3 channels"):
-        model({"x": np.zeros((2, 16, 16, 4), "float32"), "t": np.zeros((2,), "int32")})
-    with pytest.raises(ValueError, match="divisible by 2"):
-        model({"x": np.zeros((2, 15, 15, 3), "float32"), "t": np.zeros((2,), "int32")})
-    with pytest.raises(ValueError, match="expects a dict"):
-        model(np.zeros((2, 16, 16, 3), "float32"))
+    t = np.zeros((2,), "int32")
+    for x, match in [
+        (np.zeros((2, 16, 16), "float32"), r"rank 4.*\(2, 16, 16\)"),
+        (np.zeros((2, 16, 16, 4), "float32"), "has 4 channels.*3 channels"),
+        (np.zeros((2, 15, 15, 3), "float32"), "divisible by 2"),
+    ]:
+        contract.run_bad_call_test(model, {"x": x, "t": t}, match=match)
+    contract.run_bad_call_test(model, np.zeros((2, 16, 16, 3), "float32"),
+                               match="expects a dict")
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -263,8 +242,9 @@ def _ddpm_param_count(image_channels, base, mults, blocks, attn_levels, scale_sh
 def test_parameter_count_formula_matches_tiny_models():
     for scale_shift, classes in [(True, None), (False, 7)]:
         model = UNet(**TINY, use_scale_shift_norm=scale_shift, num_classes=classes)
-        assert model.count_params() == _ddpm_param_count(3, 16, (1, 2), 1, {1}, scale_shift,
-                                                         classes)
+        contract.run_parameter_count_test(
+            model, _ddpm_param_count(3, 16, (1, 2), 1, {1}, scale_shift, classes)
+        )
 
 
 def test_cifar10_preset_is_ddpm_size_by_formula():

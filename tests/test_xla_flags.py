@@ -82,3 +82,12 @@ def test_a_plain_import_on_cpu_jax_sets_the_flag_and_xla_accepts_it():
     expected = xla_flags.FUSION_FLAG if version and low <= version < high else ""
     assert lines[-1] == repr(expected)
     assert result.stderr.count("added --xla_cpu_experimental_ynn_fusion_type") == int(bool(expected))
+
+
+def test_backend_is_read_as_keras_would_without_importing_it(tmp_path):
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    read = xla_flags.backend_from_environment
+    assert read({"KERAS_BACKEND": "jax", "KERAS_HOME": str(tmp_path / "none")}) == "jax"
+    assert read({"KERAS_HOME": str(tmp_path)}) == "jax"
+    assert read({"KERAS_BACKEND": "tensorflow", "KERAS_HOME": str(tmp_path)}) == "tensorflow"
+    assert read({"KERAS_HOME": str(tmp_path / "none")}) == "tensorflow"

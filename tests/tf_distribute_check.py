@@ -16,7 +16,7 @@ import keras_minsnr as kms  # noqa: E402
 from tests.tiny_backbones import TinyConvBackbone  # noqa: E402
 
 
-def make_data(num_batches, nan_at=None):
+def make_data(num_batches, nan_at=None, random_draws=False):
     rng = np.random.default_rng(0)
     n = 16  # two global batches of 8; the first num_batches are used
     data = {
@@ -27,13 +27,16 @@ def make_data(num_batches, nan_at=None):
     }
     if nan_at is not None:
         data["images"][nan_at] = np.nan
+    if random_draws:  # the model draws timesteps, noise and label dropout itself
+        del data["timesteps"], data["noise"]
     return {k: v[: 8 * num_batches] for k, v in data.items()}
 
 
-def train(strategy, data):
+def train(strategy, data, **model_args):
     with strategy.scope():
         model = kms.DiffusionModel(
-            TinyConvBackbone((8, 8, 1), num_classes=10, width=4), "cosine", ema_decay=0.9
+            TinyConvBackbone((8, 8, 1), num_classes=10, width=4), "cosine", ema_decay=0.9,
+            **model_args
         )
         rng = np.random.default_rng(1)
         for v in model.backbone.trainable_variables:
@@ -61,5 +64,10 @@ report = {
     # Sample 14 is in the second replica's half of the second global batch.
     "mirrored_nan": train(mirrored, make_data(2, nan_at=14)),
     "one_device_first_batch": train(tf.distribute.get_strategy(), make_data(1)),
+    # Timesteps, noise and label dropout drawn by the model from its seed.
+    "one_device_random": train(tf.distribute.get_strategy(), make_data(2, random_draws=True),
+                               seed=3, label_dropout=0.5),
+    "mirrored_random": train(mirrored, make_data(2, random_draws=True), seed=3,
+                             label_dropout=0.5),
 }
 json.dump(report, open(sys.argv[1], "w"))

@@ -13,7 +13,11 @@ A backbone is a `keras.Model` called with a dict::
   classifier-free guidance), or a float text context ``(B, L, D)``.
 
 It returns one tensor shaped like ``x``: the prediction of the diffusion model's target
-(epsilon, x0 or v). It also exposes these attributes, which `DiffusionModel` reads:
+(epsilon, x0, v or a flow velocity). A plain functional model with these inputs works as
+it is: `DiffusionModel` reads the image shape from ``x``, the conditioning kind from
+``y`` (integer: class labels, float ``(L, D)``: a text context) and takes
+``num_classes`` as its own argument when the inputs cannot tell. These attributes, where
+a backbone has them, take precedence (every built-in backbone sets them):
 
 - ``image_shape``: ``(H, W, C)`` it was built for;
 - ``conditioning``: ``None``, ``"class"`` or ``"context"``;

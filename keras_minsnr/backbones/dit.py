@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_minsnr.backbones import initializers
 from keras_minsnr.backbones.layers import TimestepEmbedding
 
 CONDITIONING_MODES = ("adaln_zero", "in_context")
@@ -115,13 +116,13 @@ class SelfAttention(keras.layers.Layer):
         self.output_initializer = keras.initializers.get(output_initializer)
         self.qkv = keras.layers.Dense(
             3 * hidden_size,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=initializers.clone(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="qkv",
         )
         self.proj = keras.layers.Dense(
             hidden_size,
-            kernel_initializer=self.output_initializer,
+            kernel_initializer=initializers.clone(self.output_initializer),
             dtype=self.dtype_policy,
             name="proj",
         )
@@ -199,13 +200,13 @@ class _TransformerBlockBase(keras.layers.Layer):
         )
         self.fc1 = keras.layers.Dense(
             self.mlp_hidden,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=initializers.clone(self.kernel_initializer),
             dtype=self.dtype_policy,
             name="fc1",
         )
         self.fc2 = keras.layers.Dense(
             hidden_size,
-            kernel_initializer=self.output_initializer,
+            kernel_initializer=initializers.clone(self.output_initializer),
             dtype=self.dtype_policy,
             name="fc2",
         )
@@ -424,6 +425,108 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _check_dit_args(
+    image_shape, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes,
+    conditioning_mode, frequency_dim,
+):
+    """Validates `DiT`'s constructor arguments; returns them normalised, in order.
+
+    ``image_shape`` becomes a tuple of ints, ``num_classes`` 0 becomes ``None``.
+    """
+    if conditioning_mode not in CONDITIONING_MODES:
+        raise ValueError(
+            f"Unknown conditioning_mode {conditioning_mode!r}; expected one of "
+            f"{CONDITIONING_MODES}."
+        )
+    try:
+        image_shape = tuple(image_shape)
+    except TypeError:
+        image_shape = (image_shape,)
+    if len(image_shape) != 3:
+        raise ValueError(
+            f"image_shape must be (height, width, channels), got {image_shape!r}."
+        )
+    image_shape = tuple(
+        _positive_int(f"image_shape {axis}", size)
+        for axis, size in zip(("height", "width", "channels"), image_shape)
+    )
+    patch_size = _positive_int("patch_size", patch_size)
+    if image_shape[0] % patch_size or image_shape[1] % patch_size:
+        raise ValueError(
+            f"image_shape {image_shape} is not divisible by patch_size={patch_size}: "
+            f"height and width must be multiples of the patch size."
+        )
+    hidden_size = _positive_int("hidden_size", hidden_size)
+    depth = _positive_int("depth", depth)
+    num_heads = _positive_int("num_heads", num_heads)
+    frequency_dim = _positive_int("frequency_dim", frequency_dim)
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}."
+        )
+    if conditioning_mode == "adaln_zero" and hidden_size % 4:
+        raise ValueError(
+            f"adaln_zero uses a 2-D sin-cos position embedding, so hidden_size must "
+            f"be divisible by 4; got hidden_size={hidden_size}."
+        )
+    if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
+        raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}.")
+    if num_classes is not None and (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 0
+    ):
+        raise ValueError(
+            f"num_classes must be None or a non-negative integer, got "
+            f"num_classes={num_classes!r}."
+        )
+    num_classes = int(num_classes) if num_classes else None
+    return (
+        image_shape, patch_size, hidden_size, depth, num_heads, float(mlp_ratio),
+        num_classes, conditioning_mode, frequency_dim,
+    )
+
+
+def _reference_initializers(in_context, fan_in, hidden_size, depth, head_init_scale):
+    """Every random initialiser of `DiT`, as its reference sets it (docs/backbones.md).
+
+    Zero-initialised layers (adaLN modulations, DiT's final layer) set theirs where they
+    are defined; DiT's positions are the fixed sin-cos table.
+    """
+    if in_context:
+        # Min-SNR ViT: timm trunc_normal_(std=.02) (absolute +-2 bounds) on every linear
+        # layer and the positions; attention-out / fc2 shrunk with depth
+        # (fix_init_weight); head x init_scale; the patch conv keeps PyTorch's default
+        # U(+-1/sqrt(fan_in)) for kernel and bias; nn.Embedding's N(0, 1) class table.
+        bound = 1.0 / math.sqrt(fan_in)
+        trunc = initializers.TruncatedNormal
+        return {
+            "patch_kernel": keras.initializers.RandomUniform(-bound, bound),
+            "patch_bias": keras.initializers.RandomUniform(-bound, bound),
+            # The ViT's timestep is a learned table; ours is DiT's MLP (no reference).
+            "timestep": "glorot_uniform",
+            "labels": keras.initializers.RandomNormal(stddev=1.0),
+            "block_kernel": [trunc(stddev=0.02) for _ in range(depth)],
+            "block_output": [
+                trunc(stddev=0.02 / math.sqrt(2.0 * (i + 1))) for i in range(depth)
+            ],
+            "head": trunc(stddev=0.02 * head_init_scale),
+            "positions": trunc(stddev=0.02),
+        }
+    # DiT initialize_weights: xavier_uniform on every linear layer and on the patch conv
+    # kernel seen as a (p*p*C, D) matrix (Keras' glorot on a conv kernel would count
+    # p*p*D as fan-out), normal(0.02) on the label table and the timestep MLP.
+    limit = math.sqrt(6.0 / (fan_in + hidden_size))
+    return {
+        "patch_kernel": keras.initializers.RandomUniform(-limit, limit),
+        "patch_bias": "zeros",
+        "timestep": keras.initializers.RandomNormal(stddev=0.02),
+        "labels": keras.initializers.RandomNormal(stddev=0.02),
+        "block_kernel": ["glorot_uniform"] * depth,
+        "block_output": ["glorot_uniform"] * depth,
+    }
+
+
 @keras.saving.register_keras_serializable(package="keras_minsnr")
 class DiT(keras.Model):
     """Diffusion transformer over image or latent patches (DiT or the in-context ViT).
@@ -445,8 +548,9 @@ class DiT(keras.Model):
         num_classes: number of real classes, or ``None`` / 0 for an unconditional model.
         conditioning_mode: ``"adaln_zero"`` (DiT) or ``"in_context"`` (the Min-SNR ViT).
         frequency_dim: sinusoidal timestep features fed to the timestep MLP.
-        head_init_scale: ``in_context`` only: the head's kernel starts as a truncated
-            normal with std ``0.02 * head_init_scale`` (the ViT's ``init_scale=0.001``).
+        head_init_scale: ``in_context`` only: the head's kernel starts as timm's
+            truncated normal with std ``0.02 * head_init_scale`` (the ViT's
+            ``init_scale=0.001``). docs/backbones.md lists every layer's initialiser.
         **kwargs: `keras.Model` arguments (``name``, ``dtype``).
 
     Example:
@@ -480,60 +584,21 @@ class DiT(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if conditioning_mode not in CONDITIONING_MODES:
-            raise ValueError(
-                f"Unknown conditioning_mode {conditioning_mode!r}; expected one of "
-                f"{CONDITIONING_MODES}."
-            )
-        try:
-            image_shape = tuple(image_shape)
-        except TypeError:
-            image_shape = (image_shape,)
-        if len(image_shape) != 3:
-            raise ValueError(
-                f"image_shape must be (height, width, channels), got {image_shape!r}."
-            )
-        for axis_name, size in zip(("height", "width", "channels"), image_shape):
-            _positive_int(f"image_shape {axis_name}", size)
-        image_shape = tuple(int(s) for s in image_shape)
-        patch_size = _positive_int("patch_size", patch_size)
-        if image_shape[0] % patch_size or image_shape[1] % patch_size:
-            raise ValueError(
-                f"image_shape {image_shape} is not divisible by patch_size={patch_size}: "
-                f"height and width must be multiples of the patch size."
-            )
-        hidden_size = _positive_int("hidden_size", hidden_size)
-        depth = _positive_int("depth", depth)
-        num_heads = _positive_int("num_heads", num_heads)
-        frequency_dim = _positive_int("frequency_dim", frequency_dim)
-        if hidden_size % num_heads:
-            raise ValueError(
-                f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}."
-            )
-        if conditioning_mode == "adaln_zero" and hidden_size % 4:
-            raise ValueError(
-                f"adaln_zero uses a 2-D sin-cos position embedding, so hidden_size must "
-                f"be divisible by 4; got hidden_size={hidden_size}."
-            )
-        if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
-            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}.")
-        if num_classes is not None and (
-            isinstance(num_classes, bool)
-            or not isinstance(num_classes, (int, np.integer))
-            or num_classes < 0
-        ):
-            raise ValueError(
-                f"num_classes must be None or a non-negative integer, got "
-                f"num_classes={num_classes!r}."
-            )
-        num_classes = int(num_classes) if num_classes else None
+        (
+            image_shape, patch_size, hidden_size, depth, num_heads, mlp_ratio,
+            num_classes, conditioning_mode, frequency_dim,
+        ) = _check_dit_args(
+            image_shape, patch_size, hidden_size, depth, num_heads, mlp_ratio,
+            num_classes, conditioning_mode, frequency_dim,
+        )
 
+        # === Config ===
         self.image_shape = image_shape
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.depth = depth
         self.num_heads = num_heads
-        self.mlp_ratio = float(mlp_ratio)
+        self.mlp_ratio = mlp_ratio
         self.num_classes = num_classes
         self.conditioning = "class" if num_classes else None
         self.conditioning_mode = conditioning_mode
@@ -545,73 +610,65 @@ class DiT(keras.Model):
         in_context = conditioning_mode == "in_context"
         self.num_extra_tokens = (1 + (num_classes is not None)) if in_context else 0
 
-        # Xavier-uniform on the conv kernel seen as a (p*p*C, D) matrix, as DiT does.
-        fan_in = patch_size * patch_size * channels
-        limit = math.sqrt(6.0 / (fan_in + hidden_size))
+        # === Initialisers ===
+        init = _reference_initializers(
+            in_context, patch_size * patch_size * channels, hidden_size, depth,
+            self.head_init_scale,
+        )
+        self._positions_initializer = init.get("positions")
+
+        # === Layers ===
         self.patch_embed = keras.layers.Conv2D(
             hidden_size,
             patch_size,
             strides=patch_size,
             padding="valid",
             data_format="channels_last",
-            kernel_initializer=keras.initializers.RandomUniform(-limit, limit),
+            kernel_initializer=init["patch_kernel"],
+            bias_initializer=init["patch_bias"],
             dtype=self.dtype_policy,
             name="patch_embed",
         )
         self.t_embedder = TimestepEmbedding(
-            hidden_size, frequency_dim, dtype=self.dtype_policy, name="t_embedder"
+            hidden_size,
+            frequency_dim,
+            kernel_initializer=init["timestep"],
+            dtype=self.dtype_policy,
+            name="t_embedder",
         )
         self.y_embedder = None
         if num_classes:
             self.y_embedder = keras.layers.Embedding(
-                num_classes + 1,
+                num_classes + 1,  # the last row is the null class
                 hidden_size,
-                embeddings_initializer=keras.initializers.RandomNormal(
-                    stddev=1.0 if in_context else 0.02
-                ),
+                embeddings_initializer=init["labels"],
                 dtype=self.dtype_policy,
                 name="y_embedder",
             )
-
+        block_class = PreLNBlock if in_context else DiTBlock
+        self.blocks = [
+            block_class(
+                hidden_size,
+                num_heads,
+                mlp_ratio,
+                kernel_initializer=init["block_kernel"][i],
+                output_initializer=init["block_output"][i],
+                dtype=self.dtype_policy,
+                name=f"block_{i}",
+            )
+            for i in range(depth)
+        ]
         if in_context:
-            trunc = keras.initializers.TruncatedNormal(stddev=0.02)
-            self.blocks = [
-                PreLNBlock(
-                    hidden_size,
-                    num_heads,
-                    mlp_ratio,
-                    kernel_initializer=trunc,
-                    # Residual-branch outputs shrink with depth (BEiT's fix_init_weight).
-                    output_initializer=keras.initializers.TruncatedNormal(
-                        stddev=0.02 / math.sqrt(2.0 * (i + 1))
-                    ),
-                    dtype=self.dtype_policy,
-                    name=f"block_{i}",
-                )
-                for i in range(depth)
-            ]
             self.final_norm = keras.layers.LayerNormalization(
                 epsilon=_LN_EPSILON, dtype=self.dtype_policy, name="final_norm"
             )
             self.head = keras.layers.Dense(
                 patch_size * patch_size * channels,
-                kernel_initializer=keras.initializers.TruncatedNormal(
-                    stddev=0.02 * self.head_init_scale
-                ),
+                kernel_initializer=init["head"],
                 dtype=self.dtype_policy,
                 name="head",
             )
         else:
-            self.blocks = [
-                DiTBlock(
-                    hidden_size,
-                    num_heads,
-                    mlp_ratio,
-                    dtype=self.dtype_policy,
-                    name=f"block_{i}",
-                )
-                for i in range(depth)
-            ]
             self.final_layer = AdaLNFinalLayer(
                 hidden_size,
                 patch_size * patch_size * channels,
@@ -635,7 +692,7 @@ class DiT(keras.Model):
         if self.conditioning_mode == "in_context":
             self.pos_embed = self.add_weight(
                 shape=(1, self.num_extra_tokens + self.num_patches, hidden),
-                initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+                initializer=self._positions_initializer,
                 name="pos_embed",
             )
             for block in self.blocks:
@@ -692,34 +749,36 @@ class DiT(keras.Model):
         return x, t, y
 
     def call(self, inputs, training=None):
-        x, t, y = self._unpack(inputs)
+        x, t, y = self._unpack(inputs)  # x: (B, H, W, C), t: (B,), y: (B,) or None
         gh, gw = self.grid_shape
-        h = self.patch_embed(x)
-        h = ops.reshape(h, (-1, self.num_patches, self.hidden_size))
-        cond = self.t_embedder(t)
+        d = self.hidden_size
+        h = self.patch_embed(x)  # (B, H/p, W/p, D)
+        h = ops.reshape(h, (-1, self.num_patches, d))  # (B, N, D), N = H*W/p²
+        cond = self.t_embedder(t)  # (B, D)
         y_emb = None
         if self.num_classes:
             if y is None:
                 y = ops.zeros_like(ops.cast(t, "int32")) + self.num_classes
-            y_emb = self.y_embedder(y)
+            y_emb = self.y_embedder(y)  # (B, D)
 
-        pos = ops.cast(self.pos_embed, h.dtype)
+        pos = ops.cast(self.pos_embed, h.dtype)  # (1, extra + N, D)
         if self.conditioning_mode == "in_context":
-            extra = [ops.expand_dims(cond, 1)]
+            extra = [ops.expand_dims(cond, 1)]  # [(B, 1, D)]
             if y_emb is not None:
                 extra.append(ops.expand_dims(y_emb, 1))
-            h = ops.concatenate(extra + [h], axis=1) + pos
+            h = ops.concatenate(extra + [h], axis=1) + pos  # (B, extra + N, D)
             for block in self.blocks:
-                h = block(h)
-            h = self.head(self.final_norm(h)[:, self.num_extra_tokens :])
+                h = block(h)  # (B, extra + N, D)
+            h = self.final_norm(h)[:, self.num_extra_tokens :]  # (B, N, D)
+            h = self.head(h)  # (B, N, p*p*C)
         else:
             if y_emb is not None:
-                cond = cond + y_emb
-            h = h + pos
+                cond = cond + y_emb  # (B, D)
+            h = h + pos  # (B, N, D)
             for block in self.blocks:
-                h = block(h, cond)
-            h = self.final_layer(h, cond)
-        out = unpatchify(h, gh, gw, self.patch_size, self.image_shape[2])
+                h = block(h, cond)  # (B, N, D)
+            h = self.final_layer(h, cond)  # (B, N, p*p*C)
+        out = unpatchify(h, gh, gw, self.patch_size, self.image_shape[2])  # (B, H, W, C)
         return ops.cast(out, "float32")
 
     def compute_output_shape(self, input_shape):

@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_minsnr.backbones import initializers
+
 
 def sinusoidal_embedding(t, dim, max_period=10000.0):
     """Sinusoidal features of integer timesteps, shape ``(B,) -> (B, dim)``.
@@ -30,6 +32,7 @@ class TimestepEmbedding(keras.layers.Layer):
     Args:
         hidden_size: width of the output embedding.
         frequency_dim: number of sinusoidal features fed to the MLP.
+        kernel_initializer: initializer of both MLP kernels (biases start at zero).
 
     Example:
     ```python
@@ -37,12 +40,25 @@ class TimestepEmbedding(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, hidden_size, frequency_dim=256, **kwargs):
+    def __init__(
+        self, hidden_size, frequency_dim=256, kernel_initializer="glorot_uniform", **kwargs
+    ):
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.frequency_dim = frequency_dim
-        self.dense_1 = keras.layers.Dense(hidden_size, activation="silu", name="dense_1")
-        self.dense_2 = keras.layers.Dense(hidden_size, name="dense_2")
+        # Kept as given: each Dense gets its own instance (initializers.clone).
+        self.kernel_initializer = kernel_initializer
+        self.dense_1 = keras.layers.Dense(
+            hidden_size,
+            activation="silu",
+            kernel_initializer=initializers.clone(self.kernel_initializer),
+            name="dense_1",
+        )
+        self.dense_2 = keras.layers.Dense(
+            hidden_size,
+            kernel_initializer=initializers.clone(self.kernel_initializer),
+            name="dense_2",
+        )
 
     def build(self, input_shape):
         self.dense_1.build((None, self.frequency_dim))
@@ -60,6 +76,14 @@ class TimestepEmbedding(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"hidden_size": self.hidden_size, "frequency_dim": self.frequency_dim}
+            {
+                "hidden_size": self.hidden_size,
+                "frequency_dim": self.frequency_dim,
+                "kernel_initializer": self.kernel_initializer
+                if isinstance(self.kernel_initializer, str)
+                else keras.initializers.serialize(
+                    keras.initializers.get(self.kernel_initializer)
+                ),
+            }
         )
         return config

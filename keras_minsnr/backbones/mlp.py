@@ -107,6 +107,12 @@ class MLPDenoiser(keras.Model):
         self.built = True
 
     def call(self, inputs, training=False):
+        if not isinstance(inputs, dict) or "x" not in inputs or "t" not in inputs:
+            got = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+            raise ValueError(
+                f"MLPDenoiser expects a dict with keys 'x', 't' and optional 'y'; got "
+                f"{got}."
+            )
         x = inputs["x"]
         if len(x.shape) != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(

@@ -7,11 +7,15 @@ Layout::
 
 Files ending in .png/.jpg/.jpeg/.bmp/.gif (any case) are read; hidden files and folders
 (names starting with ".") are ignored; class folders are searched recursively. Every file
-is checked once with PIL when the pipeline is built: unreadable or corrupt files are
-skipped, counted in `DatasetInfo.num_skipped` and reported in one warning.
+is decoded once, with the decoder training uses, when the pipeline is built: files it
+cannot use (corrupt, empty, too large, a format TensorFlow cannot read such as TIFF data
+named .png) are skipped, counted in `DatasetInfo.num_skipped` and named with their reason
+in one warning; "Found N images in C classes (skipped K: ...)" is printed, and a folder
+where nothing decodes fails at once instead of letting a repeated pipeline spin.
 """
 
 import os
+import re
 import warnings
 
 import tensorflow as tf
@@ -78,36 +82,79 @@ def list_image_folder(path):
     return files, None, None
 
 
-def is_readable_image(filename):
-    """Whether PIL can fully decode `filename` (truncated or corrupt files fail)."""
+# Formats tf.io.decode_image reads (PIL's names); anything else is skipped up front.
+TENSORFLOW_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF")
+
+
+def _max_image_pixels():
     from PIL import Image
 
+    # PIL refuses larger files as decompression bombs; so do we, saying so.
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def skip_reason(filename, channels=3):
+    """Why `filename` cannot be trained on (None: it decodes as training decodes it).
+
+    The check is the training pipeline's own decoder (`decode_image_file`), preceded by a
+    look at the header so that a huge image is named as such, and a file in a format
+    TensorFlow cannot read (e.g. TIFF data named .png) says which format it holds.
+    """
+    from PIL import Image
+
+    if os.path.getsize(filename) == 0:
+        return "empty"
     try:
         with Image.open(filename) as image:
-            image.load()
-            return image.size[0] > 0 and image.size[1] > 0
-    except Exception:  # PIL raises many types for bad files; all mean "skip it"
-        return False
+            width, height, kind = image.size[0], image.size[1], image.format
+    except Image.DecompressionBombError as error:  # its message holds the size
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        return f"too large: {size} (at most {_max_image_pixels()})"
+    except Exception:  # PIL raises many types for files it does not recognise
+        width = height = kind = None
+    limit = _max_image_pixels()
+    if width is not None and limit and width * height > limit:
+        return f"too large: {width * height} pixels (at most {limit})"
+    if kind is not None and kind not in TENSORFLOW_FORMATS:
+        return f"{kind} data that TensorFlow cannot decode"
+    try:
+        decode_image_file(filename, channels)
+    except (tf.errors.InvalidArgumentError, tf.errors.OpError):
+        return "corrupt or not an image"
+    return None
 
 
-def filter_readable(files, *extra, validate=True, source=""):
-    """Drops unreadable files (and the matching entries of `extra` lists).
+def _summary(reasons):
+    """``{reason: [files]}`` → ``2 empty (a.png, b.png), 1 corrupt ... (c.png)``."""
+    parts = []
+    for reason, files in sorted(reasons.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(os.path.basename(f) for f in files[:3])
+        more = "" if len(files) <= 3 else f" and {len(files) - 3} more"
+        parts.append(f"{len(files)} {reason} ({shown}{more})")
+    return ", ".join(parts)
 
-    Returns `(files, extra_lists, skipped)` where `skipped` lists the dropped files; one
-    warning gives their count.
+
+def filter_readable(files, *extra, validate=True, source="", channels=3):
+    """Drops files the training pipeline cannot decode (and the matching `extra` entries).
+
+    Returns `(files, extra_lists, skipped)` where `skipped` maps each reason (see
+    `skip_reason`) to its files; one warning names the reasons and counts.
     """
     if not validate:
-        return files, extra, []
-    keep = [is_readable_image(f) for f in files]
-    skipped = [f for f, k in zip(files, keep) if not k]
+        return files, extra, {}
+    reasons = [skip_reason(f, channels) for f in files]
+    skipped = {}
+    for filename, reason in zip(files, reasons):
+        if reason is not None:
+            skipped.setdefault(reason, []).append(filename)
     if skipped:
-        shown = ", ".join(os.path.basename(f) for f in skipped[:5])
-        more = "" if len(skipped) <= 5 else f" and {len(skipped) - 5} more"
         warnings.warn(
-            f"Skipped {len(skipped)} unreadable or corrupt image file(s) in "
-            f"{source!r}: {shown}{more}.",
+            f"Skipped {sum(map(len, skipped.values()))} image file(s) in {source!r}: "
+            f"{_summary(skipped)}.",
             stacklevel=4,  # the user's call of image_folder_dataset or caption_folder_dataset
         )
+    keep = [r is None for r in reasons]
     files = [f for f, k in zip(files, keep) if k]
     extra = tuple(
         None if lst is None else [x for x, k in zip(lst, keep) if k] for lst in extra
@@ -212,7 +259,7 @@ def image_folder_dataset(
         random_flip: random horizontal flips.
         drop_remainder: drop the last partial batch.
         resize_method: one of `transforms.RESIZE_METHODS`.
-        validate: decode every file once with PIL to skip and count corrupt ones.
+        validate: decode every file once as training does, to skip and count the bad ones.
 
     Returns:
         `(dataset, info)`: batches `{"images": float32 (B, S, S, C) in [-1, 1]}` (0 -> -1,
@@ -263,11 +310,20 @@ def dataset_from_files(
     parallel to `files`; `pipeline_args` go to `files_pipeline`.
     """
     files, (labels, texts), skipped = filter_readable(
-        files, labels, texts, validate=validate, source=source
+        files, labels, texts, validate=validate, source=source, channels=channels
     )
+    num_skipped = sum(map(len, skipped.values()))
+    why = f" (skipped {num_skipped}: {_summary(skipped)})" if skipped else ""
     if not files:
         kind = "Caption folder" if texts is not None else "Image folder"
-        raise ValueError(f"{kind} {source!r} has no readable images.")
+        raise ValueError(
+            f"{kind} {source!r} has no readable images: none decodes with TensorFlow{why}."
+        )
+    if validate:
+        what = ("captioned images" if texts is not None
+                else "images" if class_names is None
+                else f"images in {len(class_names)} classes")
+        print(f"Found {len(files)} {what} in {source!r}{why}.")
     ds = files_pipeline(
         files,
         image_size,
@@ -283,7 +339,7 @@ def dataset_from_files(
         num_classes=None if class_names is None else len(class_names),
         class_names=None if class_names is None else tuple(class_names),
         size=len(files),
-        num_skipped=len(skipped),
+        num_skipped=num_skipped,
         has_text=texts is not None,
     )
     return ds, info

@@ -1,0 +1,411 @@
+"""The typed run configuration: every key of a training run with its type, range and doc.
+
+The fields of `RunConfig` are the one source for checking a config (`resolve_config`),
+for `keras-minsnr train --help` and `keras-minsnr show RECIPE`, for the `config.json` of
+a run and for the key table in docs/recipes.md. This module imports neither Keras nor
+TensorFlow, so the command line can print its help at once.
+"""
+
+import ast
+import copy
+import dataclasses
+import json
+import math
+import typing
+
+# Names the library accepts. They are written out here so that `--help` needs no Keras
+# import; tests/test_run_config.py keeps them equal to the library's own tuples.
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+WEIGHTINGS = (
+    "constant", "snr", "trunc_snr", "max_snr", "min_snr", "soft_min_snr", "inv_snr", "p2",
+    "debiased",
+)
+SAMPLERS = ("ddpm", "ddim", "edm_heun")
+MIXED_PRECISION_POLICIES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+ENCODE_KEYS = (
+    "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
+    "vocabulary", "batch_size", "sample_posterior", "decoder_weights",
+)
+GROUPS = {
+    "data": "Data",
+    "model": "Model and loss",
+    "optimizer": "Optimizer",
+    "run": "Length of the run and checkpoints",
+    "samples": "Sample grids",
+    "about": "Documentation only",
+}
+
+
+def _backbone_presets():
+    from keras_minsnr import backbones  # imports Keras: only when a config is checked
+
+    return tuple(sorted(backbones.PRESETS))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRules:
+    """What one config key may hold besides its type (the field's annotation).
+
+    Args:
+        doc: one line for `--help`, `show` and the docs.
+        group: a key of `GROUPS`.
+        low, high: the allowed range of a number (None: unbounded).
+        low_open, high_open: whether `low` / `high` themselves are excluded.
+        choices: allowed strings, or a function returning them (imported lazily).
+        subkeys: allowed keys of a dict value.
+        resumable: the key may change when a run is resumed.
+    """
+
+    doc: str
+    group: str
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: typing.Any = None
+    subkeys: tuple = None
+    resumable: bool = False
+
+
+def _key(default, doc, group, **rules):
+    metadata = {"rules": KeyRules(doc, group, **rules)}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The settings of one training run, checked when it is made.
+
+    Defaults are the Min-SNR paper's settings (cosine schedule, T=1000, Min-SNR γ=5,
+    AdamW 1e-4 with β=(0.99, 0.99), weight decay 0.03, EMA 0.9999, label drop 0.15).
+    A recipe lists only what differs; `--set key=value` overrides any key.
+
+    Args:
+        **fields: the keys below; each is checked for type, range and choices, and a bad
+            value raises `ValueError` naming the key, the value and what is allowed.
+
+    Example:
+        >>> config = RunConfig(gamma=1.0, weighting="soft_min_snr")
+        >>> config.to_dict()["gamma"]
+        1.0
+
+    Reference:
+        Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+        ICCV 2023 (arXiv 2303.09556), Sec. 4 for the defaults.
+    """
+
+    # === Data ===
+    data: str = _key(
+        "digits", "`digits`, a TFDS name, an image or caption folder, or a latent cache",
+        "data")
+    data_args: dict = _key({}, "keyword arguments of make_dataset (split, data_dir, ...)", "data")
+    image_size: int | None = _key(
+        None, "side of the square training images (null: the data's own)", "data", low=1)
+    encode: dict = _key(
+        {}, "encode raw data once into the latent cache `data` (keys: see docs/recipes.md)",
+        "data", subkeys=ENCODE_KEYS)
+    batch_size: int = _key(256, "examples per optimizer step", "data", low=1)
+    # === Model ===
+    backbone: str = _key(
+        "dit_s_2", "backbone preset (keras_minsnr.backbones.PRESETS)", "model",
+        choices=_backbone_presets)
+    backbone_args: dict = _key({}, "overrides of the preset's arguments (depth, ...)", "model")
+    schedule: str = _key("cosine", "noise schedule", "model", choices=SCHEDULES)
+    num_timesteps: int = _key(1000, "diffusion steps T", "model", low=2)
+    zero_terminal_snr: bool = _key(
+        False, "rescale the schedule so SNR(T-1) = 0 (Lin et al. 2023)", "model")
+    prediction_type: str = _key("epsilon", "what the network predicts", "model",
+                                choices=PREDICTION_TYPES)
+    weighting: str = _key("min_snr", "loss weighting strategy", "model", choices=WEIGHTINGS)
+    gamma: float = _key(5.0, "γ of min_snr, max_snr and soft_min_snr", "model",
+                        low=0, low_open=True)
+    terminal_weight: float | str = _key(
+        1.0, "weight at SNR = 0 where the limit is 0 (x0/v targets); `limit`: the limit",
+        "model", low=0, choices=("limit",))
+    label_dropout: float = _key(0.15, "chance of dropping the condition (classifier-free "
+                                "guidance)", "model", low=0, high=1)
+    ema_decay: float = _key(0.9999, "decay of the weights' moving average (0: none)", "model",
+                            low=0, high=1, high_open=True)
+    # === Optimizer ===
+    learning_rate: float = _key(1e-4, "AdamW learning rate", "optimizer", low=0, low_open=True)
+    beta_1: float = _key(0.99, "AdamW β1", "optimizer", low=0, high=1, high_open=True)
+    beta_2: float = _key(0.99, "AdamW β2", "optimizer", low=0, high=1, high_open=True)
+    weight_decay: float = _key(0.03, "AdamW weight decay", "optimizer", low=0)
+    clipnorm: float | None = _key(None, "clip gradients to this norm (null: no clipping)",
+                                  "optimizer", low=0, low_open=True)
+    warmup_steps: int = _key(0, "linear learning-rate warm-up steps", "optimizer", low=0)
+    mixed_precision: str | None = _key(
+        None, "Keras dtype policy (null: float32)", "optimizer",
+        choices=MIXED_PRECISION_POLICIES)
+    # === Length of the run ===
+    steps: int = _key(400_000, "total optimizer steps", "run", low=1, resumable=True)
+    steps_per_epoch: int = _key(1000, "steps between metrics rows and sample grids", "run",
+                                low=1)
+    checkpoint_every: int | None = _key(
+        None, "steps between checkpoints (null: steps_per_epoch)", "run", low=1,
+        resumable=True)
+    keep_checkpoints: int = _key(2, "how many of the newest checkpoints to keep", "run",
+                                 low=1, resumable=True)
+    seed: int = _key(0, "seed of initialisation, data order and noise", "run", low=0)
+    # === Samples ===
+    sample_every_epochs: int = _key(1, "epochs between sample grids", "samples", low=1,
+                                    resumable=True)
+    num_samples: int = _key(64, "images in samples.png", "samples", low=1, resumable=True)
+    sampler: str = _key("ddim", "sampler of the grids", "samples", choices=SAMPLERS)
+    sample_steps: int = _key(50, "sampling steps", "samples", low=1, resumable=True)
+    guidance_scale: float = _key(1.5, "classifier-free guidance scale (1: none)", "samples",
+                                 low=0)
+    clip_denoised: bool | None = _key(
+        True, "clip predicted images to [-1, 1] (null: the model's default)", "samples")
+    # === Documentation only ===
+    description: str = _key("", "one line about the recipe", "about")
+    paper_source: str = _key("", "where the recipe's numbers come from", "about")
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        # Keys whose choices need an import (backbone presets load Keras) come last, so
+        # that a bad cheap value is reported at once.
+        fields = sorted(dataclasses.fields(self),
+                        key=lambda f: callable(f.metadata["rules"].choices))
+        for field in fields:
+            value = getattr(self, field.name)
+            setattr(self, field.name, check_value(field.name, value, hints[field.name],
+                                                  field.metadata["rules"]))
+
+    @classmethod
+    def from_dict(cls, mapping):
+        """A checked `RunConfig` from a dict of (top-level) keys; unknown keys raise."""
+        unknown = sorted(set(mapping) - set(key_names()))
+        if unknown:
+            raise ValueError(
+                f"Unknown config key {unknown[0]!r}. Valid keys: {', '.join(sorted(key_names()))}."
+            )
+        return cls(**copy.deepcopy(dict(mapping)))
+
+    def to_dict(self):
+        """The plain dict that training reads and `config.json` holds."""
+        return dataclasses.asdict(self)
+
+
+def key_names():
+    return tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def key_specs():
+    """`(name, annotation, default, rules)` for every key, in the order of `RunConfig`."""
+    hints = typing.get_type_hints(RunConfig)
+    specs = []
+    for field in dataclasses.fields(RunConfig):
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        specs.append((field.name, hints[field.name], default, field.metadata["rules"]))
+    return specs
+
+
+def _defaults():
+    return {name: copy.deepcopy(default) for name, _, default, _ in key_specs()}
+
+
+DEFAULTS = _defaults()
+# Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = tuple(name for name, _, _, rules in key_specs() if rules.resumable)
+
+
+# === Checking one value ===
+
+def _types(annotation):
+    args = typing.get_args(annotation) or (annotation,)
+    return tuple(a for a in args if a is not type(None)), type(None) in args
+
+
+def _number(value, kind):
+    """`value` as an int / float, or None when it is not one (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if kind is int:
+        if isinstance(value, float):
+            return int(value) if value.is_integer() else None
+        return value
+    return float(value)
+
+
+def _range_text(rules):
+    if rules.low is not None and rules.high is not None:
+        left, right = "(" if rules.low_open else "[", ")" if rules.high_open else "]"
+        return f" in {left}{rules.low:g}, {rules.high:g}{right}"
+    if rules.low is not None:
+        return f" {'>' if rules.low_open else '>='} {rules.low:g}"
+    if rules.high is not None:
+        return f" {'<' if rules.high_open else '<='} {rules.high:g}"
+    return ""
+
+
+def _choices(rules):
+    return rules.choices() if callable(rules.choices) else rules.choices
+
+
+def allowed_text(annotation, rules, resolve_choices=True):
+    """What a key may hold, in words: ``an integer >= 1 or null``."""
+    kinds, nullable = _types(annotation)
+    parts = []
+    for kind in kinds:
+        if kind is int:
+            parts.append("an integer" + _range_text(rules))
+        elif kind is float:
+            parts.append("a number" + _range_text(rules))
+        elif kind is bool:
+            parts.append("true or false")
+        elif kind is dict:
+            parts.append("a dict" + (f" with keys {', '.join(rules.subkeys)}"
+                                     if rules.subkeys else ""))
+        elif rules.choices is not None:
+            if callable(rules.choices) and not resolve_choices:
+                parts.append("a preset name")
+            else:
+                parts.append("one of " + ", ".join(_choices(rules)))
+        else:
+            parts.append("a string")
+    if nullable:
+        parts.append("null")
+    return " or ".join(parts)
+
+
+def check_value(name, value, annotation, rules):
+    """`value` converted to the key's type (1 -> 1.0 for numbers), or `ValueError`."""
+    kinds, nullable = _types(annotation)
+    if value is None and nullable:
+        return None
+    for kind in kinds:
+        if kind in (int, float):
+            number = _number(value, kind)
+            if number is None:
+                continue
+            low_ok = rules.low is None or (number > rules.low if rules.low_open
+                                           else number >= rules.low)
+            high_ok = rules.high is None or (number < rules.high if rules.high_open
+                                             else number <= rules.high)
+            if low_ok and high_ok:
+                return number
+        elif kind is bool and isinstance(value, bool):
+            return value
+        elif kind is dict and isinstance(value, dict):
+            unknown = sorted(set(value) - set(rules.subkeys or value))
+            if not unknown:
+                return value
+            raise ValueError(
+                f"Unknown {name} key(s) {unknown}. Valid keys: {', '.join(rules.subkeys)}."
+            )
+        elif kind is str and isinstance(value, str):
+            choices = _choices(rules)
+            if choices is None or value in choices:
+                return value
+    raise ValueError(
+        f"Invalid value for {name}: {value!r}. Allowed: {allowed_text(annotation, rules)}."
+    )
+
+
+# === Layering a recipe and overrides ===
+
+def parse_overrides(pairs):
+    """``["a=1", "b.c=x"]`` → ``{"a": 1, "b.c": "x"}``; values are JSON/Python literals,
+    anything else stays a string (the schema then says whether a string is allowed)."""
+    overrides = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"Override {pair!r} is not of the form key=value.")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                value = raw
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _set_nested(mapping, path, value, key):
+    """A copy of ``mapping`` with ``value`` at ``path`` (``a.b.c`` reaches nested dicts)."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {**mapping, head: copy.deepcopy(value)}
+    inner = mapping.get(head)
+    if inner is None:
+        inner = {}
+    if not isinstance(inner, dict):
+        raise ValueError(f"{head!r} in {key!r} is not a dict; cannot set {key!r}.")
+    return {**mapping, head: _set_nested(inner, rest, value, key)}
+
+
+def resolve_config(recipe, overrides=None):
+    """Defaults ← recipe ← overrides, checked against `RunConfig`; returns a plain dict.
+
+    Dotted keys reach into dict-valued entries: ``backbone_args.depth=4``, also nested
+    ones: ``encode.source_args.data_dir=/data``. Unknown keys and bad values raise
+    `ValueError` naming the key, the value and what is allowed.
+    """
+    config = copy.deepcopy(DEFAULTS)
+    for source in (recipe, overrides or {}):
+        for key, value in source.items():
+            top, _, sub = key.partition(".")
+            if top not in DEFAULTS:
+                raise ValueError(
+                    f"Unknown config key {top!r}. Valid keys: {', '.join(sorted(DEFAULTS))}."
+                )
+            if sub:
+                if not isinstance(config[top], dict):
+                    raise ValueError(f"{top!r} is not a dict; cannot set {key!r}.")
+                config[top] = _set_nested(config[top], sub.split("."), value, key)
+            else:
+                config[top] = copy.deepcopy(value)
+    return RunConfig.from_dict(config).to_dict()
+
+
+# === Text for --help, `show` and the docs ===
+
+def _json(value):
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _grouped_lines(title_line, key_line):
+    """One ``title_line(title)`` per group, then ``key_line(name, allowed, rules)`` per key."""
+    lines = []
+    for group, title in GROUPS.items():
+        lines.append(title_line(title))
+        lines.extend(
+            key_line(name, allowed_text(annotation, rules, resolve_choices=False), rules)
+            for name, annotation, _, rules in key_specs() if rules.group == group
+        )
+    return lines
+
+
+def keys_help():
+    """The keys grouped, one line each, for `keras-minsnr train --help` (no Keras import)."""
+    return "\n".join(_grouped_lines(
+        lambda title: f"{title}:",
+        lambda name, allowed, rules: f"  {name} = {_json(DEFAULTS[name])}  ({allowed}) "
+                                     f"{rules.doc}",
+    ))
+
+
+def describe(config):
+    """A resolved config as ``key = value  # doc (allowed)`` lines, grouped."""
+    return "\n".join(_grouped_lines(
+        lambda title: f"\n# {title}",
+        lambda name, allowed, rules: f"{name} = {_json(config[name])}  # {rules.doc} "
+                                     f"({allowed})",
+    )).lstrip("\n") + "\n"
+
+
+def markdown_table():
+    """The key table of docs/recipes.md (a test checks that the doc holds exactly this)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, annotation, default, rules in key_specs():
+        allowed = allowed_text(annotation, rules, resolve_choices=False)
+        lines.append(f"| `{name}` | `{_json(default)}` | {allowed} | {rules.doc} |")
+    return "\n".join(lines)
