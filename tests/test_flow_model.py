@@ -269,3 +269,39 @@ def test_generate_with_the_optimal_velocity_reproduces_gaussian_data(sampler, nu
     if sampler == "heun":  # second order: at 20 steps the data itself
         assert abs(samples.mean() - MU) < 0.02 * SIGMA
         assert abs(samples.std() / SIGMA - 1) < 0.03
+
+
+# -- the run config ----------------------------------------------------------------------
+
+
+def test_the_run_config_builds_a_flow_model_with_its_density():
+    from keras_minsnr import training
+    from keras_minsnr.run_config import resolve_config
+    from recipes.digits_flow import RECIPE
+
+    config = resolve_config(RECIPE, {
+        "flow_shift": 3.0, "timestep_sampling": "laplace",
+        "timestep_sampling_args": {"laplace_b": 0.25}, "backbone_args": {"hidden_size": 16, "depth": 1},
+    })
+    _, info = training.build_dataset(config)
+    model = training.build_model(config, info)
+    assert isinstance(model.schedule, kms.FlowMatchingSchedule) and model.schedule.shift == 3.0
+    assert model.prediction_type == "flow" and model.weighting.strategy == "min_snr"
+    assert model.timestep_sampling.get_config() == {
+        "kind": "laplace", "laplace_mu": 0.0, "laplace_b": 0.25,
+    }
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sampler": "ddim"}, "sampler 'ddim' is for discrete schedules.*euler or heun"),
+    ({"schedule": "cosine"}, "prediction_type 'flow' needs schedule 'flow'"),
+    ({"schedule": "cosine", "prediction_type": "epsilon"}, "sampler 'euler' needs schedule"),
+    ({"timestep_sampling": "gauss"}, "gauss"),
+    ({"flow_shift": 0}, "flow_shift"),
+])
+def test_the_run_config_checks_the_flow_keys_up_front(overrides, message):
+    from keras_minsnr.run_config import resolve_config
+    from recipes.digits_flow import RECIPE
+
+    with pytest.raises(ValueError, match=message):
+        resolve_config(RECIPE, overrides)
