@@ -99,11 +99,18 @@ class DiffusionModel(keras.Model):
     model.compile(optimizer=keras.optimizers.AdamW(1e-4))
     model.fit(dataset, epochs=1)
     images = model.generate(16, num_steps=50, sampler="ddim", seed=0)
+
+    # Rectified flow (SD3-style) with Min-SNR-5 in velocity space and logit-normal steps:
+    flow_model = kms.DiffusionModel(backbone, kms.FlowMatchingSchedule(shift=1.0),
+                                    prediction_type="flow", weighting="min_snr",
+                                    timestep_sampling="logit_normal")
+    images = flow_model.generate(16, num_steps=28, sampler="heun", seed=0)
     ```
 
     Reference:
         Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
-        ICCV 2023 (arXiv 2303.09556).
+        ICCV 2023 (arXiv 2303.09556); Esser et al. 2024 (SD3: rectified flow,
+        logit-normal timesteps); Hang et al. 2024 (Laplace timesteps).
     """
 
     def __init__(
