@@ -204,6 +204,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.steps % args.eval_every:
         parser.error("--steps must be a multiple of --eval-every.")
+    args.backbone = "mlp_digits"  # convergence._config's backbone entry: the digits recipe
     return args
 
 
