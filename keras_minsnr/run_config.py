@@ -201,9 +201,10 @@ class RunConfig:
                 f"samples with {' or '.join(FLOW_SAMPLERS)}."
             )
         if not flow and self.sampler in FLOW_SAMPLERS:
+            discrete = [s for s in SAMPLERS if s not in FLOW_SAMPLERS]
             raise ValueError(
                 f"sampler {self.sampler!r} needs schedule 'flow'; schedule "
-                f"{self.schedule!r} allows {', '.join(s for s in SAMPLERS if s not in FLOW_SAMPLERS)}."
+                f"{self.schedule!r} allows {', '.join(discrete)}."
             )
 
     @classmethod

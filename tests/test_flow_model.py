@@ -281,7 +281,8 @@ def test_the_run_config_builds_a_flow_model_with_its_density():
 
     config = resolve_config(RECIPE, {
         "flow_shift": 3.0, "timestep_sampling": "laplace",
-        "timestep_sampling_args": {"laplace_b": 0.25}, "backbone_args": {"hidden_size": 16, "depth": 1},
+        "timestep_sampling_args": {"laplace_b": 0.25},
+        "backbone_args": {"hidden_size": 16, "depth": 1},
     })
     _, info = training.build_dataset(config)
     model = training.build_model(config, info)
