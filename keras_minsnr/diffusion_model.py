@@ -9,9 +9,13 @@ from keras import ops
 from keras_minsnr import backend as kms_backend
 from keras_minsnr import batches
 from keras_minsnr import sampling
+from keras_minsnr import samplers
+from keras_minsnr import timestep_sampling as timestep_sampling_lib
 from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.backbone_contract import BackboneContract
 from keras_minsnr.ema import ExponentialMovingAverage
+from keras_minsnr.flow import FlowMatchingSchedule
+from keras_minsnr.flow import check_flow_prediction_type
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.schedules import check_prediction_type
 
@@ -23,9 +27,12 @@ EVAL_TIMESTEP_FRACTIONS = (0.125, 0.375, 0.625, 0.875)
 class DiffusionModel(keras.Model):
     """A diffusion model trained with a loss weighting such as Min-SNR-γ.
 
-    Each training step draws ``t ~ U{0, …, T-1}`` and ``ε ~ N(0, I)`` per image, forms
+    Each training step draws a step ``t ~ p`` (the timestep density, uniform on
+    ``{0, …, T-1}`` by default) and ``ε ~ N(0, I)`` per image, forms
     ``x_t = α_t x_0 + σ_t ε``, asks the backbone for the configured target and minimises
-    ``mean_b( w(SNR(t_b)) · mean_pixels((pred − target)²) )``. The TensorFlow and JAX steps
+    ``mean_b( w(SNR(t_b)) · mean_pixels((pred − target)²) )``: density × weight × target
+    error. With a `FlowMatchingSchedule`, ``x_t = (1 − t)·x₀ + t·ε`` and the ``"flow"``
+    target is the velocity ``ε − x₀`` (docs/flow_matching.md). The TensorFlow and JAX steps
     share this one loss function (`compute_training_loss`).
 
     The backbone follows the contract in `keras_minsnr.backbones`: it is called with
@@ -45,11 +52,18 @@ class DiffusionModel(keras.Model):
 
     Args:
         backbone: the denoiser, a `keras.Model` (see `keras_minsnr.backbones`).
-        schedule: a `NoiseSchedule`, or a schedule name; defaults to cosine with T=1000.
-        prediction_type: ``"epsilon"``, ``"sample"`` (x₀) or ``"v_prediction"``.
+        schedule: a `NoiseSchedule`, a `FlowMatchingSchedule` (rectified flow), or a
+            schedule name (``"flow"`` for ``FlowMatchingSchedule()``); defaults to cosine
+            with T=1000.
+        prediction_type: ``"epsilon"``, ``"sample"`` (x₀) or ``"v_prediction"``; with a
+            flow schedule also ``"flow"`` (the velocity ``ε − x₀``, SD3's target).
         weighting: a strategy name from `keras_minsnr.STRATEGIES` or a `LossWeighting`.
         gamma: γ of Min-SNR-γ (and of ``max_snr`` / ``soft_min_snr``) when `weighting` is
             a name. The paper's default is 5.
+        timestep_sampling: the training density over steps: a kind name (``"uniform"``,
+            ``"logit_normal"``, ``"mode"``, ``"laplace"``), a config dict such as
+            ``{"kind": "laplace", "laplace_b": 0.5}`` or a `TimestepSampling`. ``"uniform"``
+            draws exactly as before (`keras.random.randint`).
         label_dropout: probability of replacing a label (or text context) by the null
             condition during training, for classifier-free guidance (paper: 0.15).
         ema_decay: decay of the exponential moving average of the backbone's trainable
@@ -85,11 +99,18 @@ class DiffusionModel(keras.Model):
     model.compile(optimizer=keras.optimizers.AdamW(1e-4))
     model.fit(dataset, epochs=1)
     images = model.generate(16, num_steps=50, sampler="ddim", seed=0)
+
+    # Rectified flow (SD3-style) with Min-SNR-5 in velocity space and logit-normal steps:
+    flow_model = kms.DiffusionModel(backbone, kms.FlowMatchingSchedule(shift=1.0),
+                                    prediction_type="flow", weighting="min_snr",
+                                    timestep_sampling="logit_normal")
+    images = flow_model.generate(16, num_steps=28, sampler="heun", seed=0)
     ```
 
     Reference:
         Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
-        ICCV 2023 (arXiv 2303.09556).
+        ICCV 2023 (arXiv 2303.09556); Esser et al. 2024 (SD3: rectified flow,
+        logit-normal timesteps); Hang et al. 2024 (Laplace timesteps).
     """
 
     def __init__(
@@ -99,6 +120,7 @@ class DiffusionModel(keras.Model):
         prediction_type="epsilon",
         weighting="min_snr",
         gamma=5.0,
+        timestep_sampling="uniform",
         label_dropout=0.0,
         ema_decay=0.9999,
         ema_warmup=True,
@@ -112,9 +134,22 @@ class DiffusionModel(keras.Model):
         kms_backend.check_backend()
         super().__init__(**kwargs)
         if isinstance(schedule, str):
-            schedule = NoiseSchedule(schedule)
+            schedule = FlowMatchingSchedule() if schedule == "flow" else NoiseSchedule(schedule)
         self.schedule = schedule if schedule is not None else NoiseSchedule("cosine")
-        self.prediction_type = check_prediction_type(prediction_type)
+        if self.is_flow:
+            self.prediction_type = check_flow_prediction_type(prediction_type)
+        elif prediction_type == "flow":
+            raise ValueError(
+                "prediction_type 'flow' (the rectified-flow velocity) needs a "
+                f"FlowMatchingSchedule; got {self.schedule!r}. Pass "
+                "schedule=kms.FlowMatchingSchedule(...) or another prediction_type."
+            )
+        else:
+            self.prediction_type = check_prediction_type(prediction_type)
+        # A private copy: `build` fixes the table for this model's schedule.
+        sampling_config = timestep_sampling_lib.get(timestep_sampling).get_config()
+        self.timestep_sampling = timestep_sampling_lib.TimestepSampling(**sampling_config)
+        self.timestep_sampling.build(self.schedule)
         if isinstance(weighting, str):
             weighting = weighting_lib.get(weighting, gamma=gamma)
         self.weighting = weighting_lib.get(weighting)
@@ -165,7 +200,13 @@ class DiffusionModel(keras.Model):
             keras.metrics.Mean(name=f"mse_q{i + 1}") for i in range(NUM_SNR_BINS)
         ]
         self._step_functions = None
+        self._flow_step_functions = None
         self.built = True
+
+    @property
+    def is_flow(self):
+        """Whether the model is a rectified flow (`FlowMatchingSchedule`)."""
+        return isinstance(self.schedule, FlowMatchingSchedule)
 
     # -- conditions and batches ---------------------------------------------------------
 
@@ -212,8 +253,10 @@ class DiffusionModel(keras.Model):
     def diffusion_loss_terms(self, images, condition, timesteps, noise, training=False):
         """Weighted loss for given timesteps and noise, and the per-sample MSE.
 
-        This is the deterministic core shared by training, evaluation and the tests.
-        Returns ``(loss, per_sample_mse)``, both float32.
+        This is the deterministic core shared by training, evaluation and the tests; the
+        timestep density enters through which ``timesteps`` are given, so the expected
+        loss is density × weight × target error. Returns ``(loss, per_sample_mse)``, both
+        float32.
         """
         x0 = ops.cast(images, "float32")
         noise = ops.cast(noise, "float32")
@@ -236,9 +279,7 @@ class DiffusionModel(keras.Model):
         batch_size = ops.shape(images)[0]
         if timesteps is None:
             timesteps = self._draw_per_example(
-                lambda shape: keras.random.randint(
-                    shape, 0, self.schedule.num_timesteps, seed=self.seed_generator
-                ),
+                lambda shape: self.timestep_sampling.sample(shape[0], self.seed_generator),
                 (batch_size,),
             )
         if noise is None:
@@ -398,7 +439,7 @@ class DiffusionModel(keras.Model):
         self,
         num_samples=None,
         num_steps=50,
-        sampler="ddim",
+        sampler=None,
         labels=None,
         guidance_scale=1.0,
         seed=None,
@@ -408,6 +449,10 @@ class DiffusionModel(keras.Model):
         clip_denoised=None,
         batch_size=None,
         verbose=False,
+        shift=None,
+        sigma_min=samplers.EDM_SIGMA_MIN,
+        sigma_max=samplers.EDM_SIGMA_MAX,
+        rho=samplers.EDM_RHO,
     ):
         """Draws samples from the model.
 
@@ -415,7 +460,9 @@ class DiffusionModel(keras.Model):
             num_samples: how many images; may be omitted when `labels` or `context` is
                 given.
             num_steps: sampler steps.
-            sampler: ``"ddim"``, ``"ddpm"`` or ``"edm_heun"`` (the paper's sampler).
+            sampler: ``"ddim"`` (the default), ``"ddpm"`` or ``"edm_heun"`` (the paper's
+                sampler); for a flow schedule ``"euler"`` (the default) or ``"heun"``,
+                ODE steps on the velocity from ``t = 1`` to ``t = 0``.
             labels: class ids for a class-conditional backbone (random classes from
                 `seed` when omitted).
             guidance_scale: classifier-free guidance scale ``s`` in
@@ -425,9 +472,14 @@ class DiffusionModel(keras.Model):
             eta: DDIM stochasticity.
             use_ema: sample with the EMA weights (when the model keeps an EMA).
             clip_denoised: clip x̂₀ to [-1, 1] at each step; None uses the model's
-                ``clip_denoised`` (True for pixel-space models).
+                ``clip_denoised`` (True for pixel-space models). The flow samplers clip
+                x̂₀ = x − t·û and use the velocity ``(x − x̂₀)/t`` it implies.
             batch_size: generate in chunks of this size (default: all at once).
             verbose: show a progress bar.
+            shift: flow samplers only: SD3's shift of the time grid (``> 1`` takes smaller
+                steps near the noise); None uses the schedule's ``shift``.
+            sigma_min, sigma_max, rho: EDM-Heun's σ range and ρ-spacing (EDM's 0.002, 80
+                and 7), passed to `keras_minsnr.samplers.sample`.
 
         Returns:
             float32 numpy images of shape ``(num_samples, H, W, C)``.
@@ -436,7 +488,8 @@ class DiffusionModel(keras.Model):
             clip_denoised = self.clip_denoised
         return sampling.generate(
             self, num_samples, num_steps, sampler, labels, guidance_scale, seed, context,
-            eta, use_ema, clip_denoised, batch_size, verbose,
+            eta, use_ema, clip_denoised, batch_size, verbose, shift=shift,
+            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
         )
 
     # -- serialisation ------------------------------------------------------------------
@@ -449,6 +502,7 @@ class DiffusionModel(keras.Model):
                 "schedule": keras.saving.serialize_keras_object(self.schedule),
                 "prediction_type": self.prediction_type,
                 "weighting": keras.saving.serialize_keras_object(self.weighting),
+                "timestep_sampling": self.timestep_sampling.get_config(),
                 "label_dropout": self.label_dropout,
                 "ema_decay": self.ema_decay,
                 "ema_warmup": self.ema_warmup,

@@ -203,17 +203,23 @@ class FlowMatchingSchedule:
         """
         check_flow_prediction_type(prediction_type)
         alpha, sigma = self._scales(t, x_t)
-        xp = ops if ops.is_tensor(alpha) else np
+        return _invert(x_t, prediction, alpha, sigma, prediction_type)
+
+    def velocity_at_time(self, x_t, prediction, time, prediction_type):
+        """The velocity ``û = ε̂ − x̂₀`` implied by a prediction at continuous times.
+
+        For the flow samplers, which integrate at times between the training steps:
+        ``time`` is a float tensor of shape (B,) and the inversions of
+        `predict_x0_and_epsilon` are taken at ``t = time`` itself (the backbone still gets
+        the nearest integer step, `timestep_index`). A ``"flow"`` prediction is returned
+        unchanged.
+        """
+        check_flow_prediction_type(prediction_type)
         if prediction_type == "flow":
-            return x_t - sigma * prediction, x_t + alpha * prediction
-        if prediction_type == "epsilon":
-            return (x_t - sigma * prediction) / xp.maximum(alpha, 1e-8), prediction
-        if prediction_type == "sample":
-            return prediction, (x_t - alpha * prediction) / xp.maximum(sigma, 1e-8)
-        # v of the variance-preserving latent z = x_t / c: x₀ = a·z − b·v, ε = b·z + a·v.
-        c = (alpha * alpha + sigma * sigma) ** 0.5
-        a, b, z = alpha / c, sigma / c, x_t / c
-        return a * z - b * prediction, b * z + a * prediction
+            return prediction
+        sigma = ops.reshape(ops.cast(time, x_t.dtype), (-1,) + (1,) * (len(x_t.shape) - 1))
+        x0, eps = _invert(x_t, prediction, 1.0 - sigma, sigma, prediction_type)
+        return eps - x0
 
     def convert_prediction(self, x_t, prediction, t, from_type, to_type):
         """Re-expresses a prediction of ``from_type`` as one of ``to_type``."""
@@ -232,6 +238,21 @@ class FlowMatchingSchedule:
 
     def __repr__(self):
         return f"FlowMatchingSchedule(num_timesteps={self.num_timesteps}, shift={self.shift})"
+
+
+def _invert(x_t, prediction, alpha, sigma, prediction_type):
+    """``(x̂₀, ε̂)`` from a prediction, given ``α = 1 − t`` and ``σ = t`` shaped like ``x_t``."""
+    xp = ops if ops.is_tensor(alpha) else np
+    if prediction_type == "flow":
+        return x_t - sigma * prediction, x_t + alpha * prediction
+    if prediction_type == "epsilon":
+        return (x_t - sigma * prediction) / xp.maximum(alpha, 1e-8), prediction
+    if prediction_type == "sample":
+        return prediction, (x_t - alpha * prediction) / xp.maximum(sigma, 1e-8)
+    # v of the variance-preserving latent z = x_t / c: x₀ = a·z − b·v, ε = b·z + a·v.
+    c = (alpha * alpha + sigma * sigma) ** 0.5
+    a, b, z = alpha / c, sigma / c, x_t / c
+    return a * z - b * prediction, b * z + a * prediction
 
 
 # -- the loss weight in velocity space -------------------------------------------------

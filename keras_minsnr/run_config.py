@@ -15,13 +15,16 @@ import typing
 
 # Names the library accepts. They are written out here so that `--help` needs no Keras
 # import; tests/test_run_config.py keeps them equal to the library's own tuples.
-SCHEDULES = ("linear", "scaled_linear", "cosine")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")  # flow: FlowMatchingSchedule
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")  # flow: velocity ε − x₀
 WEIGHTINGS = (
     "constant", "snr", "trunc_snr", "max_snr", "min_snr", "soft_min_snr", "inv_snr", "p2",
     "debiased",
 )
-SAMPLERS = ("ddpm", "ddim", "edm_heun")
+SAMPLERS = ("ddpm", "ddim", "edm_heun", "euler", "heun")  # euler, heun: flow only
+FLOW_SAMPLERS = ("euler", "heun")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "laplace")
+TIMESTEP_SAMPLING_PARAMS = ("logit_mean", "logit_std", "mode_scale", "laplace_mu", "laplace_b")
 MIXED_PRECISION_POLICIES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
 ENCODE_KEYS = (
     "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
@@ -115,7 +118,10 @@ class RunConfig:
         "dit_s_2", "backbone preset (keras_minsnr.backbones.PRESETS)", "model",
         choices=_backbone_presets)
     backbone_args: dict = _key({}, "overrides of the preset's arguments (depth, ...)", "model")
-    schedule: str = _key("cosine", "noise schedule", "model", choices=SCHEDULES)
+    schedule: str = _key("cosine", "noise schedule (`flow`: rectified flow)", "model",
+                         choices=SCHEDULES)
+    flow_shift: float = _key(1.0, "SD3's time shift of the flow schedule and its samplers",
+                             "model", low=0, low_open=True)
     num_timesteps: int = _key(1000, "diffusion steps T", "model", low=2)
     zero_terminal_snr: bool = _key(
         False, "rescale the schedule so SNR(T-1) = 0 (Lin et al. 2023)", "model")
@@ -124,6 +130,11 @@ class RunConfig:
     weighting: str = _key("min_snr", "loss weighting strategy", "model", choices=WEIGHTINGS)
     gamma: float = _key(5.0, "γ of min_snr, max_snr and soft_min_snr", "model",
                         low=0, low_open=True)
+    timestep_sampling: str = _key("uniform", "training density of the timesteps", "model",
+                                  choices=TIMESTEP_SAMPLINGS)
+    timestep_sampling_args: dict = _key(
+        {}, "the density's parameters (docs/flow_matching.md §3)", "model",
+        subkeys=TIMESTEP_SAMPLING_PARAMS)
     terminal_weight: float | str = _key(
         1.0, "weight at SNR = 0 where the limit is 0 (x0/v targets); `limit`: the limit",
         "model", low=0, choices=("limit",))
@@ -189,6 +200,27 @@ class RunConfig:
             value = getattr(self, field.name)
             setattr(self, field.name, check_value(field.name, value, hints[field.name],
                                                   field.metadata["rules"]))
+        self._check_flow_keys()
+
+    def _check_flow_keys(self):
+        """Flow targets and samplers go with the flow schedule only, and vice versa."""
+        flow = self.schedule == "flow"
+        if self.prediction_type == "flow" and not flow:
+            raise ValueError(
+                f"prediction_type 'flow' needs schedule 'flow', got schedule "
+                f"{self.schedule!r}."
+            )
+        if flow and self.sampler not in FLOW_SAMPLERS:
+            raise ValueError(
+                f"sampler {self.sampler!r} is for discrete schedules; schedule 'flow' "
+                f"samples with {' or '.join(FLOW_SAMPLERS)}."
+            )
+        if not flow and self.sampler in FLOW_SAMPLERS:
+            discrete = [s for s in SAMPLERS if s not in FLOW_SAMPLERS]
+            raise ValueError(
+                f"sampler {self.sampler!r} needs schedule 'flow'; schedule "
+                f"{self.schedule!r} allows {', '.join(discrete)}."
+            )
 
     @classmethod
     def from_dict(cls, mapping):

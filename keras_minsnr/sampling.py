@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr import batches
+from keras_minsnr import flow
 from keras_minsnr import samplers
 
 
@@ -16,8 +17,26 @@ def denoise(model, params, x_t, t):
     disables guidance), the guidance scale and a 0/1 flag clipping x̂₀ to [-1, 1]
     (tensors).
     """
-    trainable, non_trainable, condition, null, guidance_scale, clip = params
+    clip = params[5]
     x_t = ops.cast(x_t, "float32")
+    prediction = guided_prediction(model, params[:5], x_t, t)
+    schedule = model.schedule
+    x0, eps = schedule.predict_x0_and_epsilon(x_t, prediction, t, model.prediction_type)
+    if clip is not None:
+        clipped = ops.clip(x0, -1.0, 1.0)
+        x0 = ops.where(clip > 0, clipped, x0)
+        alpha, sigma = schedule._scales(t, x_t)
+        eps = ops.where(clip > 0, (x_t - alpha * x0) / ops.maximum(sigma, 1e-8), eps)
+    return x0, eps
+
+
+def guided_prediction(model, params, x_t, t):
+    """The backbone's output at integer steps ``t``, with classifier-free guidance.
+
+    ``params = (trainable, non_trainable, condition, null_condition, guidance_scale)``;
+    a None null condition disables guidance.
+    """
+    trainable, non_trainable, condition, null, guidance_scale = params
 
     def predict(y, x, tt):
         inputs = {"x": x, "t": tt}
@@ -27,23 +46,57 @@ def denoise(model, params, x_t, t):
         return ops.cast(out, "float32")
 
     if null is None:
-        prediction = predict(condition, x_t, t)
-    else:
-        both = predict(
-            ops.concatenate([condition, null], axis=0),
-            ops.concatenate([x_t, x_t], axis=0),
-            ops.concatenate([t, t], axis=0),
+        return predict(condition, x_t, t)
+    both = predict(
+        ops.concatenate([condition, null], axis=0),
+        ops.concatenate([x_t, x_t], axis=0),
+        ops.concatenate([t, t], axis=0),
+    )
+    cond, uncond = ops.split(both, 2, axis=0)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def flow_velocity(model, params, x, time):
+    """``dx/dt`` of a flow model at continuous times ``time`` (float32, (B,)), guided.
+
+    The backbone gets the nearest training step (`FlowMatchingSchedule.timestep_index`);
+    guidance combines its raw outputs (as for the other samplers) and the result is turned
+    into a velocity at ``time`` itself. ``params`` as for `denoise`; with the clip flag
+    set, x̂₀ = x − t·û is clipped to [-1, 1] and the velocity re-derived from it,
+    ``û = (x − x̂₀)/t`` (as DDIM re-derives ε̂), so the last Euler step lands in [-1, 1].
+    """
+    x = ops.cast(x, "float32")
+    steps = model.schedule.timestep_index(time)
+    prediction = guided_prediction(model, params[:5], x, steps)
+    u = model.schedule.velocity_at_time(x, prediction, time, model.prediction_type)
+    clip = params[5] if len(params) > 5 else None
+    if clip is None:
+        return u
+    t = ops.reshape(ops.cast(time, "float32"), (-1,) + (1,) * (len(x.shape) - 1))
+    x0 = ops.clip(x - t * u, -1.0, 1.0)
+    return ops.where(clip > 0, (x - x0) / ops.maximum(t, 1e-8), u)
+
+
+def check_sampler_for(model, sampler):
+    """The sampler to use (``None``: the schedule's default), checked against the schedule."""
+    if model.is_flow:
+        if sampler is None:
+            return "euler"
+        if sampler in samplers.SAMPLERS:
+            raise ValueError(
+                f"Sampler {sampler!r} is for discrete diffusion schedules; this model is a "
+                f"rectified flow ({model.schedule!r}). Use a flow sampler: "
+                f"{', '.join(flow.FLOW_SAMPLERS)}."
+            )
+        return flow.check_flow_sampler(sampler)
+    if sampler is None:
+        return "ddim"
+    if sampler in flow.FLOW_SAMPLERS:
+        raise ValueError(
+            f"Sampler {sampler!r} is a rectified-flow sampler; this model's schedule is "
+            f"{model.schedule!r}. Use one of: {', '.join(samplers.SAMPLERS)}."
         )
-        cond, uncond = ops.split(both, 2, axis=0)
-        prediction = uncond + guidance_scale * (cond - uncond)
-    schedule = model.schedule
-    x0, eps = schedule.predict_x0_and_epsilon(x_t, prediction, t, model.prediction_type)
-    if clip is not None:
-        clipped = ops.clip(x0, -1.0, 1.0)
-        x0 = ops.where(clip > 0, clipped, x0)
-        alpha, sigma = schedule._scales(t, x_t)
-        eps = ops.where(clip > 0, (x_t - alpha * x0) / ops.maximum(sigma, 1e-8), eps)
-    return x0, eps
+    return samplers.check_sampler(sampler)
 
 
 def generate(
@@ -60,11 +113,27 @@ def generate(
     clip_denoised,
     batch_size,
     verbose,
+    shift=None,
+    sigma_min=samplers.EDM_SIGMA_MIN,
+    sigma_max=samplers.EDM_SIGMA_MAX,
+    rho=samplers.EDM_RHO,
 ):
     """See `DiffusionModel.generate`."""
-    samplers.check_sampler(sampler)
+    sampler = check_sampler_for(model, sampler)
+    samplers.check_karras_args(sigma_min, sigma_max, rho)
+    if shift is None:
+        shift = getattr(model.schedule, "shift", 1.0)
+    elif not model.is_flow:
+        raise ValueError(
+            f"shift={shift!r} is for the flow samplers (euler, heun); this model's schedule "
+            f"is {model.schedule!r}."
+        )
     condition, num_samples = sampling_condition(model, num_samples, labels, context, seed)
-    if model._step_functions is None:
+    if model.is_flow and model._flow_step_functions is None:
+        model._flow_step_functions = flow.make_flow_step_functions(
+            lambda params, x, t: flow_velocity(model, params, x, t)
+        )
+    if not model.is_flow and model._step_functions is None:
         model._step_functions = samplers.make_step_functions(model.denoise)
     trainable, non_trainable = model.sampling_weights(use_ema)
     guided = model.conditioning is not None and guidance_scale != 1.0
@@ -82,10 +151,29 @@ def generate(
             ops.convert_to_tensor(1.0 if clip_denoised else 0.0, "float32"),
         )
         progress = None
-        if verbose:
-            total = samplers.num_progress_steps(model.schedule, sampler, num_steps)
-            progress = keras.utils.Progbar(total, unit_name="step")
         chunk_seed = None if seed is None else [seed, start]
+        if model.is_flow:
+            if verbose:
+                progress = keras.utils.Progbar(num_steps, unit_name="step")
+            outputs.append(
+                flow.sample_flow(
+                    model._flow_step_functions,
+                    params,
+                    (size,) + model.image_shape,
+                    sampler=sampler,
+                    num_steps=num_steps,
+                    shift=shift,
+                    seed=chunk_seed,
+                    progress=progress,
+                )
+            )
+            continue
+        if verbose:
+            total = samplers.num_progress_steps(
+                model.schedule, sampler, num_steps,
+                sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+            )
+            progress = keras.utils.Progbar(total, unit_name="step")
         outputs.append(
             samplers.sample(
                 model._step_functions,
@@ -97,6 +185,9 @@ def generate(
                 eta=eta,
                 seed=chunk_seed,
                 progress=progress,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                rho=rho,
             )
         )
     return np.concatenate(outputs, axis=0)

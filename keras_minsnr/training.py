@@ -30,6 +30,7 @@ from keras_minsnr import backbones
 from keras_minsnr import checkpointing
 from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.diffusion_model import DiffusionModel
+from keras_minsnr.flow import FlowMatchingSchedule
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.visualization import save_image_grid
 
@@ -170,11 +171,20 @@ def build_model(config, info):
     conditional = getattr(backbone, "conditioning", None) is not None
     weighting = weighting_lib.get(config["weighting"], gamma=config["gamma"],
                                   terminal_weight=config.get("terminal_weight", 1.0))
+    if config["schedule"] == "flow":
+        schedule = FlowMatchingSchedule(config["num_timesteps"], config.get("flow_shift", 1.0))
+    else:
+        schedule = NoiseSchedule(
+            config["schedule"], config["num_timesteps"], config["zero_terminal_snr"]
+        )
+    density = {"kind": config.get("timestep_sampling", "uniform"),
+               **(config.get("timestep_sampling_args") or {})}
     model = DiffusionModel(
         backbone,
-        NoiseSchedule(config["schedule"], config["num_timesteps"], config["zero_terminal_snr"]),
+        schedule,
         prediction_type=config["prediction_type"],
         weighting=weighting,
+        timestep_sampling=density,
         label_dropout=config["label_dropout"] if conditional else 0.0,
         ema_decay=config["ema_decay"],
         seed=config["seed"],

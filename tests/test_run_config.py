@@ -95,10 +95,16 @@ def test_choices_match_the_library():
     from keras_minsnr import schedules
     from keras_minsnr import weighting
 
-    assert set(run_config.SCHEDULES) == set(schedules.SCHEDULES)
-    assert set(run_config.PREDICTION_TYPES) == set(schedules.PREDICTION_TYPES)
+    from keras_minsnr import flow
+    from keras_minsnr import timestep_sampling
+
+    assert set(run_config.SCHEDULES) == set(schedules.SCHEDULES) | {"flow"}
+    assert set(run_config.PREDICTION_TYPES) == set(flow.FLOW_PREDICTION_TYPES)
     assert set(run_config.WEIGHTINGS) == set(weighting.STRATEGIES)
-    assert set(run_config.SAMPLERS) == set(samplers.SAMPLERS)
+    assert set(run_config.SAMPLERS) == set(samplers.SAMPLERS) | set(flow.FLOW_SAMPLERS)
+    assert set(run_config.TIMESTEP_SAMPLINGS) == set(timestep_sampling.KINDS)
+    params = {name for p in timestep_sampling.DEFAULT_PARAMS.values() for name in p}
+    assert set(run_config.TIMESTEP_SAMPLING_PARAMS) == params
     for name in backbones.PRESETS:
         assert run_config.resolve_config({"backbone": name})["backbone"] == name
 
