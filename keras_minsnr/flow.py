@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr.backend import compile_function
+from keras_minsnr.schedules import gather_steps
 from keras_minsnr.weighting import DEFAULT_MAX_WEIGHT
 from keras_minsnr.weighting import STRATEGIES
 from keras_minsnr.weighting import loss_weight
@@ -108,22 +109,7 @@ class FlowMatchingSchedule:
     # -- tables -----------------------------------------------------------------------
 
     def _gather(self, table, t):
-        if ops.is_tensor(t):
-            return ops.take(ops.convert_to_tensor(table, dtype="float32"), ops.cast(t, "int32"))
-        t = np.asarray(t)
-        if not np.issubdtype(t.dtype, np.integer):
-            if not np.all(np.equal(np.mod(t, 1), 0)):
-                raise ValueError(
-                    f"Timesteps must be integer step indices, got {t!r} (for a continuous "
-                    "time use `timestep_index`)."
-                )
-            t = t.astype(np.int64)
-        if t.size and (t.min() < 0 or t.max() >= self.num_timesteps):
-            raise ValueError(
-                f"Timesteps must lie in [0, {self.num_timesteps - 1}], got values from "
-                f"{t.min()} to {t.max()}."
-            )
-        return table[t]
+        return gather_steps(table, t, " (for a continuous time use `timestep_index`)")
 
     def time(self, t):
         """The flow time ``t_i ∈ (0, 1]`` of integer steps."""

@@ -62,6 +62,24 @@ def rescale_zero_terminal_snr(alphas_cumprod):
     return root**2
 
 
+def gather_steps(table, t, hint=""):
+    """``table[t]`` for integer steps ``t``: float64 numpy for numpy input (checked against
+    the table's length), a float32 tensor for tensor input."""
+    if ops.is_tensor(t):
+        return ops.take(ops.convert_to_tensor(table, dtype="float32"), ops.cast(t, "int32"))
+    t = np.asarray(t)
+    if not np.issubdtype(t.dtype, np.integer):
+        if not np.all(np.equal(np.mod(t, 1), 0)):
+            raise ValueError(f"Timesteps must be integers (step indices), got {t!r}{hint}.")
+        t = t.astype(np.int64)
+    if t.size and (t.min() < 0 or t.max() >= len(table)):
+        raise ValueError(
+            f"Timesteps must lie in [0, {len(table) - 1}], got values from {t.min()} to "
+            f"{t.max()}."
+        )
+    return table[t]
+
+
 @keras.saving.register_keras_serializable(package="keras_minsnr")
 class NoiseSchedule:
     """A discrete diffusion noise schedule.
@@ -107,20 +125,7 @@ class NoiseSchedule:
     # -- tables -----------------------------------------------------------------------
 
     def _gather(self, table, t):
-        if ops.is_tensor(t):
-            t = ops.cast(t, "int32")
-            return ops.take(ops.convert_to_tensor(table, dtype="float32"), t)
-        t = np.asarray(t)
-        if not np.issubdtype(t.dtype, np.integer):
-            if not np.all(np.equal(np.mod(t, 1), 0)):
-                raise ValueError(f"Timesteps must be integers, got {t!r}.")
-            t = t.astype(np.int64)
-        if t.size and (t.min() < 0 or t.max() >= self.num_timesteps):
-            raise ValueError(
-                f"Timesteps must lie in [0, {self.num_timesteps - 1}], got values from "
-                f"{t.min()} to {t.max()}."
-            )
-        return table[t]
+        return gather_steps(table, t)
 
     def snr(self, t):
         """Signal-to-noise ratio ``ᾱ_t / (1 - ᾱ_t)`` at integer timesteps."""
