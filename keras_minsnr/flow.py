@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr.backend import compile_function
+from keras_minsnr.schedules import epsilon_sample_or_v
 from keras_minsnr.schedules import gather_steps
 from keras_minsnr.weighting import DEFAULT_MAX_WEIGHT
 from keras_minsnr.weighting import STRATEGIES
@@ -171,14 +172,9 @@ class FlowMatchingSchedule:
 
     def target(self, x0, noise, t, prediction_type):
         """What a backbone trained for ``prediction_type`` should output at ``x_t``."""
-        check_flow_prediction_type(prediction_type)
-        if prediction_type == "flow":
+        if check_flow_prediction_type(prediction_type) == "flow":
             return self.flow_velocity(x0, noise)
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "sample":
-            return x0
-        return self.velocity(x0, noise, t)
+        return epsilon_sample_or_v(self, x0, noise, t, prediction_type)
 
     def predict_x0_and_epsilon(self, x_t, prediction, t, prediction_type):
         """Both ``x̂₀`` and ``ε̂`` implied by a prediction of any target.

@@ -62,6 +62,15 @@ def rescale_zero_terminal_snr(alphas_cumprod):
     return root**2
 
 
+def epsilon_sample_or_v(schedule, x0, noise, t, prediction_type):
+    """ε, x₀ or ``schedule.velocity`` (v) as the training target of ``prediction_type``."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    return schedule.velocity(x0, noise, t)
+
+
 def gather_steps(table, t, hint=""):
     """``table[t]`` for integer steps ``t``: float64 numpy for numpy input (checked against
     the table's length), a float32 tensor for tensor input."""
@@ -169,12 +178,7 @@ class NoiseSchedule:
 
     def target(self, x0, noise, t, prediction_type):
         """What a backbone trained for ``prediction_type`` should output at ``x_t``."""
-        check_prediction_type(prediction_type)
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "sample":
-            return x0
-        return self.velocity(x0, noise, t)
+        return epsilon_sample_or_v(self, x0, noise, t, check_prediction_type(prediction_type))
 
     # -- conversions between the three parameterisations ------------------------------
 
