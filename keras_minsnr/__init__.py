@@ -13,8 +13,6 @@ import sys
 
 from keras_minsnr import xla_flags
 
-xla_flags.configure()  # before anything makes a JAX device: see xla_flags
-
 # public name -> (module, attribute or None for the module itself)
 _EXPORTS = {
     "backbones": ("keras_minsnr.backbones", None),
@@ -64,6 +62,8 @@ def _is_command_line_process():
     first = (sys.argv or [""])[0] or ""
     return os.path.basename(first) == COMMAND_NAME or first == "-m"
 
+
+XLA_FLAGS_ADDED = xla_flags.configure(quiet=_is_command_line_process())  # before JAX starts
 
 if not _is_command_line_process():
     import_all()

@@ -18,6 +18,7 @@ import json  # noqa: E402
 import pkgutil  # noqa: E402
 import sys  # noqa: E402
 
+import keras_minsnr  # noqa: E402
 from keras_minsnr import run_config  # noqa: E402
 from keras_minsnr import xla_flags  # noqa: E402
 
@@ -172,6 +173,8 @@ def _train(args):
 
         distribution.initialize_multihost()
     training = _load_training()
+    if keras_minsnr.XLA_FLAGS_ADDED:
+        print(xla_flags.announcement(), file=sys.stderr)
 
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
     training.train(config, args.output_dir, **kwargs)

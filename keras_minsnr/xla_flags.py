@@ -101,8 +101,18 @@ def backend_from_environment(environ):
         return "tensorflow"  # Keras' own default
 
 
-def configure(backend=None, environ=None, stream=None):
-    """Adds `FUSION_FLAG` to ``XLA_FLAGS`` where it helps; returns whether it did."""
+def announcement():
+    """The line that says what `configure` set."""
+    return (f"keras_minsnr: added {FUSION_FLAG} to XLA_FLAGS (faster JAX training on CPU; "
+            f"set {OPT_OUT_VARIABLE}=0 to opt out).")
+
+
+def configure(backend=None, environ=None, stream=None, quiet=False):
+    """Adds `FUSION_FLAG` to ``XLA_FLAGS`` where it helps; returns whether it did.
+
+    Says so on ``stream`` (stderr) unless ``quiet`` (the command line says it itself when
+    a run starts, so that an early error stands alone).
+    """
     environ = os.environ if environ is None else environ
     if backend is None:
         backend = keras_backend_name(environ)
@@ -118,9 +128,6 @@ def configure(backend=None, environ=None, stream=None):
         return False
     environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + FUSION_FLAG).strip()
     environ[ADDED_VARIABLE] = FUSION_FLAG
-    print(
-        f"keras_minsnr: added {FUSION_FLAG} to XLA_FLAGS (faster JAX training on CPU; "
-        f"set {OPT_OUT_VARIABLE}=0 to opt out).",
-        file=stream or sys.stderr,
-    )
+    if not quiet:
+        print(announcement(), file=stream or sys.stderr)
     return True

@@ -193,7 +193,7 @@ def test_train_help_groups_options_and_lists_config_keys(capsys):
     out = capsys.readouterr().out
     for text in ("--output-dir", "--steps", "--set", "--checkpoint-every",
                  "--allow-config-change", "run length and checkpoints:",
-                 "gamma = 5.0", "sampler = \"ddim\"  (one of ddpm, ddim, edm_heun)",
+                 "gamma = 5.0", "sampler = \"ddim\"  (one of ddpm, ddim, edm_heun, euler, heun)",
                  "keras-minsnr recipes", "keras-minsnr show"):
         assert text in out, text
     with pytest.raises(SystemExit):

@@ -38,7 +38,7 @@ def test_training_reexports_the_config_functions():
     assert training.DEFAULTS is run_config.DEFAULTS
     assert set(training.RESUMABLE_KEYS) == {
         "steps", "sample_every_epochs", "num_samples", "sample_steps", "checkpoint_every",
-        "keep_checkpoints"}
+        "keep_checkpoints", "distribution", "mesh", "multihost"}
 
 
 @pytest.mark.parametrize("overrides, match", [
