@@ -79,3 +79,10 @@ def run_child(script, backend, arguments, cwd):
         sys.stderr.write(done.stderr[-4000:])
         raise RuntimeError(f"{backend} {' '.join(arguments)} failed (exit {done.returncode}).")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def write_report(path, report):
+    """Writes a benchmark's JSON report and says where."""
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")

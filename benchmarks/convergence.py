@@ -325,6 +325,18 @@ INTERVAL_METHODS = ("t", "bootstrap")
 CONFIDENCE = 0.95
 
 
+def _checked_sample(values, confidence):
+    """``values`` as a float64 1-D array and its mean; bad input raises naming it."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {values.shape}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
+    return values, float(values.mean())
+
+
 def t_interval(values, confidence=CONFIDENCE):
     """Student-t interval for the mean of `values` (independent seeds).
 
@@ -335,12 +347,7 @@ def t_interval(values, confidence=CONFIDENCE):
     import numpy as np
     from scipy import stats
 
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {values.shape}.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
-    mean = float(values.mean())
+    values, mean = _checked_sample(values, confidence)
     if values.size < 2:
         return mean, None, None
     quantile = stats.t.ppf(0.5 + confidence / 2.0, df=values.size - 1)
@@ -358,12 +365,7 @@ def bootstrap_interval(values, confidence=CONFIDENCE, num_resamples=10_000, seed
     """
     import numpy as np
 
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {values.shape}.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
-    mean = float(values.mean())
+    values, mean = _checked_sample(values, confidence)
     if values.size < 2:
         return mean, None, None
     rng = np.random.default_rng(seed)

@@ -270,9 +270,7 @@ def main(argv=None):
             **result,
         }
         path = os.path.join(args.output_dir, f"sampling_{backend}.json")
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {path}")
+        _common.write_report(path, report)
     return 0
 
 

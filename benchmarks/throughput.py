@@ -289,9 +289,7 @@ def main(argv=None):
         if args.policy:
             name += "_" + args.policy
         path = os.path.join(args.output_dir, f"{name}_{backend}.json")
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {path}")
+        _common.write_report(path, report)
     return 0
 
 
