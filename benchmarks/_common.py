@@ -82,7 +82,8 @@ def run_child(script, backend, arguments, cwd):
 
 
 def write_report(path, report):
-    """Writes a benchmark's JSON report and says where."""
+    """Writes a benchmark's JSON report (making its folder) and says where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {path}")

@@ -21,7 +21,6 @@ Writes ``docs/results/input_pipeline.json``.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,6 +33,7 @@ for path in (HERE, ROOT):
         sys.path.insert(0, path)
 
 from _common import device_description  # noqa: E402
+from _common import write_report  # noqa: E402
 
 
 def write_class_folder(root, num_images, size, num_classes=4):
@@ -114,10 +114,7 @@ def main(argv=None):
         "stored_jpeg_size": args.image_size,
         "results": rows,
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

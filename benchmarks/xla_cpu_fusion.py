@@ -36,6 +36,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from _common import device_description  # noqa: E402
+from _common import write_report  # noqa: E402
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
 WIDTH, TOKENS, BATCH = 384, 256, 8
@@ -115,10 +116,7 @@ def main(argv=None):
                   f"fusion {row['largest_fusion_operands']:4d} operands, "
                   f"{row['grad_step_s'] * 1e3:8.1f} ms")
     results["load_average"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"Wrote {args.output}")
+    write_report(args.output, results)
 
 
 if __name__ == "__main__":
