@@ -1,4 +1,5 @@
-"""The ``keras-minsnr`` command line: ``train``, ``sample``, ``evaluate``, ``recipes``, ``show``.
+"""The ``keras-minsnr`` command line: ``train``, ``sample``, ``evaluate``, ``recipes``, ``show``,
+``convert-official``.
 
 Every expected failure (a bad flag or config value, an unusable output folder, missing
 data) ends in one line ``keras-minsnr: error: ...`` and exit code 2, before anything is
@@ -222,6 +223,29 @@ def _evaluate(args):
     print(json.dumps(result, indent=2))
 
 
+def _convert_official(args):
+    if not args.output.endswith(".keras"):
+        raise ValueError(
+            f"OUT {args.output!r} must end with .keras (a Keras model file)."
+        )
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"OUT {args.output!r}: folder {out_dir!r} does not exist.")
+    overrides = run_config.parse_overrides(args.set)
+    with _quiet_native_logs():
+        from keras_minsnr import official
+
+        state_dict = official.load_official_checkpoint(args.checkpoint)
+        backbone = official.convert_official_state_dict(
+            state_dict, args.config, **overrides
+        )
+    backbone.save(args.output)
+    print(
+        f"Converted {args.checkpoint} ({args.config}, depth {backbone.depth}, "
+        f"{backbone.count_params():,} parameters) to {args.output}"
+    )
+
+
 def _recipes(args):
     names = available_recipes()
     width = max(len(n) for n in names)
@@ -365,6 +389,24 @@ def build_parser():
     show.add_argument("--steps", type=_at_least(1), help="as for train")
     _add_config_options(show)
     show.set_defaults(func=_show)
+
+    convert = commands.add_parser(
+        "convert-official",
+        help="convert a released checkpoint of the Min-SNR paper's ViT to a .keras backbone",
+        description="Convert an official Min-SNR ViT checkpoint (PyTorch .pt, which needs "
+        "torch, or .npz) into a Keras DiT backbone in the official layout. A state dict "
+        "that does not fit the config is reported key by key.",
+        formatter_class=formatter,
+    )
+    convert.add_argument("checkpoint", help="the checkpoint, e.g. ema_0.9999_xl.pt")
+    convert.add_argument("output", metavar="OUT.keras", help="the Keras model file to write")
+    convert.add_argument("--config", default="vit_xl_patch2_32",
+                         help="official model name: vit_base_patch2_32, "
+                         "vit_large_patch2_32, vit_large_patch4_64 or vit_xl_patch2_32")
+    convert.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                         help="override an architecture argument of the DiT (repeatable), "
+                         "e.g. --set depth=12 --set image_shape=[32,32,4]")
+    convert.set_defaults(func=_convert_official)
     return parser
 
 

@@ -11,6 +11,11 @@ over latent or pixel patches:
   timestep and class embeddings are two extra tokens in front of the patch tokens; learned
   absolute positions, pre-LN blocks with plain residuals, a final LayerNorm and a linear
   head initialised very small. The extra tokens are dropped before unpatchifying.
+
+Two options reproduce the official ViT's layout exactly, which the converter of its
+released checkpoints (`keras_minsnr.official`) needs: ``timestep_embedding="table"`` (a
+learned table with one row per timestep instead of the sinusoidal MLP) and
+``final_norm=False`` (the official model has no LayerNorm before its head).
 """
 
 import math
@@ -23,6 +28,7 @@ from keras_minsnr.backbones import initializers
 from keras_minsnr.backbones.layers import TimestepEmbedding
 
 CONDITIONING_MODES = ("adaln_zero", "in_context")
+TIMESTEP_EMBEDDINGS = ("mlp", "table")
 
 _LN_EPSILON = 1e-6
 
@@ -425,6 +431,25 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _check_layout_args(conditioning_mode, timestep_embedding, timestep_table_size,
+                       final_norm):
+    """Validates the layout options; returns them normalised, in order."""
+    if timestep_embedding not in TIMESTEP_EMBEDDINGS:
+        raise ValueError(
+            f"Unknown timestep_embedding {timestep_embedding!r}; expected one of "
+            f"{TIMESTEP_EMBEDDINGS}."
+        )
+    timestep_table_size = _positive_int("timestep_table_size", timestep_table_size)
+    if not isinstance(final_norm, (bool, np.bool_)):
+        raise ValueError(f"final_norm must be True or False, got {final_norm!r}.")
+    if conditioning_mode == "adaln_zero" and not final_norm:
+        raise ValueError(
+            "final_norm=False applies to conditioning_mode='in_context' only: the "
+            "adaLN-Zero final layer always normalises before its modulation."
+        )
+    return timestep_embedding, timestep_table_size, bool(final_norm)
+
+
 def _check_dit_args(
     image_shape, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes,
     conditioning_mode, frequency_dim,
@@ -551,6 +576,15 @@ class DiT(keras.Model):
         head_init_scale: ``in_context`` only: the head's kernel starts as timm's
             truncated normal with std ``0.02 * head_init_scale`` (the ViT's
             ``init_scale=0.001``). docs/backbones.md lists every layer's initialiser.
+        timestep_embedding: ``"mlp"`` (sinusoidal features and a two-layer SiLU MLP,
+            as in DiT) or ``"table"`` (a learned table indexed by the integer
+            timestep, as the official Min-SNR ViT; rows start as ``N(0, 1)``).
+        timestep_table_size: rows of the ``"table"`` embedding (the official ViT has
+            4000 although it is trained with 1000 timesteps); timesteps must be below
+            it.
+        final_norm: ``in_context`` only: LayerNorm before the head. The official ViT
+            has none (``use_mean_pooling=True`` makes its final norm an identity); set
+            ``False`` to match it.
         **kwargs: `keras.Model` arguments (``name``, ``dtype``).
 
     Example:
@@ -581,9 +615,15 @@ class DiT(keras.Model):
         conditioning_mode="adaln_zero",
         frequency_dim=256,
         head_init_scale=1e-3,
+        timestep_embedding="mlp",
+        timestep_table_size=4000,
+        final_norm=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        timestep_embedding, timestep_table_size, final_norm = _check_layout_args(
+            conditioning_mode, timestep_embedding, timestep_table_size, final_norm
+        )
         (
             image_shape, patch_size, hidden_size, depth, num_heads, mlp_ratio,
             num_classes, conditioning_mode, frequency_dim,
@@ -604,6 +644,9 @@ class DiT(keras.Model):
         self.conditioning_mode = conditioning_mode
         self.frequency_dim = frequency_dim
         self.head_init_scale = float(head_init_scale)
+        self.timestep_embedding = timestep_embedding
+        self.timestep_table_size = timestep_table_size
+        self.final_norm_enabled = final_norm
         self.grid_shape = (image_shape[0] // patch_size, image_shape[1] // patch_size)
         self.num_patches = self.grid_shape[0] * self.grid_shape[1]
         channels = image_shape[2]
@@ -629,13 +672,22 @@ class DiT(keras.Model):
             dtype=self.dtype_policy,
             name="patch_embed",
         )
-        self.t_embedder = TimestepEmbedding(
-            hidden_size,
-            frequency_dim,
-            kernel_initializer=init["timestep"],
-            dtype=self.dtype_policy,
-            name="t_embedder",
-        )
+        if timestep_embedding == "table":
+            self.t_embedder = keras.layers.Embedding(
+                timestep_table_size,
+                hidden_size,
+                embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+                dtype=self.dtype_policy,
+                name="t_embedder",
+            )
+        else:
+            self.t_embedder = TimestepEmbedding(
+                hidden_size,
+                frequency_dim,
+                kernel_initializer=init["timestep"],
+                dtype=self.dtype_policy,
+                name="t_embedder",
+            )
         self.y_embedder = None
         if num_classes:
             self.y_embedder = keras.layers.Embedding(
@@ -659,9 +711,11 @@ class DiT(keras.Model):
             for i in range(depth)
         ]
         if in_context:
-            self.final_norm = keras.layers.LayerNormalization(
-                epsilon=_LN_EPSILON, dtype=self.dtype_policy, name="final_norm"
-            )
+            self.final_norm = None
+            if final_norm:
+                self.final_norm = keras.layers.LayerNormalization(
+                    epsilon=_LN_EPSILON, dtype=self.dtype_policy, name="final_norm"
+                )
             self.head = keras.layers.Dense(
                 patch_size * patch_size * channels,
                 kernel_initializer=init["head"],
@@ -697,7 +751,8 @@ class DiT(keras.Model):
             )
             for block in self.blocks:
                 block.build(tokens)
-            self.final_norm.build(tokens)
+            if self.final_norm is not None:
+                self.final_norm.build(tokens)
             self.head.build(tokens)
         else:
             self.pos_embed = self.add_weight(
@@ -769,7 +824,9 @@ class DiT(keras.Model):
             h = ops.concatenate(extra + [h], axis=1) + pos  # (B, extra + N, D)
             for block in self.blocks:
                 h = block(h)  # (B, extra + N, D)
-            h = self.final_norm(h)[:, self.num_extra_tokens :]  # (B, N, D)
+            if self.final_norm is not None:
+                h = self.final_norm(h)
+            h = h[:, self.num_extra_tokens :]  # (B, N, D)
             h = self.head(h)  # (B, N, p*p*C)
         else:
             if y_emb is not None:
@@ -798,6 +855,9 @@ class DiT(keras.Model):
                 "conditioning_mode": self.conditioning_mode,
                 "frequency_dim": self.frequency_dim,
                 "head_init_scale": self.head_init_scale,
+                "timestep_embedding": self.timestep_embedding,
+                "timestep_table_size": self.timestep_table_size,
+                "final_norm": self.final_norm_enabled,
             }
         )
         return config
