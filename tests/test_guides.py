@@ -20,6 +20,8 @@ import make_notebooks  # noqa: E402
 EXPECTED = {
     "min_snr_weighting.py": ("'fid'", "digits_min_snr.keras", ("tensorflow", "jax")),
     "distributed_dit.py": ("resumed at step", "dit_distributed.keras", ("jax",)),
+    "official_vit_sampling.py": ("restored DiT table", "official_vit.keras",
+                                 ("tensorflow", "jax")),
 }
 
 
