@@ -18,6 +18,7 @@ _EXPORTS = {
     "backbones": ("keras_minsnr.backbones", None),
     "distribution": ("keras_minsnr.distribution", None),
     "samplers": ("keras_minsnr.samplers", None),
+    "official": ("keras_minsnr.official", None),
     "weighting": ("keras_minsnr.weighting", None),
     "DiffusionModel": ("keras_minsnr.diffusion_model", "DiffusionModel"),
     "FlowMatchingSchedule": ("keras_minsnr.flow", "FlowMatchingSchedule"),

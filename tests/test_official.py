@@ -282,3 +282,17 @@ def test_timestep_table_is_a_lookup():
     model.t_embedder.embeddings.assign(table)
     rows = keras.ops.convert_to_numpy(model.t_embedder(np.array([6, 0, 3])))
     np.testing.assert_array_equal(rows, table[[6, 0, 3]])
+
+
+def test_a_key_bias_changes_no_output():
+    # Why the zero k bias of the fused qkv layer is harmless: softmax cancels it.
+    backbone = official.convert_official_state_dict(_random_state_dict(), TINY)
+    x, t, y = _inputs()
+    inputs = {"x": x.transpose(0, 2, 3, 1), "t": t, "y": y}
+    before = keras.ops.convert_to_numpy(backbone(inputs))
+    qkv = backbone.blocks[0].attn.qkv
+    bias = keras.ops.convert_to_numpy(qkv.bias).copy()
+    bias[32:64] = np.random.default_rng(3).standard_normal(32)
+    qkv.bias.assign(bias)
+    after = keras.ops.convert_to_numpy(backbone(inputs))
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-5 * np.abs(before).max())
