@@ -73,6 +73,7 @@ says 451M; the Keras model adds a zero k bias of 1152 values per block, which so
 ignores).
 """
 
+print("download:", official.RELEASE_URL + official.PAPER_SETTINGS["vit_xl_patch2_32"]["checkpoint"])
 xl_shapes = official.expected_shapes(
     **official.OFFICIAL_CONFIGS["vit_xl_patch2_32"], num_classes=1000,
     timestep_table_size=4000,

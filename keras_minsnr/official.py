@@ -99,20 +99,25 @@ class StateDictMismatchError(ValueError):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.mismatched = dict(sorted(mismatched.items()))
-        lines = [f"The state dict does not fit the official ViT {config_name}:"]
+        parts = []
         if self.missing:
-            lines.append(f"missing keys: {', '.join(self.missing)}")
+            parts.append(f"missing keys: {_listing(self.missing)}")
         if self.unexpected:
-            lines.append(f"unexpected keys: {', '.join(self.unexpected)}")
+            parts.append(f"unexpected keys: {_listing(self.unexpected)}")
         if self.mismatched:
-            lines.append(
-                "mis-shaped keys: "
-                + ", ".join(
-                    f"{key} {got} (expected {want})"
-                    for key, (got, want) in self.mismatched.items()
-                )
-            )
-        super().__init__("; ".join(lines) + ".")
+            shapes = [f"{key} {got} (expected {want})"
+                      for key, (got, want) in self.mismatched.items()]
+            parts.append(f"mis-shaped keys: {_listing(shapes)}")
+        super().__init__(
+            f"The state dict does not fit the official ViT {config_name}: "
+            + "; ".join(parts) + "."
+        )
+
+
+def _listing(items, limit=12):
+    """``a, b, c`` with at most ``limit`` items, then how many more."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 def _resolve_config(config, overrides, state_dict):
