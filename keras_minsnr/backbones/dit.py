@@ -594,6 +594,10 @@ class DiT(keras.Model):
     eps = model({"x": x_t, "t": t, "y": labels})       # (B, 32, 32, 4)
     vit = DiT(image_shape=(64, 64, 3), patch_size=4, hidden_size=1024, depth=21,
               num_heads=16, num_classes=1000, conditioning_mode="in_context")
+    # The official ViT's exact layout (what keras_minsnr.official converts into):
+    official = DiT(image_shape=(32, 32, 4), patch_size=2, hidden_size=1152, depth=28,
+                   num_heads=16, num_classes=1000, conditioning_mode="in_context",
+                   timestep_embedding="table", final_norm=False)
     ```
 
     Reference:
