@@ -517,7 +517,12 @@ def save_tiny_preset(path, image_size=32, sequence_length=8, seed=0):
 PRESETS = {
     "sd3_mmdit": {
         "class": StableDiffusion3MMDiT,
-        "config": {"preset": "stable_diffusion_3_medium"},
+        "config": {
+            "preset": "stable_diffusion_3_medium",
+            "latent_shape": None,  # the data's latents in a run
+            "num_train_timesteps": 1000,
+            "shift": None,  # the preset's; a run passes its flow_shift
+        },
         "description": (
             "KerasHub Stable Diffusion 3 medium MMDiT (2B; 16-channel latents, CLIP-L/G + "
             "T5 context packed with the pooled projection). Rectified flow, shift 3.0, "
