@@ -228,6 +228,12 @@ def test_tiny_preset_trains_one_min_snr_step_and_samples(tiny_preset, tmp_path):
 def test_latent_shape_and_bad_arguments_are_checked(tiny_preset):
     backbone = sd3.StableDiffusion3MMDiT(tiny_preset, latent_shape=(8, 8))
     assert backbone.image_shape == (8, 8, 16)
+    # Each adapter trains its own copy, never the preset's MMDiT that others share.
+    same_size = sd3.StableDiffusion3MMDiT(tiny_preset)
+    shared = sd3.load_preset(tiny_preset)[0].diffuser
+    assert same_size.mmdit is not shared and backbone.mmdit is not shared
+    for ours, theirs in zip(same_size.mmdit.weights, shared.weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(ours), ops.convert_to_numpy(theirs))
     with pytest.raises(ValueError, match=r"latent_shape .*divisible by the patch size 2"):
         sd3.StableDiffusion3MMDiT(tiny_preset, latent_shape=(5, 5))
     with pytest.raises(ValueError, match="latent_shape must be"):

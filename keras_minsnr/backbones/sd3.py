@@ -263,7 +263,10 @@ class StableDiffusion3MMDiT(keras.Model):
             raise ValueError("Give exactly one of preset= or mmdit=.")
         if preset is not None:
             backbone, preprocessor = load_preset(preset, allow_download)
-            mmdit = backbone.diffuser
+            # A copy of its own (the loaded preset is shared with the encoders and other
+            # adapters), in the current dtype policy (presets may store float16).
+            mmdit = _copy_mmdit(backbone.diffuser, latent_shape, keras.config.dtype_policy())
+            latent_shape = None
             shift = backbone.shift if shift is None else shift
             if context_length is None:
                 context_length = text_context_length(backbone, preprocessor)
@@ -279,7 +282,7 @@ class StableDiffusion3MMDiT(keras.Model):
         if not (np.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}.")
         if latent_shape is not None:
-            mmdit = _with_latent_shape(mmdit, latent_shape)
+            mmdit = _copy_mmdit(mmdit, latent_shape)
         self.mmdit = mmdit
         self.context_length = int(context_length)
         self.num_train_timesteps = int(num_train_timesteps)
@@ -341,8 +344,14 @@ class StableDiffusion3MMDiT(keras.Model):
         return config
 
 
-def _with_latent_shape(mmdit, latent_shape):
-    """The MMDiT for another latent size, sharing no state, with the same weights."""
+def _copy_mmdit(mmdit, latent_shape=None, dtype=None):
+    """A copy of the MMDiT with the same weights, for another latent size or dtype.
+
+    Without a new ``latent_shape`` or ``dtype`` a given MMDiT (not from a preset) is
+    returned as it is; the MMDiT's weights do not depend on the latent size.
+    """
+    if latent_shape is None:
+        latent_shape = mmdit.latent_shape
     latent_shape = tuple(int(d) for d in latent_shape)
     channels = int(mmdit.latent_shape[-1])
     if len(latent_shape) == 2:
@@ -361,13 +370,16 @@ def _with_latent_shape(mmdit, latent_shape):
             f"latent_shape {latent_shape[:2]} needs more than the {mmdit.position_size} "
             f"positions per side the MMDiT has (patch size {patch})."
         )
-    if latent_shape == tuple(mmdit.latent_shape):
+    if latent_shape == tuple(mmdit.latent_shape) and dtype is None:
         return mmdit
     config = mmdit.get_config()
     config["latent_shape"] = latent_shape
-    resized = type(mmdit).from_config(config)
-    resized.set_weights(mmdit.get_weights())
-    return resized
+    if dtype is not None:
+        config["dtype"] = keras.dtype_policies.serialize(keras.dtype_policies.get(dtype))
+    copy = type(mmdit).from_config(config)
+    for target, source in zip(copy.weights, mmdit.weights):
+        target.assign(ops.cast(source, target.dtype))
+    return copy
 
 
 # -- the frozen encoders --------------------------------------------------------------
