@@ -52,8 +52,7 @@ IMAGE_SIZE = 32
 
 `sd3.save_tiny_preset` writes a preset directory: `config.json`, `model.weights.h5`,
 `preprocessor.json` and the tokenizer assets, exactly what
-`StableDiffusion3TextToImage.from_preset("stable_diffusion_3_medium").save_to_preset(dir)`
-writes for the real model. Everything below takes the preset as a path, a KerasHub preset
+`sd3.download_preset("stable_diffusion_3_medium", dir)` writes for the real model. Everything below takes the preset as a path, a KerasHub preset
 name that is already in the kagglehub cache, or a `kaggle://` handle; nothing is
 downloaded unless you pass `allow_download=True`.
 """
@@ -187,11 +186,13 @@ On a machine with network access, accept the model's terms on Kaggle and save th
 once:
 
 ```python
-import keras_hub
-keras_hub.models.StableDiffusion3TextToImage.from_preset(
-    "stable_diffusion_3_medium"
-).save_to_preset("/weights/stable_diffusion_3_medium")
+from keras_minsnr.backbones import sd3
+sd3.download_preset("stable_diffusion_3_medium", "/weights/stable_diffusion_3_medium")
 ```
+
+(`download_preset` loads it with KerasHub and writes it with `sd3.save_preset`: KerasHub
+0.32's own `save_to_preset` of the SD3 preprocessor lets the nested CLIP preprocessors
+overwrite `preprocessor.json`.)
 
 Then, anywhere (offline), fine-tune on a caption folder (`metadata.jsonl` with
 `{"file_name": ..., "text": ...}` per line):

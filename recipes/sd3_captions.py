@@ -13,7 +13,9 @@ Data: a caption folder — images plus `metadata.jsonl` with one
 `{"file_name": ..., "text": ...}` per line. Weights: a KerasHub SD3 preset, either a
 local preset directory or a preset name already in the kagglehub cache; nothing is
 downloaded unless `--set backbone_args.allow_download=true` (a preset that is not
-available names itself and how to place it locally)::
+available names itself and how to place it locally). Save it once where the network is
+reachable with `keras_minsnr.backbones.sd3.download_preset("stable_diffusion_3_medium",
+"/weights/stable_diffusion_3_medium")`, then::
 
     keras-minsnr train sd3_captions --output-dir runs/sd3 \\
         --set encode.source=/data/pokemon_blip \\

@@ -7,6 +7,7 @@ real `from_preset` path; nothing is downloaded.
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -86,7 +87,8 @@ def test_uncached_preset_names_itself_and_how_to_place_it(offline_kaggle, tmp_pa
     message = str(error.value)
     assert "'stable_diffusion_3_medium'" in message and "not in the local cache" in message
     assert "kaggle://keras/stablediffusion3/keras/stable_diffusion_3_medium" in message
-    assert "save_to_preset" in message and "backbone_args.preset" in message
+    assert "download_preset('stable_diffusion_3_medium'" in message
+    assert "backbone_args.preset" in message
     assert str(offline_kaggle) in message
     # The backbone and the encoders fail the same way, before building anything.
     with pytest.raises(FileNotFoundError, match="stable_diffusion_3.5_medium"):
@@ -225,7 +227,7 @@ def test_tiny_preset_trains_one_min_snr_step_and_samples(tiny_preset, tmp_path):
     )
 
 
-def test_latent_shape_and_bad_arguments_are_checked(tiny_preset):
+def test_latent_shape_and_bad_arguments_are_checked(tiny_preset, tmp_path):
     backbone = sd3.StableDiffusion3MMDiT(tiny_preset, latent_shape=(8, 8))
     assert backbone.image_shape == (8, 8, 16)
     # Each adapter trains its own copy, never the preset's MMDiT that others share.
@@ -242,6 +244,12 @@ def test_latent_shape_and_bad_arguments_are_checked(tiny_preset):
         sd3.StableDiffusion3MMDiT(tiny_preset, shift=0.0)
     with pytest.raises(ValueError, match="exactly one of"):
         sd3.StableDiffusion3MMDiT()
+    # KerasHub's save_to_preset of the SD3 preprocessor leaves a CLIP preprocessor.json.
+    broken = str(tmp_path / "broken")
+    shutil.copytree(tiny_preset, broken)
+    sd3.load_preset(tiny_preset)[1].clip_l_preprocessor.save_to_preset(broken)
+    with pytest.raises(ValueError, match="not a Stable Diffusion 3 preprocessor.*save_preset"):
+        sd3.load_preset(broken)
     y = np.zeros((1, 5, 4096), "float32")
     with pytest.raises(ValueError, match=r"expected \(batch, 17, 4096\)"):
         backbone({"x": np.zeros((1, 8, 8, 16), "float32"), "t": np.zeros(1, "int32"), "y": y})

@@ -61,8 +61,8 @@ def _not_cached_message(preset, handle, folder):
         f"The Stable Diffusion 3 preset {preset!r} is not available offline: "
         f"{handle or preset} is not in the local cache{where} and downloading is off. "
         "To place it locally, on a machine with network access (and the model's terms "
-        f"accepted on kaggle.com) run `keras_hub.models.StableDiffusion3TextToImage."
-        f"from_preset({preset!r}).save_to_preset('sd3_preset')` "
+        "accepted on kaggle.com) run `keras_minsnr.backbones.sd3.download_preset("
+        f"{preset!r}, 'sd3_preset')` "
         f"(or `kagglehub.model_download({(handle or preset).removeprefix(KAGGLE_PREFIX)!r}"
         ", output_dir='sd3_preset')`), copy the folder here and pass its path as the "
         "preset (e.g. --set backbone_args.preset=/path/sd3_preset); or copy it into the "
@@ -146,8 +146,50 @@ def load_preset(preset, allow_download=False):
             raise FileNotFoundError(
                 _not_cached_message(preset, location, None) + f" ({error})"
             ) from None
+        except TypeError as error:
+            if "clip_l_preprocessor" not in str(error):
+                raise
+            raise ValueError(
+                f"The preprocessor.json of the preset {location!r} is not a Stable "
+                "Diffusion 3 preprocessor: KerasHub's StableDiffusion3TextToImage."
+                "save_to_preset lets the nested CLIP preprocessors overwrite it. Write the "
+                "preset with keras_minsnr.backbones.sd3.save_preset(backbone, "
+                "preprocessor, dir) (or download_preset(name, dir)) instead."
+            ) from None
         _LOADED[location] = (backbone, preprocessor)
     return _LOADED[location]
+
+
+def save_preset(backbone, preprocessor, path):
+    """Writes an SD3 backbone and preprocessor as a preset directory that loads back.
+
+    KerasHub's own ``save_to_preset`` of the SD3 preprocessor lets its nested CLIP
+    preprocessors overwrite ``preprocessor.json``; this writes the SD3 preprocessor's
+    config last. Returns ``path``.
+    """
+    backbone.save_to_preset(path)
+    preprocessor.save_to_preset(path)
+    config = keras.saving.serialize_keras_object(preprocessor)
+    for key in ("compile_config", "build_config"):
+        config.pop(key, None)
+    with open(os.path.join(path, "preprocessor.json"), "w") as f:
+        json.dump(config, f, indent=4)
+    return path
+
+
+def download_preset(preset, path):
+    """Downloads a KerasHub SD3 preset (network needed) and saves it to ``path``.
+
+    Run it once where the network is reachable (accept the model's terms on kaggle.com
+    first), then use ``path`` as the preset anywhere.
+
+    Example:
+    ```python
+    download_preset("stable_diffusion_3_medium", "/weights/stable_diffusion_3_medium")
+    ```
+    """
+    backbone, preprocessor = load_preset(preset, allow_download=True)
+    return save_preset(backbone, preprocessor, path)
 
 
 def clear_loaded_presets():
@@ -481,8 +523,8 @@ def save_tiny_preset(path, image_size=32, sequence_length=8, seed=0):
 
     The real architecture at toy size (2-layer MMDiT of width 32, 4-level VAE of 32
     filters, 2-layer CLIP-L/G of width 16, a character-level tokenizer, no T5), saved with
-    KerasHub's own `save_to_preset` so it loads through the same `from_preset` path as
-    the released presets. For tests, guides and trying the pipeline offline.
+    KerasHub's `save_to_preset` (see `save_preset`) so it loads through the same
+    `from_preset` path as the released presets. For tests, guides and trying the pipeline offline.
 
     Returns:
         ``path``.
@@ -514,16 +556,7 @@ def save_tiny_preset(path, image_size=32, sequence_length=8, seed=0):
         vae=vae, clip_l=encoders[0], clip_g=encoders[1], latent_channels=16,
         image_shape=(image_size, image_size, 3), shift=3.0,
     )
-    backbone.save_to_preset(path)
-    preprocessor.save_to_preset(path)
-    # The nested CLIP preprocessors overwrite preprocessor.json with their own config
-    # when saved; write the SD3 preprocessor's config last.
-    config = keras.saving.serialize_keras_object(preprocessor)
-    for key in ("compile_config", "build_config"):
-        config.pop(key, None)
-    with open(os.path.join(path, "preprocessor.json"), "w") as f:
-        json.dump(config, f, indent=4)
-    return path
+    return save_preset(backbone, preprocessor, path)
 
 
 PRESETS = {
