@@ -52,9 +52,10 @@ IMAGE_SIZE = 32
 
 `sd3.save_tiny_preset` writes a preset directory: `config.json`, `model.weights.h5`,
 `preprocessor.json` and the tokenizer assets, exactly what
-`sd3.download_preset("stable_diffusion_3_medium", dir)` writes for the real model. Everything below takes the preset as a path, a KerasHub preset
-name that is already in the kagglehub cache, or a `kaggle://` handle; nothing is
-downloaded unless you pass `allow_download=True`.
+`sd3.download_preset("stable_diffusion_3_medium", dir)` writes for the real model.
+Everything below takes the preset as a path, a KerasHub preset name that is already in
+the kagglehub cache, or a `kaggle://` handle; nothing is downloaded unless you pass
+`allow_download=True`.
 """
 
 PRESET = "tiny_sd3_preset"
