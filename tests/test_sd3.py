@@ -127,10 +127,24 @@ def tiny_preset(tmp_path_factory):
     sd3.clear_loaded_presets()
 
 
-def _flow_min_snr_loss_reference(x0, noise, prediction, steps, T, shift, gamma):
-    """Float64: mean_b(min((1 − t)², γt²) · mean((û − (ε − x₀))²)), t from the closed form."""
+def _flow_weight_reference(t, strategy, gamma=5.0):
+    """Float64 velocity-space weights t²·w₀(SNR), SNR = (1 − t)²/t² (DESIGN.md §2)."""
+    snr = (1.0 - t) ** 2 / t**2
+    if strategy == "constant":
+        return np.ones_like(t)
+    if strategy == "snr":
+        return t**2 * snr
+    if strategy == "soft_min_snr":
+        return t**2 * snr * gamma / (snr + gamma)
+    assert strategy == "min_snr"
+    return np.minimum((1.0 - t) ** 2, gamma * t**2)
+
+
+def _flow_loss_reference(x0, noise, prediction, steps, T, shift, strategy="min_snr",
+                         gamma=5.0):
+    """Float64: mean_b(w(t) · mean((û − (ε − x₀))²)), t from the closed form."""
     t = _shifted_times(T, shift)[steps]
-    weight = np.minimum((1.0 - t) ** 2, gamma * t**2)
+    weight = _flow_weight_reference(t, strategy, gamma)
     target = noise.astype(np.float64) - x0.astype(np.float64)
     mse = np.mean((prediction.astype(np.float64) - target) ** 2, axis=(1, 2, 3))
     return np.mean(weight * mse)
@@ -181,7 +195,14 @@ def test_tiny_preset_trains_one_min_snr_step_and_samples(tiny_preset, tmp_path):
         gamma=5.0, ema_decay=0.0, null_context=null, clip_denoised=False, seed=0,
     )
     model.compile(optimizer=keras.optimizers.SGD(0.1))
-    expected = _flow_min_snr_loss_reference(x0, noise, ours, steps, 1000, 3.0, 5.0)
+    # Every weighting reaches the SD3 velocity loss through the flow SNR.
+    for strategy in ("constant", "snr", "soft_min_snr"):
+        other = kms.DiffusionModel(backbone, backbone.flow_schedule(), prediction_type="flow",
+                                   weighting=strategy, gamma=5.0, ema_decay=0.0)
+        loss, _ = other.diffusion_loss_terms(x0, y, steps, noise)
+        reference = _flow_loss_reference(x0, noise, ours, steps, 1000, 3.0, strategy)
+        assert float(ops.convert_to_numpy(loss)) == pytest.approx(reference, rel=1e-4)
+    expected = _flow_loss_reference(x0, noise, ours, steps, 1000, 3.0, "min_snr")
     before = [ops.convert_to_numpy(w) for w in backbone.trainable_weights]
     batch = {"images": x0, "context": y, "timesteps": steps, "noise": noise}
     history = model.fit(batch, batch_size=2, epochs=1, verbose=0)
