@@ -290,6 +290,22 @@ def test_sd3_recipe_resolves_with_flow_settings():
     assert config["backbone"] == "sd3_mmdit" and config["encode"]["version"] == "sd3"
 
 
+def test_sd3_run_builds_the_backbone_for_its_flow_schedule(tiny_preset):
+    from keras_minsnr.data import DatasetInfo
+    from recipes.sd3_captions import RECIPE
+
+    info = DatasetInfo(name="cache", image_shape=(8, 8, 16))
+    config = training.resolve_config(RECIPE, {"backbone_args.preset": tiny_preset})
+    model = training.build_model(config, info)
+    assert model.backbone.image_shape == (8, 8, 16)
+    assert (model.schedule.shift, model.backbone.shift) == (3.0, 3.0)
+    # A backbone embedding other times than the run's schedule is refused.
+    config = training.resolve_config(
+        RECIPE, {"backbone_args.preset": tiny_preset, "backbone_args.shift": 2.0})
+    with pytest.raises(ValueError, match="embeds the times of .*flow_shift=2.0"):
+        training.build_model(config, info)
+
+
 def test_sd3_recipe_with_an_uncached_preset_fails_before_encoding(tmp_path, capsys,
                                                                  offline_kaggle):
     folder = str(tmp_path / "captions")
