@@ -29,6 +29,9 @@ MIXED_PRECISION_POLICIES = ("float32", "float16", "bfloat16", "mixed_float16", "
 ENCODE_KEYS = (
     "source", "source_args", "version", "image_encoder_weights", "text_encoder_weights",
     "vocabulary", "batch_size", "sample_posterior", "decoder_weights",
+    # version "sd3": the KerasHub preset holding the VAE and text encoders (default:
+    # backbone_args.preset) and whether KerasHub may download it.
+    "preset", "allow_download",
 )
 GROUPS = {
     "data": "Data",

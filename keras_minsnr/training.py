@@ -52,6 +52,14 @@ def make_encoders(encode, needs_text):
     from keras_minsnr.backbones import stable_diffusion as sd
 
     version = encode.get("version", "v1")
+    if version == "sd3":
+        # One preset holds the VAE and the text encoders; text needs no extra files.
+        return backbones.sd3.StableDiffusion3Encoders(
+            encode.get("preset"),
+            allow_download=bool(encode.get("allow_download", False)),
+            sample_posterior=bool(encode.get("sample_posterior", False)),
+            seed=0,
+        )
     sd.resolve_weights(encode.get("image_encoder_weights"), version, "image_encoder")
     kwargs = dict(
         version=version,
@@ -90,6 +98,8 @@ def prepare_data(config):
         raise ValueError(
             f"Unknown encode key(s) {unknown}. Valid keys: {', '.join(ENCODE_KEYS)}."
         )
+    if encode.get("version") == "sd3":
+        encode = _sd3_encode(config)
     if encode.get("decoder_weights"):  # a typo should fail now, not at the first samples
         backbones.stable_diffusion.resolve_weights(
             encode["decoder_weights"], encode.get("version", "v1"), "decoder"
@@ -131,11 +141,32 @@ def prepare_data(config):
         dataset,
         encoders.encode_images,
         cache_dir,
-        scale=latents.SD_LATENT_SCALE,
+        # SD3's encoder already applies the VAE's shift and scale.
+        scale=1.0 if encode.get("version") == "sd3" else latents.SD_LATENT_SCALE,
         text_encode_fn=encoders.encode_text if info.has_text else None,
         info=info,
         verbose=1 if sys.stdout.isatty() else 0,
     )
+
+
+def _sd3_encode(config):
+    """``config["encode"]`` for SD3, its preset defaulting to the backbone's, checked.
+
+    The preset is resolved now (no network unless ``allow_download``), so a preset that
+    is not available fails before anything is encoded.
+    """
+    encode = dict(config["encode"])
+    args = config.get("backbone_args") or {}
+    preset_config = backbones.PRESETS.get(config["backbone"], {}).get("config", {})
+    encode.setdefault("preset", args.get("preset", preset_config.get("preset")))
+    encode.setdefault("allow_download", args.get("allow_download", False))
+    if not encode["preset"]:
+        raise ValueError(
+            "encode.version 'sd3' needs a KerasHub preset: --set backbone_args.preset=DIR "
+            "(or encode.preset=DIR)."
+        )
+    backbones.sd3.resolve_preset(encode["preset"], bool(encode["allow_download"]))
+    return encode
 
 
 def build_dataset(config):
@@ -167,6 +198,11 @@ def build_model(config, info):
         args.setdefault("image_shape", tuple(info.image_shape))
     if "num_classes" in preset["config"]:
         args.setdefault("num_classes", info.num_classes)
+    if "latent_shape" in preset["config"]:
+        args.setdefault("latent_shape", tuple(info.image_shape))
+    if "shift" in preset["config"]:  # a backbone that embeds the flow time itself
+        args.setdefault("num_train_timesteps", config["num_timesteps"])
+        args.setdefault("shift", config.get("flow_shift", 1.0))
     backbone = backbones.get(config["backbone"], **args)
     conditional = getattr(backbone, "conditioning", None) is not None
     weighting = weighting_lib.get(config["weighting"], gamma=config["gamma"],
@@ -177,6 +213,15 @@ def build_model(config, info):
         schedule = NoiseSchedule(
             config["schedule"], config["num_timesteps"], config["zero_terminal_snr"]
         )
+    if hasattr(backbone, "flow_schedule"):
+        expected = backbone.flow_schedule()
+        if config["schedule"] != "flow" or (
+            expected.num_timesteps, expected.shift) != (schedule.num_timesteps, schedule.shift):
+            raise ValueError(
+                f"The backbone {config['backbone']} embeds the times of {expected!r}, but "
+                f"the run's schedule is {schedule!r}: set schedule=flow, num_timesteps="
+                f"{expected.num_timesteps} and flow_shift={expected.shift}."
+            )
     density = {"kind": config.get("timestep_sampling", "uniform"),
                **(config.get("timestep_sampling_args") or {})}
     model = DiffusionModel(
@@ -385,13 +430,23 @@ _DECODERS = {}
 
 
 def decode_for_display(images, config):
-    """Latent samples decoded to pictures with the VAE named by ``encode.decoder_weights``.
+    """Latent samples decoded to pictures with the VAE named by ``encode.decoder_weights``
+    (SD 1.x/2.x) or with the VAE of the SD3 preset (``encode.version`` ``"sd3"``).
 
     Anything else (pixel samples, or latents without a decoder file, which the grid shows
     as their first three channels) is returned as is.
     """
     encode = config.get("encode") or {}
     images = np.asarray(ops.convert_to_numpy(images))
+    if encode.get("version") == "sd3" and images.ndim == 4 and images.shape[-1] == 16:
+        # The preset holds the VAE (already loaded for the run, see sd3.load_preset).
+        encode = _sd3_encode(config)
+        decoder = backbones.sd3.StableDiffusion3Encoders(
+            encode["preset"], allow_download=bool(encode["allow_download"])
+        )
+        return np.concatenate(
+            [decoder.decode(images[i : i + 4]) for i in range(0, len(images), 4)]
+        )
     if not encode.get("decoder_weights") or images.shape[-1] != 4:
         return images
     version = encode.get("version", "v1")

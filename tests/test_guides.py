@@ -22,6 +22,7 @@ EXPECTED = {
     "distributed_dit.py": ("resumed at step", "dit_distributed.keras", ("jax",)),
     "official_vit_sampling.py": ("restored DiT table", "official_vit.keras",
                                  ("tensorflow", "jax")),
+    "sd3_min_snr.py": ("final loss:", "sd3_min_snr.keras", ("tensorflow", "jax")),
 }
 
 

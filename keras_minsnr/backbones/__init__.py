@@ -29,10 +29,13 @@ Every built-in backbone has ``get_config()`` so `.keras` files round-trip.
 
 from keras_minsnr.backbones import dit
 from keras_minsnr.backbones import mlp
+from keras_minsnr.backbones import sd3
 from keras_minsnr.backbones import stable_diffusion
 from keras_minsnr.backbones import unet
 
-PRESETS = {**dit.PRESETS, **unet.PRESETS, **stable_diffusion.PRESETS, **mlp.PRESETS}
+PRESETS = {
+    **dit.PRESETS, **unet.PRESETS, **stable_diffusion.PRESETS, **sd3.PRESETS, **mlp.PRESETS
+}
 
 
 def get(name, **overrides):

@@ -1,0 +1,213 @@
+"""
+Title: Fine-tune Stable Diffusion 3 with Min-SNR in Keras
+Author: keras_minsnr
+Description: Fine-tune the MMDiT of a KerasHub Stable Diffusion 3 preset with the rectified-flow target and Min-SNR-γ weighting, on TensorFlow or JAX.
+Accelerator: None here (a tiny random preset on a CPU); a GPU or TPU for the real preset
+"""
+
+"""
+## Introduction
+
+KerasHub ships Stable Diffusion 3 with `from_preset`, but its `fit()` is not implemented:
+there is no training loop. `keras_minsnr` supplies one. SD3 is a *rectified flow*: the
+noisy latent is `x_t = (1 − t)·x₀ + t·ε` and the MMDiT predicts the velocity `u = ε − x₀`.
+Min-SNR-γ (Hang et al., ICCV 2023) carries over through the flow's signal-to-noise ratio
+`SNR(t) = (1 − t)²/t²`: in velocity space its weight is
+
+```
+w(t) = min((1 − t)², γ·t²)
+```
+
+so the nearly clean steps, whose velocity error hardly changes the image, no longer
+dominate the gradient.
+
+This guide runs offline on a CPU with a **tiny, randomly initialised SD3 preset** (the
+real architecture at toy size, written with KerasHub's own `save_to_preset` and loaded
+back through `from_preset`). With the real weights only the preset changes; the commands
+for that are at the end.
+"""
+
+"""
+## Setup
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras
+import matplotlib.pyplot as plt
+import numpy as np
+import tensorflow as tf
+
+import keras_minsnr as kms
+from keras_minsnr.backbones import sd3
+from keras_minsnr.visualization import image_grid
+
+STEPS = int(os.environ.get("KMS_GUIDE_STEPS", 300))
+IMAGE_SIZE = 32
+
+"""
+## A preset
+
+`sd3.save_tiny_preset` writes a preset directory: `config.json`, `model.weights.h5`,
+`preprocessor.json` and the tokenizer assets, exactly what
+`sd3.download_preset("stable_diffusion_3_medium", dir)` writes for the real model.
+Everything below takes the preset as a path, a KerasHub preset name that is already in
+the kagglehub cache, or a `kaggle://` handle; nothing is downloaded unless you pass
+`allow_download=True`.
+"""
+
+PRESET = "tiny_sd3_preset"
+if not os.path.exists(PRESET):
+    sd3.save_tiny_preset(PRESET, image_size=IMAGE_SIZE)
+print(sorted(os.listdir(PRESET)))
+
+"""
+## Data: captioned images
+
+Use your own images with captions (a folder with `metadata.jsonl` works with the
+`sd3_captions` recipe). Here we draw coloured squares and name them.
+"""
+
+COLORS = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1), "yellow": (1, 1, -1)}
+rng = np.random.default_rng(0)
+images, captions = [], []
+for _ in range(32):
+    name = rng.choice(list(COLORS))
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), -1.0, "float32")
+    x, y = rng.integers(0, IMAGE_SIZE // 2, size=2)
+    image[y : y + IMAGE_SIZE // 2, x : x + IMAGE_SIZE // 2] = COLORS[name]
+    images.append(image)
+    captions.append(f"a {name} square")
+images = np.stack(images)
+
+"""
+## Frozen encoders, encoded once
+
+`StableDiffusion3Encoders` wraps the preset's VAE and its CLIP-L/G (and T5) text encoders,
+which stay frozen. Images become SD3 latents (16 channels, the VAE's shift and scale
+applied). Captions become SD3's two text tensors, the token context and the pooled
+projection, **packed** into one `(L + 1, W)` array so that label dropout and guidance swap
+them together. The empty caption's embedding is the null condition of classifier-free
+guidance. Encoding once and training on the cache is what the `sd3_captions` recipe does
+too.
+"""
+
+encoders = sd3.StableDiffusion3Encoders(PRESET)
+latents = encoders.encode_images(images)
+context = encoders.encode_text(captions)
+null_context = encoders.encode_text([""])[0]
+print("latents", latents.shape, "context", context.shape)
+
+dataset = (
+    tf.data.Dataset.from_tensor_slices({"images": latents, "context": context})
+    .shuffle(len(latents), seed=0)
+    .repeat()
+    .batch(8)
+)
+
+"""
+## The model
+
+`StableDiffusion3MMDiT` loads the preset's MMDiT behind the `keras_minsnr` backbone
+contract. `backbone.flow_schedule()` is the flow schedule whose step `i` has time
+`t_i = shift·u/(1 + (shift − 1)·u)`, `u = (i + 1)/1000` — KerasHub's training sigmas —
+and the backbone feeds the MMDiT SD3's timestep `1000·t_i`. Logit-normal timesteps are
+SD3's training density; Min-SNR-5 multiplies it.
+"""
+
+backbone = sd3.StableDiffusion3MMDiT(PRESET)
+model = kms.DiffusionModel(
+    backbone,
+    backbone.flow_schedule(),
+    prediction_type="flow",
+    weighting="min_snr",
+    gamma=5.0,
+    timestep_sampling="logit_normal",
+    label_dropout=0.1,
+    null_context=null_context,
+    ema_decay=0.0,
+    clip_denoised=False,
+    seed=0,
+)
+model.compile(
+    optimizer=keras.optimizers.AdamW(1e-4, beta_1=0.9, beta_2=0.999, weight_decay=1e-4,
+                                     clipnorm=1.0)
+)
+print("trainable MMDiT parameters:", sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+
+"""
+## Full fine-tuning
+
+Only the MMDiT's weights are in the model, so all of them train; the VAE and the text
+encoders were used once, above.
+"""
+
+history = model.fit(dataset, epochs=1, steps_per_epoch=STEPS, verbose=2)
+print("final loss:", history.history["loss"][-1])
+
+"""
+## LoRA
+
+(LoRA fine-tuning, `model.enable_lora(rank)`, is being added to `DiffusionModel`; the lead
+completes this section with its cell once it is merged.)
+"""
+
+"""
+## Sampling with guidance
+
+Euler steps on SD3's shifted time grid, with classifier-free guidance against the empty
+caption; the latents decode through the preset's VAE.
+"""
+
+prompts = encoders.encode_text([f"a {name} square" for name in COLORS])
+samples = model.generate(context=prompts, num_steps=8, sampler="euler", guidance_scale=4.0,
+                         seed=0)
+pictures = encoders.decode(samples)
+plt.figure(figsize=(6, 2))
+plt.imshow(image_grid(np.clip(pictures, -1, 1), columns=len(COLORS)))
+plt.axis("off")
+plt.show()
+
+"""
+## Saving
+
+The `.keras` file holds the MMDiT (its config and weights), the flow schedule, the
+weighting and the null condition; loading it needs neither the preset nor a network.
+"""
+
+model.save("sd3_min_snr.keras")
+restored = keras.models.load_model("sd3_min_snr.keras")
+
+"""
+## The real Stable Diffusion 3
+
+On a machine with network access, accept the model's terms on Kaggle and save the preset
+once:
+
+```python
+from keras_minsnr.backbones import sd3
+sd3.download_preset("stable_diffusion_3_medium", "/weights/stable_diffusion_3_medium")
+```
+
+(`download_preset` loads it with KerasHub and writes it with `sd3.save_preset`: KerasHub
+0.32's own `save_to_preset` of the SD3 preprocessor lets the nested CLIP preprocessors
+overwrite `preprocessor.json`.)
+
+Then, anywhere (offline), fine-tune on a caption folder (`metadata.jsonl` with
+`{"file_name": ..., "text": ...}` per line):
+
+```bash
+keras-minsnr train sd3_captions --output-dir runs/sd3 \\
+    --set encode.source=/data/pokemon_blip \\
+    --set data=/data/latents/pokemon_sd3 \\
+    --set backbone_args.preset=/weights/stable_diffusion_3_medium
+```
+
+A preset name (`--set backbone_args.preset=stable_diffusion_3_medium`) works when it is in
+the kagglehub cache (`KAGGLEHUB_CACHE`); when it is not, the run stops at once with a
+message naming the preset and these ways to place it. The 2B-parameter MMDiT needs an
+accelerator with room for its weights, gradients and AdamW state (about 32 GB in float32);
+see docs/sd3.md.
+"""
