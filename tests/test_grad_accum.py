@@ -245,3 +245,27 @@ def test_a_nan_in_a_micro_batch_skips_the_whole_update_and_its_ema_step():
     np.testing.assert_allclose(weights, two, rtol=1e-5)
     np.testing.assert_allclose(ema, 3 / 12 * ema_one + 9 / 12 * two, rtol=1e-5)
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 2
+
+
+def test_xl_recipe_states_its_devices_and_every_listed_layout_keeps_batch_256():
+    """The defaults are the paper's 8 x 32 data-parallel; each line of the recipe's device
+    list gives an effective batch (grad_accum x batch_size) of 256."""
+    import re
+
+    from keras_minsnr import run_config
+    from recipes import imagenet256_vit_xl2
+
+    # What `keras-minsnr show imagenet256_vit_xl2` prints.
+    shown = "\n" + run_config.describe(training.resolve_config(imagenet256_vit_xl2.RECIPE))
+    for line in ('distribution = "data_parallel"', "mesh = null", "grad_accum = 1",
+                 "batch_size = 256"):
+        assert f"\n{line}  #" in shown, line
+    lines = re.findall(r"^ {4}(\d+) devices?.*?  +(\S.*)$", imagenet256_vit_xl2.__doc__, re.M)
+    assert len(lines) == 5
+    for devices, options in lines:
+        batch = re.search(r"batch_size=(\d+)", options)
+        accum = re.search(r"--grad-accum (\d+)", options)
+        batch = int(batch.group(1)) if batch else imagenet256_vit_xl2.RECIPE["batch_size"]
+        accum = int(accum.group(1)) if accum else imagenet256_vit_xl2.RECIPE["grad_accum"]
+        assert batch * accum == 256 and batch % int(devices) == 0, (devices, options)
+        assert batch // int(devices) == 32  # the paper's per-device batch
