@@ -673,6 +673,15 @@ def distribution_scope(config):
                 f"mesh={config['mesh']!r} is for JAX; TensorFlow's data_parallel uses every "
                 "device (set CUDA_VISIBLE_DEVICES to choose)."
             )
+        if grad_accum(config) > 1:
+            # Keras applies an accumulated update inside a tf.cond that each replica
+            # enters alone, and tf.distribute cannot synchronise replicas there.
+            raise ValueError(
+                f"grad_accum={grad_accum(config)} with distribution={kind!r} is not "
+                "supported on TensorFlow (Keras' gradient accumulation does not run under "
+                "tf.distribute). Use KERAS_BACKEND=jax, or grad_accum=1 with data_parallel, "
+                "or distribution=none with grad_accum."
+            )
         strategy = (tf.distribute.MultiWorkerMirroredStrategy() if config.get("multihost")
                     else tf.distribute.MirroredStrategy())
         data_devices = strategy.num_replicas_in_sync

@@ -32,7 +32,8 @@ devices; the effective batch is ``grad_accum x batch_size``)::
     1 device                              --set batch_size=32 --grad-accum 8
 
 ``--steps`` and every other step count are optimizer updates, whatever ``grad_accum``
-is. docs/scaling.md has the full multi-GPU, TPU pod and multi-host commands.
+is. On TensorFlow ``grad_accum`` > 1 needs ``--distribution none`` (one device): use
+KERAS_BACKEND=jax to accumulate on several. docs/scaling.md has the full multi-GPU, TPU pod and multi-host commands.
 """
 
 import copy

@@ -111,30 +111,67 @@ def test_the_run_consumed_exactly_six_micro_batches(reference):
     assert not all(np.array_equal(g, w) for g, w in zip(_variables(model), weights))
 
 
-def test_cli_killed_after_step_2_resumes_to_the_uninterrupted_run(
-    tmp_path, capsys, reference
+def test_cli_stopped_after_step_2_resumes_to_the_uninterrupted_run(
+    tmp_path, capsys, monkeypatch, reference
 ):
+    """The run dies right after update 2 (micro-batch 4), before that step's checkpoint;
+    the resume from step 1 skips 2 micro-batches, not 1, and replays the rest."""
     run_ref, _, weights = reference
     run = str(tmp_path / "run")
-    command = [sys.executable, "-m", "keras_minsnr.cli", "train", "digits", "--output-dir",
-               run, *ARGS]
-    env = {**os.environ, "PYTHONPATH": ROOT, checkpointing.FAULT_ENV: "kill:step:2"}
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == -9, (result.stdout[-2000:], result.stderr[-2000:])
-    assert "Effective batch: 2 micro-batches x 8 = 16" in result.stdout
-    # Killed after update 2 (micro-batch 4), before its checkpoint: step 1 is the latest.
+    monkeypatch.setenv(checkpointing.FAULT_ENV, "raise:step:2")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        cli.main(["train", "digits", "--output-dir", run, *ARGS])
+    assert "Effective batch: 2 micro-batches x 8 = 16" in capsys.readouterr().out
     assert _state(run)["step"] == 1 and _state(run)["batches"] == 2
-    capsys.readouterr()
+    monkeypatch.delenv(checkpointing.FAULT_ENV)
     assert cli.main(["train", "digits", "--output-dir", run, *ARGS]) == 0
-    out = capsys.readouterr().out
-    assert f"Resuming {run} from step 1 of 3" in out
+    assert f"Resuming {run} from step 1 of 3" in capsys.readouterr().out
     model = training.load_checkpoint(run)
     # The same backend and program replay the same micro-batches: bit-identical.
     for got, want in zip(_variables(model), weights, strict=True):
         np.testing.assert_array_equal(got, want)
     assert _rows(run) == _rows(run_ref)
     assert _state(run)["step"] == 3 and _state(run)["batches"] == 6
+
+
+def test_tensorflow_refuses_grad_accum_under_tf_distribute(tmp_path, capsys, backend):
+    if backend != "tensorflow":
+        pytest.skip("JAX: tested on two devices below")
+    run = tmp_path / "run"
+    assert cli.main(["train", "digits", "--output-dir", str(run), "--distribution",
+                     "data_parallel", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "grad_accum=2 with distribution='data_parallel' is not supported on TensorFlow" \
+        in err and "KERAS_BACKEND=jax" in err
+    assert not os.path.exists(run / "config.json")
+
+
+@pytest.mark.large
+def test_data_parallel_on_two_devices_equals_one_device(tmp_path, reference, backend):
+    """`--distribution data_parallel --grad-accum 2` over 2 devices (4 examples each per
+    micro-batch) equals the one-device run on the same micro-batches (JAX)."""
+    if backend != "jax":
+        pytest.skip("TensorFlow refuses grad_accum under tf.distribute (test above)")
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "KERAS_BACKEND": keras.backend.backend()}
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=2").strip()
+    run = tmp_path / "two_devices"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "cli_on_two_devices.py"), "train",
+         "digits", "--output-dir", str(run), "--distribution", "data_parallel", *ARGS],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = keras.models.load_model(run / "model.keras")
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 3
+    assert _calls(model.optimizer) == 6 and _state(str(run))["batches"] == 6
+    one_device = reference[1]
+    for got, want in zip(model.backbone.weights + model.ema_weights,
+                         one_device.backbone.weights + one_device.ema_weights, strict=True):
+        # Two replicas only reorder float32 sums.
+        np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(want),
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_changing_grad_accum_on_resume_needs_permission(tmp_path, capsys, reference):
