@@ -33,7 +33,8 @@ devices; the effective batch is ``grad_accum x batch_size``)::
 
 ``--steps`` and every other step count are optimizer updates, whatever ``grad_accum``
 is. On TensorFlow ``grad_accum`` > 1 needs ``--distribution none`` (one device): use
-KERAS_BACKEND=jax to accumulate on several. docs/scaling.md has the full multi-GPU, TPU pod and multi-host commands.
+KERAS_BACKEND=jax to accumulate on several. docs/scaling.md has the full multi-GPU,
+TPU pod and multi-host commands.
 """
 
 import copy

@@ -306,3 +306,11 @@ def test_xl_recipe_states_its_devices_and_every_listed_layout_keeps_batch_256():
         accum = int(accum.group(1)) if accum else imagenet256_vit_xl2.RECIPE["grad_accum"]
         assert batch * accum == 256 and batch % int(devices) == 0, (devices, options)
         assert batch // int(devices) == 32  # the paper's per-device batch
+    # The other paper-size recipes expect the same 8 x 32 data-parallel layout.
+    from recipes import imagenet64_vit_l4
+    from recipes import imagenet256_vit_b2
+
+    for recipe in (imagenet64_vit_l4.RECIPE, imagenet256_vit_b2.RECIPE):
+        config = training.resolve_config(recipe)
+        assert (config["distribution"], config["mesh"], config["grad_accum"],
+                config["batch_size"]) == ("data_parallel", None, 1, 256)
