@@ -26,6 +26,7 @@ _EXPORTS = {
     "PREDICTION_TYPES": ("keras_minsnr.schedules", "PREDICTION_TYPES"),
     "SCHEDULES": ("keras_minsnr.schedules", "SCHEDULES"),
     "NoiseSchedule": ("keras_minsnr.schedules", "NoiseSchedule"),
+    "PerUpdateSchedule": ("keras_minsnr.lr_schedules", "PerUpdateSchedule"),
     "TimestepSampling": ("keras_minsnr.timestep_sampling", "TimestepSampling"),
     "STRATEGIES": ("keras_minsnr.weighting", "STRATEGIES"),
     "LossWeighting": ("keras_minsnr.weighting", "LossWeighting"),

@@ -150,7 +150,7 @@ class RunDirectory:
                 for path in glob.glob(os.path.join(directory, pattern)):
                     os.remove(path)
 
-    def save_checkpoint(self, model, step, epoch):
+    def save_checkpoint(self, model, step, epoch, extra=None):
         name = f"step-{step:08d}.keras"
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         atomic_save_model(model, os.path.join(self.checkpoint_dir, name), fault_step=step)
@@ -160,6 +160,7 @@ class RunDirectory:
             "checkpoint": name,
             "backend": keras.backend.backend(),
             "seed_states": seed_states(model),
+            **(extra or {}),  # e.g. the micro-batches consumed (training.py)
         }
         atomic_write_json(self.state_path, state)  # the commit point
         self._remove_old_checkpoints(keep=name)

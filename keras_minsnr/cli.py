@@ -148,7 +148,7 @@ def _config_from_args(args):
     overrides = run_config.parse_overrides(args.set)
     if args.steps is not None:
         overrides["steps"] = args.steps
-    for key in ("checkpoint_every", "distribution", "mesh", "multihost"):
+    for key in ("checkpoint_every", "grad_accum", "distribution", "mesh", "multihost"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     recipe = load_recipe(args.recipe)
@@ -300,6 +300,10 @@ def add_train_arguments(parser, recipe=None):
                         help="steps between checkpoints (sets `checkpoint_every`; default: "
                         "one per epoch)")
     devices = parser.add_argument_group("devices")
+    devices.add_argument("--grad-accum", type=_at_least(1), metavar="N",
+                         help="accumulate the gradients of N micro-batches of batch_size "
+                         "per optimizer step (sets `grad_accum`; --steps counts optimizer "
+                         "steps)")
     devices.add_argument("--distribution", choices=run_config.DISTRIBUTIONS,
                          help="sets `distribution` (default: the recipe's, else none)")
     devices.add_argument("--mesh", metavar="DATAxMODEL",

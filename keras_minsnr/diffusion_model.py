@@ -391,7 +391,8 @@ class DiffusionModel(keras.Model):
 
         A step whose loss is NaN or Inf (on any replica) leaves the weights, optimizer
         state and EMA untouched; training then stops with a `FloatingPointError` naming
-        the step. Steps count real updates: with the optimizer's
+        the step. Under gradient accumulation the micro-batches already accumulated
+        towards that update are dropped with it. Steps count real updates: with the optimizer's
         ``gradient_accumulation_steps=N``, N batches make one update (and one EMA step).
         Weights unfrozen since the last call get an EMA copy here; recompile after
         changing which layers are trainable, as Keras requires.
@@ -404,6 +405,7 @@ class DiffusionModel(keras.Model):
         callbacks = list(kwargs.pop("callbacks", None) or []) + [guard]
         history = super().fit(x, y, *args, callbacks=callbacks, **kwargs)
         if guard.bad_step is not None:
+            self._drop_partial_update()
             raise FloatingPointError(
                 f"The training loss became {guard.bad_value} at step {guard.bad_step} "
                 f"(epoch {guard.bad_epoch + 1}, batch {guard.bad_batch + 1}). That step's "
@@ -411,6 +413,18 @@ class DiffusionModel(keras.Model):
                 "learning rate, clip gradients (clipnorm) or check the data."
             )
         return history
+
+    def _drop_partial_update(self):
+        """Forgets the micro-batches accumulated towards the update a non-finite loss
+        interrupted, so the next `fit` starts a whole update (no stale gradients)."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        steps = int(getattr(optimizer, "gradient_accumulation_steps", None) or 1)
+        if steps == 1:
+            return
+        calls = int(ops.convert_to_numpy(optimizer._iterations))
+        optimizer._iterations.assign(calls - calls % steps)
+        for accumulator in optimizer._accumulated_gradients:
+            accumulator.assign(ops.zeros(accumulator.shape, accumulator.dtype))
 
     def _check_first_batch(self, data):
         first = batches.first_batch(data)

@@ -115,7 +115,9 @@ class RunConfig:
     encode: dict = _key(
         {}, "encode raw data once into the latent cache `data` (keys: see docs/recipes.md)",
         "data", subkeys=ENCODE_KEYS)
-    batch_size: int = _key(256, "examples per optimizer step", "data", low=1)
+    batch_size: int = _key(
+        256, "examples per micro-batch, over all devices (per optimizer step when "
+        "grad_accum is 1)", "data", low=1)
     # === Model ===
     backbone: str = _key(
         "dit_s_2", "backbone preset (keras_minsnr.backbones.PRESETS)", "model",
@@ -156,6 +158,9 @@ class RunConfig:
     mixed_precision: str | None = _key(
         None, "Keras dtype policy (null: float32)", "optimizer",
         choices=MIXED_PRECISION_POLICIES)
+    grad_accum: int = _key(
+        1, "micro-batches per optimizer step (gradient accumulation): the effective batch "
+        "is grad_accum x batch_size; steps count optimizer steps", "optimizer", low=1)
     # === Length of the run ===
     steps: int = _key(400_000, "total optimizer steps", "run", low=1, resumable=True)
     steps_per_epoch: int = _key(1000, "steps between metrics rows and sample grids", "run",

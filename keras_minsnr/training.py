@@ -13,6 +13,15 @@ A run directory holds::
 
 Starting the same run again resumes from the last checkpoint and continues exactly where
 it stopped; see `keras_minsnr.checkpointing` and docs/reliability.md.
+
+A *step* is one optimizer update. With ``grad_accum = N`` (Keras'
+``gradient_accumulation_steps``) an update averages the gradients of N micro-batches of
+``batch_size``, and every count of the run is in updates: ``steps``, ``steps_per_epoch``,
+``checkpoint_every``, the ``step`` of metrics rows, checkpoints, ``state.json`` and
+``history.jsonl``, the EMA warm-up and the learning-rate warm-up. Keras' ``fit()`` counts
+micro-batches (its progress bar and TensorBoard batch numbers), ``optimizer.iterations``
+counts updates. ``state.json`` also records ``batches``, the micro-batches consumed, where
+a resumed run continues reading the data.
 """
 
 import contextlib
@@ -31,6 +40,7 @@ from keras_minsnr import checkpointing
 from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.flow import FlowMatchingSchedule
+from keras_minsnr.lr_schedules import PerUpdateSchedule
 from keras_minsnr.schedules import NoiseSchedule
 from keras_minsnr.visualization import save_image_grid
 
@@ -243,8 +253,13 @@ def build_model(config, info):
 
 
 def make_optimizer(config):
-    """AdamW with the config's rate (after a linear warm-up), betas, decay and clipping."""
+    """AdamW with the config's rate (after a linear warm-up), betas, decay and clipping.
+
+    With ``grad_accum`` N > 1 the optimizer accumulates N micro-batches per update, and
+    the warm-up counts updates.
+    """
     learning_rate = config["learning_rate"]
+    accumulation = grad_accum(config)
     if config["warmup_steps"]:
         learning_rate = keras.optimizers.schedules.CosineDecay(
             0.0,
@@ -253,13 +268,21 @@ def make_optimizer(config):
             warmup_target=learning_rate,
             warmup_steps=config["warmup_steps"],
         )
+        if accumulation > 1:
+            learning_rate = PerUpdateSchedule(learning_rate, accumulation)
     return keras.optimizers.AdamW(
         learning_rate,
         beta_1=config["beta_1"],
         beta_2=config["beta_2"],
         weight_decay=config["weight_decay"],
         clipnorm=config["clipnorm"],
+        gradient_accumulation_steps=accumulation if accumulation > 1 else None,
     )
+
+
+def grad_accum(config):
+    """Micro-batches per optimizer update (``grad_accum``; 1 in configs from before it)."""
+    return int(config.get("grad_accum", 1))
 
 
 class RunLogger(keras.callbacks.Callback):
@@ -268,7 +291,8 @@ class RunLogger(keras.callbacks.Callback):
     `train` runs `fit` with Keras epochs of ``segment`` optimizer steps, a divisor of both
     ``steps_per_epoch`` and ``checkpoint_every``, so every row, checkpoint and grid falls on
     an epoch end. An interval that stopped early (a non-finite loss, whose update was
-    skipped) writes nothing: the last checkpoint stays the latest.
+    skipped) writes nothing: the last checkpoint stays the latest. Steps are optimizer
+    updates; `fit` sees ``grad_accum`` micro-batches per step.
 
     Args:
         run: the `checkpointing.RunDirectory`.
@@ -276,10 +300,14 @@ class RunLogger(keras.callbacks.Callback):
         start_step: the optimizer step `fit` starts from.
         end_step: the step to stop after (the run's ``steps``).
         initial_epoch: the ``initial_epoch`` passed to `fit`.
-        epoch_steps: the ``steps_per_epoch`` passed to `fit`.
+        epoch_steps: optimizer steps per `fit` epoch (``grad_accum`` times fewer than the
+            ``steps_per_epoch`` passed to `fit`).
+        start_batches: micro-batches consumed before ``start_step`` (default:
+            ``start_step * grad_accum``).
     """
 
-    def __init__(self, run, config, start_step, end_step, initial_epoch, epoch_steps):
+    def __init__(self, run, config, start_step, end_step, initial_epoch, epoch_steps,
+                 start_batches=None):
         super().__init__()
         self.run = run
         self.config = config
@@ -287,19 +315,26 @@ class RunLogger(keras.callbacks.Callback):
         self.end_step = end_step
         self.initial_epoch = initial_epoch
         self.epoch_steps = epoch_steps
+        self.accumulation = grad_accum(config)
+        self.start_batches = (start_step * self.accumulation if start_batches is None
+                              else start_batches)
         self.steps_per_epoch = config["steps_per_epoch"]
         self.checkpoint_every = checkpoint_interval(config)
         self.sample_every = self.steps_per_epoch * max(int(config["sample_every_epochs"]), 1)
         self.samples_path = os.path.join(run.run_dir, "samples.png")
         self.last_step = start_step
 
-    def _step_at(self, epoch, batch):
-        return self.start_step + (epoch - self.initial_epoch) * self.epoch_steps + batch + 1
+    def _micro_batches_at(self, epoch, batch):
+        """Micro-batches this session has trained on after `fit`'s ``batch`` of ``epoch``."""
+        return (epoch - self.initial_epoch) * self.epoch_steps * self.accumulation + batch + 1
 
     def on_train_batch_end(self, batch, logs=None):
         # Counted here rather than read from the optimizer: on JAX reading a variable
         # syncs the whole training state back from the device after every step.
-        self.last_step = self._step_at(self._epoch, batch)
+        micro = self._micro_batches_at(self._epoch, batch)
+        if micro % self.accumulation:
+            return  # gradients accumulated, no update yet
+        self.last_step = self.start_step + micro // self.accumulation
         checkpointing.inject_fault("step", self.last_step)
         if self.last_step >= self.end_step:
             self.model.stop_training = True
@@ -316,7 +351,9 @@ class RunLogger(keras.callbacks.Callback):
         row.update({k: repr(v) for k, v in logs.items()})
         self.run.append_metrics(row)
         if step % self.checkpoint_every == 0 or step == self.end_step:
-            self.run.save_checkpoint(self.model, step, epoch=step // self.steps_per_epoch)
+            batches = self.start_batches + (step - self.start_step) * self.accumulation
+            self.run.save_checkpoint(self.model, step, epoch=step // self.steps_per_epoch,
+                                     extra={"batches": int(batches)})
         if step % self.sample_every == 0:
             write_samples(self.model, self.samples_path, self.config)
 
@@ -357,15 +394,30 @@ def load_checkpoint(run_dir, config=None):
 
 
 def _copy_optimizer_state(source, target):
-    """Iterations and slot variables from ``source``; hyperparameters stay ``target``'s."""
+    """Iterations and slot variables from ``source``; hyperparameters stay ``target``'s.
+
+    The gradient accumulation may differ (an allowed ``grad_accum`` change): a checkpoint
+    lies between two updates, so the accumulators are zero and the micro-batch counter is
+    the update count times the new accumulation.
+    """
 
     def by_name(optimizer):
         # Paths start with the optimizer's own (possibly uniquified) name.
         return {v.path.split("/", 1)[-1]: v for v in optimizer.variables}
 
+    def accumulation(optimizer):
+        return int(optimizer.gradient_accumulation_steps or 1)
+
     old = by_name(source)
+    updates = int(ops.convert_to_numpy(source.iterations))
     for name, variable in by_name(target).items():
         if name == "learning_rate":
+            continue
+        if name == "iteration" and accumulation(source) != accumulation(target):
+            variable.assign(updates * accumulation(target))  # Keras counts micro-batches
+            continue
+        if name.endswith("gradient_accumulator") and name not in old:
+            variable.assign(ops.zeros_like(variable))
             continue
         if name not in old or tuple(old[name].shape) != tuple(variable.shape):
             raise ValueError(
@@ -512,6 +564,9 @@ def config_changes(run_dir, config, allow_config_change=(), has_checkpoint=False
 def train(config, run_dir, verbose=None, allow_config_change=()):
     """Trains (or resumes) a run for exactly ``config["steps"]`` optimizer steps.
 
+    With ``grad_accum`` N each step averages N micro-batches of ``batch_size`` (printed
+    at the start as the effective batch); every step count is in optimizer steps.
+
     Returns the trained `DiffusionModel`. Checkpoints are written every
     ``checkpoint_every`` steps (default: one epoch); the newest ``keep_checkpoints`` are
     kept. A resumed run continues the data order where the checkpoint stopped and equals
@@ -540,6 +595,9 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     state = run.read_state()
     changes = config_changes(run_dir, config, allow_config_change, state is not None)
     step = state["step"] if state else 0
+    # Micro-batches read so far: the data continues there (runs before `batches` was
+    # recorded had no accumulation).
+    batches = state.get("batches", step) if state else 0
     backend = keras.backend.backend()
     if state and state.get("backend", backend) != backend:
         changes.append(("backend", state["backend"], backend))
@@ -559,13 +617,17 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     # config behind that would hold the directory to the failed settings.
     checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
     total = int(config["steps"])
+    if grad_accum(config) > 1:
+        print(f"Effective batch: {grad_accum(config)} micro-batches x "
+              f"{config['batch_size']} = {grad_accum(config) * config['batch_size']} "
+              "examples per optimizer step.")
     if state:
         print(f"Resuming {run_dir} from step {step} of {total} "
               f"({run.checkpoint_path(state)}).")
     start = time.time()
     try:
         with scope():
-            _fit(model, dataset, run, config, step, total, verbose)
+            _fit(model, dataset, run, config, step, total, verbose, batches)
     except FloatingPointError as error:
         state = run.read_state()
         kept = state["step"] if state else 0
@@ -618,6 +680,15 @@ def distribution_scope(config):
                 f"mesh={config['mesh']!r} is for JAX; TensorFlow's data_parallel uses every "
                 "device (set CUDA_VISIBLE_DEVICES to choose)."
             )
+        if grad_accum(config) > 1:
+            # Keras applies an accumulated update inside a tf.cond that each replica
+            # enters alone, and tf.distribute cannot synchronise replicas there.
+            raise ValueError(
+                f"grad_accum={grad_accum(config)} with distribution={kind!r} is not "
+                "supported on TensorFlow (Keras' gradient accumulation does not run under "
+                "tf.distribute). Use KERAS_BACKEND=jax, or grad_accum=1 with data_parallel, "
+                "or distribution=none with grad_accum."
+            )
         strategy = (tf.distribute.MultiWorkerMirroredStrategy() if config.get("multihost")
                     else tf.distribute.MirroredStrategy())
         data_devices = strategy.num_replicas_in_sync
@@ -630,26 +701,30 @@ def distribution_scope(config):
     return scope
 
 
-def _fit(model, dataset, run, config, step, total, verbose):
-    """`fit` from optimizer step ``step`` to ``total`` on the data from batch ``step`` on.
+def _fit(model, dataset, run, config, step, total, verbose, batches=None):
+    """`fit` from optimizer step ``step`` to ``total`` on the data from micro-batch
+    ``batches`` on (default ``step * grad_accum``).
 
     Keras epochs are ``segment`` steps long, so every metrics row, checkpoint and sample
     grid falls on an epoch end; a start between two of them first runs a short epoch up to
-    the next.
+    the next. Each step is ``grad_accum`` of `fit`'s batches.
     """
     segment = math.gcd(config["steps_per_epoch"], checkpoint_interval(config))
+    accumulation = grad_accum(config)
+    if batches is None:
+        batches = step * accumulation
     while step < total:
         epoch_steps = min(segment - step % segment, total - step)
         initial_epoch = step // segment
         num_epochs = 1 if step % segment else -(-(total - step) // segment)
-        logger = RunLogger(run, config, step, total, initial_epoch, epoch_steps)
+        logger = RunLogger(run, config, step, total, initial_epoch, epoch_steps, batches)
         model.fit(
-            # The data order continues where the checkpoint stopped (batch `step` of the
-            # seeded, repeated pipeline).
-            dataset.skip(step) if step else dataset,
+            # The data order continues where the checkpoint stopped (micro-batch
+            # `batches` of the seeded, repeated pipeline).
+            dataset.skip(batches) if batches else dataset,
             initial_epoch=initial_epoch,
             epochs=initial_epoch + num_epochs,
-            steps_per_epoch=epoch_steps,
+            steps_per_epoch=epoch_steps * accumulation,
             callbacks=[
                 keras.callbacks.TensorBoard(os.path.join(run.run_dir, "logs"), write_graph=False),
                 logger,
@@ -657,9 +732,11 @@ def _fit(model, dataset, run, config, step, total, verbose):
             verbose=verbose,
             shuffle=False,  # the tf.data pipeline shuffles with its own seed
         )
-        step = int(ops.convert_to_numpy(model.optimizer.iterations))
-        if logger.last_step != step:
+        new_step = int(ops.convert_to_numpy(model.optimizer.iterations))
+        if logger.last_step != new_step:
             break  # an interval stopped early; `train` reports it
+        batches += (new_step - step) * accumulation
+        step = new_step
 
 
 def load_run(run_dir):

@@ -22,6 +22,14 @@ encoder (KerasCV's `vae_encoder.h5`, a local file) and then trains; later runs r
 (add ``--set encode.source_args.download=true`` once to let TFDS extract the manual
 tars), or write the cache yourself with `keras_minsnr.data.cache_latents` and pass
 ``--set data=CACHE_DIR``.
+
+Devices: the paper's batch of 256 on 8 GPUs, 32 each. The defaults expect that:
+``distribution: data_parallel`` over every device (``mesh: null``), ``grad_accum: 1``;
+about 5.6 GiB per device in ``mixed_bfloat16`` (``python benchmarks/memory_plan.py
+vit_b_2_in256 --devices 8 --batch 256 --precision bf16``), so even one 40 GB device
+holds all 256 (about 34 GiB); on smaller ones keep the effective batch at 256 with
+e.g. ``--set batch_size=64 --grad-accum 4`` (JAX; on TensorFlow accumulation needs
+``--distribution none``). See docs/scaling.md.
 """
 
 from ._main import run_recipe
@@ -41,6 +49,9 @@ RECIPE = {
         "batch_size": 32,
     },
     "batch_size": 256,
+    # The paper's 8 x 32, data-parallel (see the docstring for fewer devices).
+    "grad_accum": 1,
+    "distribution": "data_parallel",
     "backbone": "vit_b_2_in256",
     "prediction_type": "sample",
     "weighting": "min_snr",

@@ -15,6 +15,26 @@ can share one cache)::
     keras-minsnr train imagenet256_vit_xl2 --output-dir runs/in256_xl2 \\
         --set data=/data/latents/imagenet256 \\
         --set encode.image_encoder_weights=/weights/vae_encoder.h5
+
+Devices: the paper trained on 8 GPUs x 32 images. The defaults expect the same: the
+global batch of 256 split data-parallel over every device (``distribution:
+data_parallel``, ``mesh: null`` = all devices on the data axis, ``grad_accum: 1``), 32
+per device on 8 devices, about 22 GiB per device with ``--set
+mixed_precision=mixed_bfloat16`` (docs/scaling.md, memory plan; about twice the
+activations in float32). On fewer devices keep 32 per device and accumulate the rest,
+so every update still averages 256 images (``batch_size`` is the micro-batch over all
+devices; the effective batch is ``grad_accum x batch_size``)::
+
+    8 devices, one host (the paper)       (the defaults)
+    8 devices on 2 hosts (TPU v4-16)      --multihost
+    4 devices                             --set batch_size=128 --grad-accum 2
+    2 devices                             --set batch_size=64 --grad-accum 4
+    1 device                              --set batch_size=32 --grad-accum 8
+
+``--steps`` and every other step count are optimizer updates, whatever ``grad_accum``
+is. On TensorFlow ``grad_accum`` > 1 needs ``--distribution none`` (one device): use
+KERAS_BACKEND=jax to accumulate on several. docs/scaling.md has the full multi-GPU,
+TPU pod and multi-host commands.
 """
 
 import copy
@@ -31,6 +51,12 @@ RECIPE = {
     "paper_source": "Min-SNR-γ (Hang et al. 2023), ImageNet 256x256 table, ViT-XL/2, FID "
     "2.06 (CFG 1.5, EDM Heun 50 steps; official configs/in256/inference.sh, x0 target).",
     "backbone": "vit_xl_2_in256",
+    # The paper's global batch of 256 on 8 data-parallel devices (32 each); see above
+    # for fewer devices.
+    "batch_size": 256,
+    "grad_accum": 1,
+    "distribution": "data_parallel",
+    "mesh": None,
 }
 
 if __name__ == "__main__":

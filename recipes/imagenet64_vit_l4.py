@@ -14,6 +14,14 @@ once with download=True (nothing is fetched, TFDS only extracts)::
     keras-minsnr train imagenet64_vit_l4 --output-dir runs/in64 \\
         --set data_args.data_dir=~/tensorflow_datasets \\
         --set data_args.manual_dir=/data/imagenet --set data_args.download=true
+
+Devices: the paper's batch of 256 on 8 GPUs, 32 each. The defaults expect that:
+``distribution: data_parallel`` over every device (``mesh: null``), ``grad_accum: 1``;
+about 14.3 GiB per device in ``mixed_bfloat16`` (``python benchmarks/memory_plan.py
+vit_l_4_in64 --devices 8 --batch 256 --precision bf16``). On fewer devices keep 32 per
+device and accumulate the rest (JAX; on TensorFlow accumulation needs ``--distribution
+none``): 4 devices ``--set batch_size=128 --grad-accum 2``, 1 device ``--set
+batch_size=32 --grad-accum 8``. See docs/scaling.md.
 """
 
 from ._main import run_recipe
@@ -27,6 +35,9 @@ RECIPE = {
     "data_args": {"split": "train", "random_flip": True},
     "image_size": 64,
     "batch_size": 256,
+    # The paper's 8 x 32, data-parallel (see the docstring for fewer devices).
+    "grad_accum": 1,
+    "distribution": "data_parallel",
     "backbone": "vit_l_4_in64",
     "prediction_type": "epsilon",
     "weighting": "min_snr",

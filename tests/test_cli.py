@@ -246,13 +246,14 @@ def test_a_plain_import_registers_every_class_for_load_model():
     # Outside the console script, `import keras_minsnr` loads the API, so a saved model
     # loads with nothing else imported.
     code = ("import keras_minsnr, keras\n"
-            "names = ['DiffusionModel', 'NoiseSchedule', 'LossWeighting', 'DiT', 'UNet']\n"
+            "names = ['DiffusionModel', 'NoiseSchedule', 'LossWeighting', 'DiT', 'UNet',\n"
+            "         'PerUpdateSchedule']\n"
             "print([keras.saving.get_registered_object('keras_minsnr>' + n) is not None\n"
             "       for n in names])\n")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": ROOT},
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "[True, True, True, True, True]"
+    assert result.stdout.strip().splitlines()[-1] == "[True, True, True, True, True, True]"
 
 
 def test_a_diverging_run_ends_with_one_line_naming_the_way_out(tmp_path, capsys):
