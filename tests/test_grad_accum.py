@@ -23,18 +23,13 @@ from keras_minsnr import checkpointing
 from keras_minsnr import cli
 from keras_minsnr import training
 from tests.test_diffusion_model import fixed_batch
+from tests import test_reliability
 from tests.test_diffusion_model import numpy_loss_and_grads
 from tests.tiny_backbones import PixelLinearBackbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
-    "backbone_args.hidden_size": 16,
-    "backbone_args.depth": 1,
-    "batch_size": 8,
-    "num_samples": 2,
-    "sample_steps": 2,
-    "warmup_steps": 0,
-    "sample_every_epochs": 1000,
+    **test_reliability.TINY,
     # Three updates, a metrics row and a checkpoint after each; fit() epochs of one
     # update, so the kill after step 2 resumes in the middle of a 2-step epoch.
     "steps_per_epoch": 2,
