@@ -228,11 +228,18 @@ def lora_layers(model):
     }
 
 
+def adapter_names(layer):
+    """The attribute names of a layer's ``A`` and ``B`` (Keras names them per layer type)."""
+    if isinstance(layer, keras.layers.Embedding):
+        return ("lora_embeddings_a", "lora_embeddings_b")
+    return ("lora_kernel_a", "lora_kernel_b")
+
+
 def lora_variables(model):
     """The adapter variables ``[A, B, A, B, ...]`` in path order."""
     variables = []
     for layer in lora_layers(model).values():
-        variables += [layer.lora_kernel_a, layer.lora_kernel_b]
+        variables += [getattr(layer, name) for name in adapter_names(layer)]
     return variables
 
 
@@ -352,13 +359,13 @@ def save_lora(model, path):
             entry.attrs["rank"] = int(layer.lora_rank)
             entry.attrs["alpha"] = float(layer.lora_alpha)
             entry.attrs["class"] = type(layer).__name__
-            entry["lora_kernel_a"] = ops.convert_to_numpy(layer.lora_kernel_a)
-            entry["lora_kernel_b"] = ops.convert_to_numpy(layer.lora_kernel_b)
+            for name in adapter_names(layer):
+                entry[name] = ops.convert_to_numpy(getattr(layer, name))
     return os.path.getsize(path)
 
 
 def _read_lora_file(path):
-    """``{layer path: (rank, alpha, A, B)}`` from a file written by `save_lora`."""
+    """``{layer path: (rank, alpha, {name: array})}`` from a file written by `save_lora`."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"No LoRA file at {path}.")
     entries = {}
@@ -367,13 +374,9 @@ def _read_lora_file(path):
             raise ValueError(f"{path} is not a LoRA file written by keras_minsnr.save_lora.")
 
         def collect(name, node):
-            if isinstance(node, h5py.Group) and "lora_kernel_a" in node:
-                entries[name] = (
-                    int(node.attrs["rank"]),
-                    float(node.attrs["alpha"]),
-                    np.asarray(node["lora_kernel_a"]),
-                    np.asarray(node["lora_kernel_b"]),
-                )
+            if isinstance(node, h5py.Group) and "rank" in node.attrs:
+                arrays = {key: np.asarray(node[key]) for key in node}
+                entries[name] = (int(node.attrs["rank"]), float(node.attrs["alpha"]), arrays)
 
         f["layers"].visititems(collect)
     return entries
@@ -400,7 +403,7 @@ def load_lora(model, path):
                 f"{path} has adapters for layers this backbone does not have: {missing}."
             )
         for layer_path in entries:
-            rank, alpha, _, _ = entries[layer_path]
+            rank, alpha, _ = entries[layer_path]
             enable_lora(model, rank, alpha, targets=[f"^{re.escape(layer_path)}$"])
     layers = lora_layers(model)
     missing = sorted(set(layers) - set(entries))
@@ -408,15 +411,16 @@ def load_lora(model, path):
     mismatched = []
     for layer_path in sorted(set(layers) & set(entries)):
         layer = layers[layer_path]
-        _, alpha, a, b = entries[layer_path]
-        for name, value in (("lora_kernel_a", a), ("lora_kernel_b", b)):
+        rank, alpha, arrays = entries[layer_path]
+        for name in adapter_names(layer):
             expected = tuple(getattr(layer, name).shape)
-            if tuple(value.shape) != expected:
-                mismatched.append(f"{layer_path}/{name}: file {tuple(value.shape)}, model {expected}")
-        if not np.isclose(alpha / entries[layer_path][0], layer.lora_alpha / layer.lora_rank):
+            found = tuple(arrays[name].shape) if name in arrays else "none"
+            if found != expected:
+                mismatched.append(f"{layer_path}/{name}: file {found}, model {expected}")
+        if not np.isclose(alpha / rank, layer.lora_alpha / layer.lora_rank):
             mismatched.append(
-                f"{layer_path}: file alpha/rank {alpha}/{entries[layer_path][0]}, model "
-                f"{layer.lora_alpha}/{layer.lora_rank}"
+                f"{layer_path}: file alpha/rank {alpha:g}/{rank}, model "
+                f"{layer.lora_alpha:g}/{layer.lora_rank}"
             )
     if missing or unexpected or mismatched:
         parts = []
@@ -428,9 +432,8 @@ def load_lora(model, path):
             parts.append(f"mis-shaped: {mismatched}")
         raise ValueError(f"{path} does not fit this model's adapters; " + "; ".join(parts) + ".")
     for layer_path, layer in layers.items():
-        _, _, a, b = entries[layer_path]
-        layer.lora_kernel_a.assign(a)
-        layer.lora_kernel_b.assign(b)
+        for name in adapter_names(layer):
+            getattr(layer, name).assign(entries[layer_path][2][name])
     return list(layers)
 
 
@@ -453,12 +456,13 @@ def merge_lora(model):
     layers = lora_layers(backbone)
     for layer in layers.values():
         base = _base_variable(layer)
+        a_name, b_name = adapter_names(layer)
         delta = (layer.lora_alpha / layer.lora_rank) * ops.matmul(
-            layer.lora_kernel_a, layer.lora_kernel_b
+            getattr(layer, a_name), getattr(layer, b_name)
         )
         base.assign(ops.cast(ops.add(ops.cast(base, "float32"), delta), base.dtype))
-        del layer.lora_kernel_a
-        del layer.lora_kernel_b
+        delattr(layer, a_name)
+        delattr(layer, b_name)
         layer.lora_enabled = False
         layer.lora_rank = None
         layer.lora_alpha = None
