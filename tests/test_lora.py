@@ -255,3 +255,37 @@ def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
     with pytest.raises(ValueError, match=r"match no layer of backbone .*\(MLPDenoiser\).*"
                                          r"blocks/0/dense_1 \(Dense\)"):
         training.build_model(no_layer, info)
+
+
+@pytest.mark.large
+def test_cli_lora_run_from_a_trained_run_writes_adapters_and_resumes(tmp_path):
+    from keras_minsnr import cli
+
+    tiny = ["--set", "backbone_args.hidden_size=16", "--set", "backbone_args.depth=1",
+            "--set", "num_samples=2", "--set", "sample_steps=1", "--set", "batch_size=8",
+            "--set", "steps_per_epoch=2"]
+    base_dir, lora_dir = str(tmp_path / "base"), str(tmp_path / "lora")
+    assert cli.main(["train", "digits", "--output-dir", base_dir, "--steps", "2", *tiny]) == 0
+    lora_args = ["train", "digits", "--output-dir", lora_dir, *tiny, "--set", "lora_rank=2",
+                 "--set", "lora_alpha=4", "--set", f"init_from={base_dir}"]
+    assert cli.main(lora_args + ["--steps", "2"]) == 0
+    base = keras.models.load_model(os.path.join(base_dir, "model.keras"))
+    first = keras.models.load_model(os.path.join(lora_dir, "model.keras"))
+    assert first.lora["layers"] == ["blocks/0/dense_1", "blocks/0/dense_2"]
+    with h5py.File(os.path.join(lora_dir, training.LORA_FILE)) as f:
+        assert sorted(f["layers/blocks/0"]) == ["dense_1", "dense_2"]
+    # The base of the LoRA run is the first run's EMA weights, unchanged by training.
+    averages = [base.ema.average_of(w) for w in base.backbone.weights]
+    expected = [numpy(w if a is None else a) for w, a in zip(base.backbone.weights, averages)]
+    frozen = [w for w in first.backbone.weights if "lora_" not in w.path]
+    for weight, value in zip(frozen, expected):
+        np.testing.assert_array_equal(numpy(weight), value, err_msg=weight.path)
+    # Resuming for 2 more steps continues the adapters from the checkpoint.
+    assert cli.main(lora_args + ["--steps", "4"]) == 0
+    second = keras.models.load_model(os.path.join(lora_dir, "model.keras"))
+    assert int(numpy(second.optimizer.iterations)) == 4
+    for a, b in zip(lora.lora_variables(first), lora.lora_variables(second)):
+        assert np.any(numpy(a) != numpy(b)), a.path
+    for weight, value in zip([w for w in second.backbone.weights if "lora_" not in w.path],
+                             expected):
+        np.testing.assert_array_equal(numpy(weight), value, err_msg=weight.path)
