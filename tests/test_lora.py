@@ -38,9 +38,9 @@ def tiny_dit(in_context=False):
 
 
 def tiny_unet():
-    return kms.backbones.get("unet_cifar10", image_shape=(8, 8, 1), base_channels=8,
-                             channel_multipliers=(1, 2), num_res_blocks=1,
-                             attention_resolutions=(4,), num_groups=4)
+    return kms.backbones.get("unet_cifar10", image_shape=(4, 4, 1), base_channels=4,
+                             channel_multipliers=(1,), num_res_blocks=1,
+                             attention_resolutions=(4,), num_groups=2)
 
 
 def random_adapters(backbone, seed=1):
@@ -99,12 +99,12 @@ def test_unet_default_targets_are_its_attention_blocks():
     # The ADM UNet has no MLP: attention only (its residual blocks' convolutions: "conv").
     backbone = tiny_unet()
     assert sorted(lora.target_layers(backbone)) == [
-        "down_blocks/2/1/proj", "down_blocks/2/1/qkv", "mid_attn/proj", "mid_attn/qkv",
-        "up_blocks/0/1/proj", "up_blocks/0/1/qkv", "up_blocks/1/1/proj",
-        "up_blocks/1/1/qkv",
+        "down_blocks/0/1/proj", "down_blocks/0/1/qkv", "mid_attn/proj", "mid_attn/qkv",
+        "up_blocks/0/1/proj", "up_blocks/0/1/qkv", "up_blocks/1/1/proj", "up_blocks/1/1/qkv",
     ]
-    assert sorted(lora.target_layers(backbone, ["conv"]))[:3] == [
-        "down_blocks/0/0/conv_1", "down_blocks/0/0/conv_2", "down_blocks/2/0/conv_1"
+    assert sorted(lora.target_layers(backbone, ["conv"]))[:4] == [
+        "down_blocks/0/0/conv_1", "down_blocks/0/0/conv_2", "mid_res_1/conv_1",
+        "mid_res_1/conv_2",
     ]
 
 
@@ -213,19 +213,23 @@ def test_adapter_file_holds_only_adapters_and_loads_into_base(trained, tmp_path)
 
 
 def test_merge_gives_the_same_outputs_and_a_plain_model():
-    # Dense, Conv2D (patch_embed) and Embedding (y_embedder) adapters, all folded.
-    backbone = tiny_dit()
+    # Conv2D, Embedding and Dense (the timestep MLP) adapters, all folded.
+    backbone = TinyConvBackbone(image_shape=(8, 8, 1), num_classes=10, width=8)
+    backbone(INPUTS)
     pretend_pretrained(backbone)
     trainable_before = [v.path for v in backbone.trainable_weights]
-    lora.enable_lora(backbone, rank=2, alpha=3, targets=["all"])
+    assert sorted(lora.enable_lora(backbone, rank=2, alpha=3, targets=["all"])) == [
+        "class_embedding", "conv_in", "conv_out", "time_embedding/dense_1",
+        "time_embedding/dense_2",
+    ]
     random_adapters(backbone)
-    qkv = backbone.blocks[0].attn.qkv
-    expected_kernel = numpy(qkv._kernel).astype(np.float64) + 1.5 * (
-        numpy(qkv.lora_kernel_a).astype(np.float64) @ numpy(qkv.lora_kernel_b)
+    table = backbone.class_embedding
+    expected_table = numpy(table._embeddings).astype(np.float64) + 1.5 * (
+        numpy(table.lora_embeddings_a).astype(np.float64) @ numpy(table.lora_embeddings_b)
     )
     before = numpy(backbone(INPUTS))
-    assert sorted(lora.merge_lora(backbone))[:2] == ["blocks/0/attn/proj", "blocks/0/attn/qkv"]
-    np.testing.assert_allclose(numpy(qkv.kernel), expected_kernel, rtol=1e-5, atol=1e-5)
+    lora.merge_lora(backbone)
+    np.testing.assert_allclose(numpy(table.embeddings), expected_table, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(numpy(backbone(INPUTS)), before, rtol=1e-4, atol=1e-4)
     assert lora.lora_variables(backbone) == []
     assert [v.path for v in backbone.trainable_weights] == trainable_before
@@ -258,34 +262,32 @@ def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
 
 
 @pytest.mark.large
-def test_cli_lora_run_from_a_trained_run_writes_adapters_and_resumes(tmp_path):
+def test_cli_lora_run_from_a_trained_model_writes_adapters(tmp_path):
     from keras_minsnr import cli
+    from keras_minsnr import run_config
 
-    tiny = ["--set", "backbone_args.hidden_size=16", "--set", "backbone_args.depth=1",
-            "--set", "num_samples=2", "--set", "sample_steps=1", "--set", "batch_size=8",
-            "--set", "steps_per_epoch=2"]
-    base_dir, lora_dir = str(tmp_path / "base"), str(tmp_path / "lora")
-    assert cli.main(["train", "digits", "--output-dir", base_dir, "--steps", "2", *tiny]) == 0
-    lora_args = ["train", "digits", "--output-dir", lora_dir, *tiny, "--set", "lora_rank=2",
-                 "--set", "lora_alpha=4", "--set", f"init_from={base_dir}"]
-    assert cli.main(lora_args + ["--steps", "2"]) == 0
-    base = keras.models.load_model(os.path.join(base_dir, "model.keras"))
-    first = keras.models.load_model(os.path.join(lora_dir, "model.keras"))
-    assert first.lora["layers"] == ["blocks/0/dense_1", "blocks/0/dense_2"]
-    with h5py.File(os.path.join(lora_dir, training.LORA_FILE)) as f:
+    tiny = {"backbone_args.hidden_size": 16, "backbone_args.depth": 1, "num_samples": 2,
+            "sample_steps": 1, "batch_size": 8, "steps_per_epoch": 2}
+    # The "trained" base: the digits recipe's model with non-zero weights, saved.
+    config = run_config.resolve_config(cli.load_recipe("digits"), tiny)
+    info = type("Info", (), {"image_shape": (8, 8, 1), "num_classes": 10})()
+    base = training.build_model(config, info)
+    pretend_pretrained(base.backbone)
+    base.reset_ema()
+    base_path = str(tmp_path / "base.keras")
+    base.save(base_path)
+    run = str(tmp_path / "lora")
+    sets = [f"{k}={v}" for k, v in {**tiny, "lora_rank": 2, "lora_alpha": 4,
+                                    "init_from": base_path}.items()]
+    argv = ["train", "digits", "--output-dir", run, "--steps", "2"]
+    assert cli.main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    trained = keras.models.load_model(os.path.join(run, "model.keras"))
+    assert trained.lora["layers"] == ["blocks/0/dense_1", "blocks/0/dense_2"]
+    with h5py.File(os.path.join(run, training.LORA_FILE)) as f:
         assert sorted(f["layers/blocks/0"]) == ["dense_1", "dense_2"]
-    # The base of the LoRA run is the first run's EMA weights, unchanged by training.
-    averages = [base.ema.average_of(w) for w in base.backbone.weights]
-    expected = [numpy(w if a is None else a) for w, a in zip(base.backbone.weights, averages)]
-    frozen = [w for w in first.backbone.weights if "lora_" not in w.path]
-    for weight, value in zip(frozen, expected):
-        np.testing.assert_array_equal(numpy(weight), value, err_msg=weight.path)
-    # Resuming for 2 more steps continues the adapters from the checkpoint.
-    assert cli.main(lora_args + ["--steps", "4"]) == 0
-    second = keras.models.load_model(os.path.join(lora_dir, "model.keras"))
-    assert int(numpy(second.optimizer.iterations)) == 4
-    for a, b in zip(lora.lora_variables(first), lora.lora_variables(second)):
-        assert np.any(numpy(a) != numpy(b)), a.path
-    for weight, value in zip([w for w in second.backbone.weights if "lora_" not in w.path],
-                             expected):
-        np.testing.assert_array_equal(numpy(weight), value, err_msg=weight.path)
+        assert sorted(f["layers/blocks/0/dense_1"]) == ["lora_kernel_a", "lora_kernel_b"]
+    # The frozen base is the base model's, bit for bit; the adapters trained.
+    frozen = [w for w in trained.backbone.weights if "lora_" not in w.path]
+    for weight, source in zip(frozen, base.backbone.weights):
+        np.testing.assert_array_equal(numpy(weight), numpy(source), err_msg=weight.path)
+    assert all(np.any(numpy(v) != 0) for v in lora.lora_variables(trained) if "_b" in v.path)
