@@ -198,6 +198,11 @@ class DiffusionModel(keras.Model):
         if not backbone.built:
             backbone(self.contract.dummy_inputs(1))
         self.lora = None
+        adapted = lora_lib.lora_layers(backbone)
+        if not lora and adapted:  # a backbone that came with adapters
+            first = next(iter(adapted.values()))
+            lora = {"rank": int(first.lora_rank), "alpha": float(first.lora_alpha),
+                    "layers": list(adapted)}
         if lora:
             self._apply_lora(lora["rank"], lora.get("alpha"), lora.get("targets"),
                              lora.get("layers"))
@@ -409,7 +414,8 @@ class DiffusionModel(keras.Model):
         self.lora = {
             "rank": rank,
             "alpha": alpha,
-            "targets": list(lora_lib.check_targets(targets)),
+            "targets": None if targets is None and layers else list(
+                lora_lib.check_targets(targets)),
             "layers": paths,
         }
         return paths

@@ -58,7 +58,8 @@ TARGET_GROUPS = {
     ],
     # adaLN(-Zero) modulation of DiT blocks, DiT's final layer and the residual MLP.
     "modulation": [(None, r"modulation")],
-    # Convolutions inside residual blocks (ADM UNet and KerasCV SD UNet).
+    # The ADM UNet's residual-block convolutions; every convolution of the KerasCV SD
+    # UNet (each is wrapped in a `PaddedConv2D`).
     "conv": [(r"UNetResBlock", r"conv_1|conv_2|skip"), (r"PaddedConv2D", r"conv2d")],
     # Timestep and class embeddings and their per-block projections.
     "embedding": [
@@ -156,6 +157,8 @@ def _in_group(group, layer, parent, path):
 
 
 def check_targets(targets):
+    """``targets`` as a tuple of group names / regexes (default `DEFAULT_TARGETS`), or
+    `ValueError` naming the bad entry."""
     if targets is None:
         return tuple(DEFAULT_TARGETS)
     if isinstance(targets, str):
@@ -247,6 +250,8 @@ def lora_variables(model):
 
 
 def check_rank_alpha(rank, alpha):
+    """``(rank, alpha)`` as ``(int, float)`` with ``alpha = rank`` by default, or
+    `ValueError` naming the bad value."""
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}.")
     if alpha is None:
