@@ -18,8 +18,8 @@ class ExponentialMovingAverage(keras.layers.Layer):
     Each copy is a non-trainable variable whose path is ``<ema path>/<weight path>``, so
     a `keras.distribution.LayoutMap` regex written for a weight also matches its average.
     Copies exist only for weights that are trainable when `track` sees them; a weight
-    frozen later keeps its copy (not updated while frozen), a weight unfrozen later gets
-    one on the next `track`. The copies are recorded by their index in
+    frozen later keeps its copy (not updated while frozen) until `sync` drops it, a weight
+    unfrozen later gets one on the next `track`. The copies are recorded by their index in
     ``backbone.weights`` (stable across save/load), which `DiffusionModel` serialises.
 
     Args:

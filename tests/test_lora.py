@@ -43,6 +43,12 @@ def tiny_unet():
                              attention_resolutions=(4,), num_groups=2)
 
 
+def run_config_groups():
+    from keras_minsnr import run_config
+
+    return run_config.LORA_TARGET_GROUPS
+
+
 def random_adapters(backbone, seed=1):
     rng = np.random.RandomState(seed)
     for variable in lora.lora_variables(backbone):
@@ -238,6 +244,7 @@ def test_merge_gives_the_same_outputs_and_a_plain_model():
 def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
     from keras_minsnr.run_config import resolve_config
 
+    assert run_config_groups() == tuple(lora.TARGET_GROUPS)  # --help needs no Keras import
     with pytest.raises(ValueError, match="lora_alpha=4.0 needs lora_rank"):
         resolve_config({}, {"lora_alpha": 4})
     with pytest.raises(ValueError, match="Invalid value for lora_rank: 0"):
