@@ -450,8 +450,8 @@ class DiffusionModel(keras.Model):
     def merge_lora(self, use_ema=False):
         """Folds the adapters into the backbone's kernels: a plain model again.
 
-        The outputs do not change; every backbone weight trains again and the EMA starts
-        from the merged weights.
+        With ``use_ema=False`` the outputs do not change. Every backbone weight trains
+        again and the EMA starts from the merged weights.
 
         Args:
             use_ema: fold the EMA's averages of the adapters (what `generate` samples

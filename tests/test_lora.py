@@ -241,6 +241,30 @@ def test_merge_gives_the_same_outputs_and_a_plain_model():
     assert [v.path for v in backbone.trainable_weights] == trainable_before
 
 
+def test_diffusion_model_merges_the_ema_adapters_and_tracks_the_plain_model():
+    backbone = TinyConvBackbone(image_shape=(8, 8, 1), num_classes=10, width=8)
+    model = kms.DiffusionModel(backbone, kms.NoiseSchedule("cosine", 100), ema_decay=0.9)
+    model.enable_lora(2, alpha=1, targets=["conv_out"])
+    layer = backbone.conv_out
+    rng = np.random.RandomState(3)
+    for variable in lora.lora_variables(backbone):
+        variable.assign(rng.standard_normal(variable.shape).astype("float32"))
+        model.ema.average_of(variable).assign(
+            rng.standard_normal(variable.shape).astype("float32"))
+    a, b = (numpy(model.ema.average_of(v)).astype(np.float64)
+            for v in (layer.lora_kernel_a, layer.lora_kernel_b))
+    expected = numpy(layer._kernel).astype(np.float64) + 0.5 * a @ b
+    model.merge_lora(use_ema=True)
+    np.testing.assert_allclose(numpy(layer.kernel), expected, rtol=1e-5, atol=1e-5)
+    assert model.lora is None and model.get_config()["lora"] is None
+    # The EMA now holds one copy per backbone weight, each at its recorded position.
+    assert len(model.ema.averages) == len(backbone.trainable_weights)
+    for index, average in zip(model.ema.weight_indices, model.ema.averages):
+        source = backbone.weights[index]
+        assert average.path == f"ema/{source.path}"
+        np.testing.assert_array_equal(numpy(average), numpy(source))
+
+
 def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
     from keras_minsnr.run_config import resolve_config
 
