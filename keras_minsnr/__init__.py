@@ -17,6 +17,7 @@ from keras_minsnr import xla_flags
 _EXPORTS = {
     "backbones": ("keras_minsnr.backbones", None),
     "distribution": ("keras_minsnr.distribution", None),
+    "lora": ("keras_minsnr.lora", None),
     "samplers": ("keras_minsnr.samplers", None),
     "official": ("keras_minsnr.official", None),
     "weighting": ("keras_minsnr.weighting", None),

@@ -1,6 +1,7 @@
 """`DiffusionModel`: a `keras.Model` that trains any denoiser backbone with Min-SNR-γ."""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ from keras import ops
 
 from keras_minsnr import backend as kms_backend
 from keras_minsnr import batches
+from keras_minsnr import lora as lora_lib
 from keras_minsnr import sampling
 from keras_minsnr import samplers
 from keras_minsnr import timestep_sampling as timestep_sampling_lib
@@ -88,6 +90,9 @@ class DiffusionModel(keras.Model):
         ema_weight_indices: which backbone weights (positions in ``backbone.weights``)
             have an EMA copy; recorded by `get_config` so a model saved after freezing or
             unfreezing layers loads back. Default: the trainable ones.
+        lora: LoRA adapters to add to the backbone before the EMA is made, as recorded
+            by `get_config` (``{"rank", "alpha", "targets", "layers"}``); use
+            `enable_lora` to add them to an existing model.
 
     Example:
     ```python
@@ -129,6 +134,7 @@ class DiffusionModel(keras.Model):
         num_classes=None,
         clip_denoised=True,
         ema_weight_indices=None,
+        lora=None,
         **kwargs,
     ):
         kms_backend.check_backend()
@@ -191,6 +197,15 @@ class DiffusionModel(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed)
         if not backbone.built:
             backbone(self.contract.dummy_inputs(1))
+        self.lora = None
+        adapted = lora_lib.lora_layers(backbone)
+        if not lora and adapted:  # a backbone that came with adapters
+            first = next(iter(adapted.values()))
+            lora = {"rank": int(first.lora_rank), "alpha": float(first.lora_alpha),
+                    "layers": list(adapted)}
+        if lora:
+            self._apply_lora(lora["rank"], lora.get("alpha"), lora.get("targets"),
+                             lora.get("layers"))
         self.ema = None
         if self.ema_decay > 0:
             self.ema = ExponentialMovingAverage(self.ema_decay, self.ema_warmup)
@@ -370,6 +385,88 @@ class DiffusionModel(keras.Model):
             return ops.convert_to_tensor(0.0, "float32")
         return self.ema.decay_at(step)
 
+    # -- LoRA ---------------------------------------------------------------------------
+
+    def enable_lora(self, rank, alpha=None, targets=None):
+        """Adds LoRA adapters to the backbone; only they train from now on.
+
+        The scale is ``alpha / rank`` (``alpha=None``: 1); `targets` picks the layers
+        (default attention and MLP projections, see `keras_minsnr.lora.target_layers`).
+        The EMA then tracks the adapters only (copies of the frozen weights are dropped)
+        and a compiled model is compiled again with a fresh copy of its optimizer.
+
+        Returns:
+            The paths of the adapted layers.
+        """
+        paths = self._apply_lora(rank, alpha, targets)
+        self._after_trainable_change()
+        return paths
+
+    def _apply_lora(self, rank, alpha, targets, layers=None):
+        if self.lora is not None:
+            raise ValueError(
+                f"LoRA is already enabled (rank {self.lora['rank']}); merge_lora() first."
+            )
+        # A saved model re-enables exactly the layers it had adapted.
+        exact = [f"^{re.escape(p)}$" for p in layers] if layers else targets
+        paths = lora_lib.enable_lora(self.backbone, rank, alpha, exact, seed=self.seed)
+        rank, alpha = lora_lib.check_rank_alpha(rank, alpha)
+        self.lora = {
+            "rank": rank,
+            "alpha": alpha,
+            "targets": None if targets is None and layers else list(
+                lora_lib.check_targets(targets)),
+            "layers": paths,
+        }
+        return paths
+
+    def _after_trainable_change(self):
+        if self.ema is not None:
+            self.ema.sync(self.backbone)
+        if self.compiled and self.optimizer is not None:
+            optimizer = self.optimizer
+            self.compile(optimizer=type(optimizer).from_config(optimizer.get_config()))
+
+    def save_lora(self, path):
+        """Writes only the adapter weights (see `keras_minsnr.lora.save_lora`); returns
+        the file size in bytes."""
+        return lora_lib.save_lora(self.backbone, path)
+
+    def load_lora(self, path):
+        """Loads an adapter file; a model without LoRA gets the file's adapters first."""
+        if self.lora is None:
+            paths = lora_lib.load_lora(self.backbone, path)
+            layer = lora_lib.lora_layers(self.backbone)[paths[0]]
+            self.lora = {"rank": int(layer.lora_rank), "alpha": float(layer.lora_alpha),
+                         "targets": None, "layers": paths}
+            self._after_trainable_change()
+        else:
+            paths = lora_lib.load_lora(self.backbone, path)
+        if self.ema is not None:
+            for weight in lora_lib.lora_variables(self.backbone):
+                self.ema.average_of(weight).assign(weight)
+        return paths
+
+    def merge_lora(self, use_ema=False):
+        """Folds the adapters into the backbone's kernels: a plain model again.
+
+        With ``use_ema=False`` the outputs do not change. Every backbone weight trains
+        again and the EMA starts from the merged weights.
+
+        Args:
+            use_ema: fold the EMA's averages of the adapters (what `generate` samples
+                with) instead of their current values.
+        """
+        if self.lora is None:
+            raise ValueError("The model has no LoRA adapters to merge.")
+        if use_ema and self.ema is not None:
+            for weight in lora_lib.lora_variables(self.backbone):
+                weight.assign(self.ema.average_of(weight))
+        paths = lora_lib.merge_lora(self.backbone)
+        self.lora = None
+        self._after_trainable_change()
+        return paths
+
     # -- training entry points ----------------------------------------------------------
 
     def compile(self, optimizer="adamw", **kwargs):
@@ -524,6 +621,7 @@ class DiffusionModel(keras.Model):
                 "num_classes": self.num_classes,
                 "clip_denoised": self.clip_denoised,
                 "ema_weight_indices": self.ema.weight_indices if self.ema else None,
+                "lora": self.lora,
             }
         )
         return config

@@ -18,8 +18,8 @@ class ExponentialMovingAverage(keras.layers.Layer):
     Each copy is a non-trainable variable whose path is ``<ema path>/<weight path>``, so
     a `keras.distribution.LayoutMap` regex written for a weight also matches its average.
     Copies exist only for weights that are trainable when `track` sees them; a weight
-    frozen later keeps its copy (not updated while frozen), a weight unfrozen later gets
-    one on the next `track`. The copies are recorded by their index in
+    frozen later keeps its copy (not updated while frozen) until `sync` drops it, a weight
+    unfrozen later gets one on the next `track`. The copies are recorded by their index in
     ``backbone.weights`` (stable across save/load), which `DiffusionModel` serialises.
 
     Args:
@@ -74,6 +74,24 @@ class ExponentialMovingAverage(keras.layers.Layer):
             self._sources.weights.append(weight)
             self.weight_indices.append(int(i))
             self.averages.append(self._make_copy(weight))
+
+    def sync(self, backbone):
+        """Keeps copies of the trainable backbone weights only: drops the others, adds new.
+
+        For a change of what trains that is for good, such as LoRA (the base weights
+        frozen, adapters added) or merging the adapters back (adapters gone): a frozen
+        weight's copy would only hold memory, and the positions in ``backbone.weights``
+        of the kept copies are recomputed, since removed weights shift them.
+        """
+        trainable = {id(v) for v in backbone.trainable_variables}
+        for k in reversed(range(len(self.averages))):
+            if id(self._sources.weights[k]) not in trainable:
+                self.averages.pop(k)
+                self._sources.weights.pop(k)
+        position = {id(w): i for i, w in enumerate(backbone.weights)}
+        self.weight_indices[:] = [position[id(w)] for w in self._sources.weights]
+        self._index_of = {id(w): k for k, w in enumerate(self._sources.weights)}
+        self.track(backbone)
 
     def _make_copy(self, weight):
         # The copy's path is "<this layer's name>/<weight path>".

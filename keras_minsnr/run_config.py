@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import typing
 
 # Names the library accepts. They are written out here so that `--help` needs no Keras
@@ -43,6 +44,7 @@ GROUPS = {
     "about": "Documentation only",
 }
 DISTRIBUTIONS = ("none", "data_parallel", "model_parallel")
+LORA_TARGET_GROUPS = ("attention", "mlp", "modulation", "conv", "embedding", "all")
 
 
 def _backbone_presets():
@@ -147,6 +149,18 @@ class RunConfig:
                                 "guidance)", "model", low=0, high=1)
     ema_decay: float = _key(0.9999, "decay of the weights' moving average (0: none)", "model",
                             low=0, high=1, high_open=True)
+    init_from: str | None = _key(
+        None, "start from this run directory's or `.keras` file's backbone weights (EMA "
+        "ones where kept)", "model")
+    lora_rank: int | None = _key(
+        None, "train LoRA adapters of this rank only, the rest frozen (docs/lora.md)", "model",
+        low=1)
+    lora_alpha: float | None = _key(
+        None, "LoRA scale numerator: updates are (alpha / rank)·A·B (null: alpha = rank)",
+        "model", low=0, low_open=True)
+    lora_targets: str | None = _key(
+        None, "comma-separated LoRA groups (" + ", ".join(LORA_TARGET_GROUPS) + ") or "
+        "regexes over layer paths (null: attention,mlp)", "model")
     # === Optimizer ===
     learning_rate: float = _key(1e-4, "AdamW learning rate", "optimizer", low=0, low_open=True)
     beta_1: float = _key(0.99, "AdamW β1", "optimizer", low=0, high=1, high_open=True)
@@ -209,6 +223,32 @@ class RunConfig:
             setattr(self, field.name, check_value(field.name, value, hints[field.name],
                                                   field.metadata["rules"]))
         self._check_flow_keys()
+        self._check_lora_keys()
+
+    def _check_lora_keys(self):
+        """`lora_alpha` / `lora_targets` need `lora_rank`; targets are groups or regexes."""
+        if self.lora_rank is None:
+            for name in ("lora_alpha", "lora_targets"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} needs lora_rank (the adapters' "
+                        "rank, e.g. --set lora_rank=8)."
+                    )
+            return
+        targets = [t.strip() for t in (self.lora_targets or "attention,mlp").split(",")]
+        for target in targets:
+            if not target:
+                raise ValueError(f"Invalid value for lora_targets: {self.lora_targets!r} "
+                                 "has an empty entry.")
+            if target in LORA_TARGET_GROUPS:
+                continue
+            try:
+                re.compile(target)
+            except re.error as error:
+                raise ValueError(
+                    f"Invalid value for lora_targets: {target!r} is neither a group "
+                    f"({', '.join(LORA_TARGET_GROUPS)}) nor a regular expression ({error})."
+                ) from None
 
     def _check_flow_keys(self):
         """Flow targets and samplers go with the flow schedule only, and vice versa."""

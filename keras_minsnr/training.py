@@ -10,6 +10,7 @@ A run directory holds::
     checkpoints/     step-NNNNNNNN.keras (model, optimizer, EMA) + state.json
     samples.png      a grid of samples, refreshed during training
     model.keras      the final model
+    lora.weights.h5  the LoRA adapters alone (runs with lora_rank; docs/lora.md)
 
 Starting the same run again resumes from the last checkpoint and continues exactly where
 it stopped; see `keras_minsnr.checkpointing` and docs/reliability.md.
@@ -247,9 +248,46 @@ def build_model(config, info):
     )
     if model.conditioning == "context" and getattr(info, "null_context_file", None):
         model.set_null_context(np.load(info.null_context_file))
+    if config.get("init_from"):
+        init_backbone_from(model, config["init_from"])
+    if config.get("lora_rank"):
+        model.enable_lora(config["lora_rank"], config.get("lora_alpha"),
+                          config.get("lora_targets"))
     optimizer = make_optimizer(config)
     model.compile(optimizer=optimizer)
     return model
+
+
+def init_backbone_from(model, source):
+    """Copies a run directory's (or `.keras` file's) backbone weights into ``model``.
+
+    The source's EMA weights are used where it keeps them (they are what it samples
+    with); the model's EMA then starts from the copied weights.
+    """
+    path = os.path.join(source, "model.keras") if os.path.isdir(source) else source
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"init_from={source!r}: no {path}; give a finished run directory or a .keras file."
+        )
+    trained = keras.models.load_model(path, compile=False)
+    if trained.lora is not None:  # a LoRA run: its adapters folded into the base
+        trained.merge_lora(use_ema=True)
+    values = {}
+    for weight in trained.backbone.weights:
+        average = trained.ema.average_of(weight) if trained.ema is not None else None
+        values[id(weight)] = weight if average is None else average
+    source_weights = trained.backbone.weights
+    target_weights = model.backbone.weights
+    shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(source_weights, target_weights)]
+    if len(source_weights) != len(target_weights) or any(a != b for a, b in shapes):
+        raise ValueError(
+            f"init_from={source!r}: its backbone ({len(source_weights)} weights) does not "
+            f"match this run's ({len(target_weights)}); use the same backbone and "
+            "backbone_args."
+        )
+    for source_weight, target_weight in zip(source_weights, target_weights):
+        target_weight.assign(values[id(source_weight)])
+    model.reset_ema()
 
 
 def make_optimizer(config):
@@ -514,9 +552,11 @@ def decode_for_display(images, config):
 
 
 # Keys whose change would not reach a checkpointed model (they are part of the saved one).
+LORA_FILE = "lora.weights.h5"  # the adapters alone, next to model.keras
 MODEL_KEYS = (
     "backbone", "backbone_args", "schedule", "num_timesteps", "zero_terminal_snr",
     "prediction_type", "weighting", "gamma", "label_dropout", "ema_decay", "mixed_precision",
+    "init_from", "lora_rank", "lora_alpha", "lora_targets",
 )
 # Keys of this module that may always change between sessions.
 RUN_KEYS = ("checkpoint_every", "keep_checkpoints")
@@ -641,6 +681,9 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     if final < total:
         raise RuntimeError(f"Training stopped at step {final} of {total}.")
     checkpointing.atomic_save_model(model, os.path.join(run_dir, "model.keras"))
+    if model.lora is not None:
+        size = model.save_lora(os.path.join(run_dir, LORA_FILE))
+        print(f"LoRA adapters: {os.path.join(run_dir, LORA_FILE)} ({size / 1024:.1f} KiB)")
     if not os.path.exists(os.path.join(run_dir, "samples.png")):
         write_samples(model, os.path.join(run_dir, "samples.png"), config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
