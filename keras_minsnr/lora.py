@@ -44,20 +44,27 @@ FILE_VERSION = 1
 
 # Named groups of layers, as (ancestor class pattern, attribute-name pattern). A layer is
 # in a group when its nearest enclosing layer's class matches the first pattern (``None``:
-# any enclosing layer) and the last part of its path matches the second (full match).
+# any enclosing layer) and the last part of its path matches the second (full match); a
+# second pattern with a "/" matches that many trailing parts of the path.
 TARGET_GROUPS = {
     # q/k/v/out projections: DiT and in-context ViT `SelfAttention`, the UNet's
     # `UNetAttentionBlock`, KerasCV's `CrossAttention`, `keras.layers.MultiHeadAttention`.
-    "attention": [(r".*Attention.*", r".*")],
+    "attention": [
+        (r".*Attention.*", r".*"),
+        # KerasHub's SD3 MMDiT: the image and text streams' fused qkv and output layers.
+        (r"DismantledBlock", r"attention_(qkv|proj)2?"),
+    ],
     # Transformer MLPs (DiT/ViT fc1/fc2, SD feed-forward with GEGLU) and the residual MLP.
     "mlp": [
         (r"DiTBlock|PreLNBlock", r"fc1|fc2"),
         (r"BasicTransformerBlock", r"dense"),
         (r"GEGLU", r"dense"),
         (r"MLPDenoiser", r"dense_1|dense_2"),
+        # The MMDiT's per-stream MLPs, not the MLPs of its timestep and pooled embeddings.
+        (r"MLP", r"(x|context)_block/mlp/dense[12]"),
     ],
     # adaLN(-Zero) modulation of DiT blocks, DiT's final layer and the residual MLP.
-    "modulation": [(None, r"modulation")],
+    "modulation": [(None, r"modulation"), (r"AdaptiveLayerNormalization", r"dense")],
     # The ADM UNet's residual-block convolutions; every convolution of the KerasCV SD
     # UNet (each is wrapped in a `PaddedConv2D`).
     "conv": [(r"UNetResBlock", r"conv_1|conv_2|skip"), (r"PaddedConv2D", r"conv2d")],
@@ -145,13 +152,13 @@ def eligible_layers(model):
 
 
 def _in_group(group, layer, parent, path):
-    leaf = path.rsplit("/", 1)[-1]
     for parent_pattern, leaf_pattern in TARGET_GROUPS[group]:
         if parent_pattern is not None and not re.fullmatch(
             parent_pattern, type(parent).__name__
         ):
             continue
-        if re.fullmatch(leaf_pattern, leaf):
+        parts = leaf_pattern.count("/") + 1
+        if re.fullmatch(leaf_pattern, "/".join(path.split("/")[-parts:])):
             return True
     return False
 

@@ -352,3 +352,24 @@ def test_sd3_recipe_fine_tunes_the_tiny_preset_through_the_cli(tiny_preset, tmp_
     empty = sd3.StableDiffusion3Encoders(tiny_preset).encode_text([""])[0]
     np.testing.assert_allclose(ops.convert_to_numpy(model.null_context), empty, atol=1e-6)
     assert os.path.exists(os.path.join(run, "samples.png"))
+
+
+def test_lora_default_targets_are_the_joint_blocks_attention_and_mlp(tiny_preset):
+    from keras_minsnr import lora
+
+    backbone = sd3.StableDiffusion3MMDiT(tiny_preset)
+    # The tiny MMDiT has 2 joint blocks; the last block's text stream stops after qkv
+    # (SD3's context_pre_only), so it has no output projection and no MLP.
+    expected = [
+        f"mmdit/joint_blocks/{i}/{stream}/{name}"
+        for i in range(2)
+        for stream in ("context_block", "x_block")
+        for name in ("attention_qkv", "attention_proj", "mlp/dense1", "mlp/dense2")
+        if not (i == 1 and stream == "context_block" and name != "attention_qkv")
+    ]
+    assert sorted(lora.target_layers(backbone)) == sorted(expected)
+    modulation = lora.target_layers(backbone, ["modulation"])
+    assert sorted(modulation) == sorted(
+        [f"mmdit/joint_blocks/{i}/{s}/ada_layer_norm/dense" for i in range(2)
+         for s in ("context_block", "x_block")] + ["mmdit/output_ada_layer_norm/dense"]
+    )
