@@ -276,3 +276,60 @@ def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
     entry.update(speedup=1.5, speedup_interval=[None, None], per_seed={"0": 1.5, "1": None})
     assert "1.50x (no interval: 1 of 2 seeds never reached)" in convergence.table1_markdown(
         summary)
+
+
+# -- bf16 ----------------------------------------------------------------------------------
+
+
+def test_bf16_timing_child_trains_both_policies_in_one_process(monkeypatch):
+    import keras
+
+    import bf16
+    import throughput
+
+    monkeypatch.setitem(throughput.CASES, "dit_tiny", (
+        "dit_s_2", {"image_shape": (8, 8, 2), "num_classes": 3, "depth": 1,
+                    "hidden_size": 32, "num_heads": 2, "patch_size": 2}))
+    result = bf16.timing_child("dit_tiny", batch_size=2, steps=1, warmup=1)
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
+    assert result["step_ms_float32"] > 0 and result["step_ms_mixed_bfloat16"] > 0
+    assert result["speedup_bf16"] == pytest.approx(
+        result["step_ms_float32"] / result["step_ms_mixed_bfloat16"])
+    dtypes = result["dtypes"]
+    assert dtypes["float32"]["compute_dtype"] == "float32"
+    # bf16 runs the backbone only: variables and the loss stay float32 (no loss scaling).
+    assert dtypes["mixed_bfloat16"] == {"variable_dtype": "float32",
+                                        "compute_dtype": "bfloat16",
+                                        "backbone_output_dtype": "float32",
+                                        "loss_dtype": "float32"}
+    for losses in result["losses"].values():
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert len(result["load_average_before"]) == 3
+
+
+def test_bf16_digits_curves_agree_and_are_plotted(tmp_path):
+    import keras
+
+    import bf16
+
+    result = bf16.digits_child(steps=10, log_every=5, seed=0)
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+    curves = result["curves"]
+    assert curves["float32"]["compute_dtype"] == "float32"
+    assert curves["mixed_bfloat16"]["compute_dtype"] == "bfloat16"
+    for curve in curves.values():
+        assert curve["step"] == [5, 10] and all(math.isfinite(v) for v in curve["loss"])
+    summary = bf16.curve_summary(curves)
+    assert summary["max_pointwise_relative_difference"] < 0.01
+    # The summary's arithmetic on planted curves: last-3 means 2 and 2.2.
+    planted = {"float32": {"loss": [9.0, 1.0, 2.0, 3.0]},
+               "mixed_bfloat16": {"loss": [9.0, 1.2, 2.2, 3.2]}}
+    summary = bf16.curve_summary(planted, tail=3)
+    assert summary["final_loss_mean_last_points"]["mixed_bfloat16"] == pytest.approx(2.2)
+    assert summary["relative_difference"] == pytest.approx(0.1)
+    assert summary["max_pointwise_relative_difference"] == pytest.approx(0.2)
+    report = {"log_every": 5, "backends": {keras.backend.backend(): result}}
+    bf16.plot_curves(report, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        bf16.parse_args(["--digits", "--steps", "30", "--log-every", "20"])
