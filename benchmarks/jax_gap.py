@@ -60,14 +60,16 @@ JAX_ONLY = ("donation",)
 TF_ONLY = ("tf_xla",)
 
 
-def build_model(backbone_name, depth, seed=0):
+def build_model(backbone_name, depth, seed=0, backbone_args=None):
     import keras
 
     from keras_minsnr import backbones
     from keras_minsnr.diffusion_model import DiffusionModel
 
     keras.utils.set_random_seed(seed)
-    overrides = {} if depth is None else {"depth": depth}
+    overrides = dict(backbone_args or {})
+    if depth is not None:
+        overrides["depth"] = depth
     backbone = backbones.get(backbone_name, **overrides)
     model = DiffusionModel(backbone, "cosine", prediction_type="epsilon",
                            weighting="min_snr", gamma=5.0, label_dropout=0.1,
@@ -153,7 +155,6 @@ def jax_state(model, batch):
     """The (trainable, non_trainable, optimizer, metrics) values Keras' JAX trainer passes."""
     model.compile(optimizer=__import__("keras").optimizers.AdamW(1e-4))
     model.optimizer.build(model.trainable_variables)
-    model.train_on_batch(batch)  # builds the metrics; the step below is compiled afresh
     return (
         [v.value for v in model.trainable_variables],
         [v.value for v in model.non_trainable_variables],
@@ -165,7 +166,7 @@ def jax_state(model, batch):
 def hlo_mode(args):
     import jax
 
-    model = build_model(args.backbone, args.depth)
+    model = build_model(args.backbone, args.depth, backbone_args=args.backbone_args)
     batch = example_batch(model, args.batch_size)
     state = jax_state(model, batch)
     step = jax.jit(lambda state, data: model.train_step(state, data), donate_argnums=0)
@@ -274,7 +275,7 @@ def ab_mode(args):
         raise SystemExit(f"--ab {lever} is for the {'JAX' if lever in JAX_ONLY else 'TF'} "
                          f"backend; this process runs {backend}.")
     load_before = os.getloadavg()
-    model = build_model(args.backbone, args.depth)
+    model = build_model(args.backbone, args.depth, backbone_args=args.backbone_args)
     batch = example_batch(model, args.batch_size)
     if backend == "jax":
         import jax
@@ -294,7 +295,7 @@ def ab_mode(args):
     else:
         models = {}
         for which in "AB":
-            m = build_model(args.backbone, args.depth)
+            m = build_model(args.backbone, args.depth, backbone_args=args.backbone_args)
             m.compile(optimizer=keras.optimizers.AdamW(1e-4),
                       jit_compile=(lever == "tf_xla" and which == "B"))
             models[which] = m
@@ -347,6 +348,8 @@ def parse_args(argv=None):
     parser.add_argument("--backbone", default="vit_b_2_in256")
     parser.add_argument("--depth", type=int, default=None,
                         help="blocks (default: the preset's; fewer for a quicker A/B)")
+    parser.add_argument("--backbone-args", type=json.loads, default=None,
+                        help='JSON overrides of the preset, e.g. \'{"hidden_size": 64}\'')
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--dump", default=None, help="--hlo: write the HLO text here")

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,3 +334,56 @@ def test_bf16_digits_curves_agree_and_are_plotted(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         bf16.parse_args(["--digits", "--steps", "30", "--log-every", "20"])
+
+
+# -- the JAX gap ---------------------------------------------------------------------------
+
+PLANTED_HLO = """HloModule jit_step, entry_computation_layout={()}
+
+%fused_computation.1 (param_0: f32[4,8]) -> f32[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  ROOT %exp.1 = f32[4,8]{1,0} exponential(%param_0)
+}
+
+ENTRY %main (p0: f32[4,8], p1: f32[8,16]) -> (f32[4,16], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  %constant.3 = f32[] constant(2)
+  %wrapped_broadcast.1 = f32[4,8]{1,0} fusion(%constant.3), kind=kLoop, calls=%fused_computation.2
+  %ynn_fusion.1 = f32[4,8]{1,0} fusion(%p0, %wrapped_broadcast.1, %p1), kind=kCustom, calls=%fused_computation.1
+  %dot.1 = f32[4,16]{1,0} dot(%ynn_fusion.1, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tuple.1 = (f32[4,16]{1,0}, f32[4,8]{1,0}) tuple(%dot.1, %ynn_fusion.1)
+}
+"""
+
+
+def test_hlo_statistics_count_a_planted_module():
+    import jax_gap
+
+    stats = jax_gap.hlo_statistics(PLANTED_HLO)
+    assert stats["opcodes"]["parameter"] == 3 and stats["opcodes"]["fusion"] == 2
+    assert stats["opcodes"]["dot"] == 1 and stats["opcodes"]["exponential"] == 1
+    assert stats["fusions_by_kind"] == {"kLoop": 1, "kCustom": 1}
+    assert stats["largest_fusion_operands"] == 3
+    written = stats["entry_megabytes_written_by_kind"]
+    # 4·8 floats = 128 bytes, 4·16 = 256 bytes; the scalar constant 4 bytes.
+    assert written["dot"]["megabytes"] == round(256 / 1e6, 1)
+    assert written["ynn_fusion (kCustom)"]["count"] == 1
+    broadcasts = stats["scalar_constants_broadcast_to_arrays"]
+    assert broadcasts["count"] == 1 and broadcasts["shapes"] == {"4,8": 1}
+    assert broadcasts["megabytes"] == pytest.approx(128 / 1e6)
+
+
+@pytest.mark.parametrize("lever", ["attention", "layernorm"])
+def test_jax_gap_levers_are_the_same_function(lever):
+    """Each lever's variant B computes the same loss as the library's A (tiny ViT): the
+    A/B compares speed, not different models. (gelu_erf: tests/test_dit.py.)"""
+    import jax_gap
+
+    args = jax_gap.parse_args([
+        "--ab", lever, "--steps", "1", "--batch-size", "2", "--backbone-args",
+        '{"image_shape": [8, 8, 2], "num_classes": 3, "hidden_size": 32, "num_heads": 2,'
+        ' "patch_size": 2}', "--depth", "1"])
+    report = jax_gap.ab_mode(args)
+    assert len(report["ratios_B_over_A"]) == 1 and report["step_ms_A"] > 0
+    np.testing.assert_allclose(report["losses_B"], report["losses_A"], rtol=1e-4)
