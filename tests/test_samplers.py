@@ -11,6 +11,7 @@ denoiser (no network), so these tests are fast.
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -409,15 +410,13 @@ TINY_BACKBONES = {
 
 
 @pytest.mark.skipif(
-    __import__("keras").backend.backend() != "tensorflow",
+    keras.backend.backend() != "tensorflow",
     reason="JAX always compiles with XLA; the choice exists on TensorFlow only",
 )
 @pytest.mark.parametrize("name", sorted(TINY_BACKBONES))
 def test_tensorflow_samples_with_xla_and_equals_sampling_without(name, monkeypatch):
     """generate() compiles its loops with XLA on TensorFlow; the images equal those of
     tf.function without XLA to float32 round-off (XLA fuses and reorders float work)."""
-    import keras
-
     from keras_minsnr import backbones
     from keras_minsnr import backend
     from keras_minsnr import flow
@@ -452,7 +451,7 @@ def test_tensorflow_samples_with_xla_and_equals_sampling_without(name, monkeypat
 
 
 @pytest.mark.skipif(
-    __import__("keras").backend.backend() != "tensorflow",
+    keras.backend.backend() != "tensorflow",
     reason="JAX always compiles with XLA; the fallback exists on TensorFlow only",
 )
 def test_a_function_xla_cannot_compile_runs_without_xla_after_one_warning():
