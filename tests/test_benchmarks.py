@@ -291,7 +291,7 @@ def test_bf16_timing_child_trains_both_policies_in_one_process(monkeypatch):
     monkeypatch.setitem(throughput.CASES, "dit_tiny", (
         "dit_s_2", {"image_shape": (8, 8, 2), "num_classes": 3, "depth": 1,
                     "hidden_size": 32, "num_heads": 2, "patch_size": 2}))
-    result = bf16.timing_child("dit_tiny", batch_size=2, steps=1, warmup=1)
+    result = bf16.timing_child("dit_tiny", batch_size=2, steps=1, warmup=0)
     assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
     assert result["step_ms_float32"] > 0 and result["step_ms_mixed_bfloat16"] > 0
     assert result["speedup_bf16"] == pytest.approx(
@@ -304,7 +304,7 @@ def test_bf16_timing_child_trains_both_policies_in_one_process(monkeypatch):
                                         "backbone_output_dtype": "float32",
                                         "loss_dtype": "float32"}
     for losses in result["losses"].values():
-        assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+        assert len(losses) == 1 and all(math.isfinite(v) for v in losses)
     assert len(result["load_average_before"]) == 3
 
 
@@ -374,10 +374,11 @@ def test_hlo_statistics_count_a_planted_module():
     assert broadcasts["megabytes"] == pytest.approx(128 / 1e6)
 
 
-@pytest.mark.parametrize("lever", ["attention", "layernorm"])
+@pytest.mark.parametrize("lever", ["attention"])
 def test_jax_gap_levers_are_the_same_function(lever):
-    """Each lever's variant B computes the same loss as the library's A (tiny ViT): the
-    A/B compares speed, not different models. (gelu_erf: tests/test_dit.py.)"""
+    """A lever's variant B computes the same loss as the library's A (tiny ViT): the A/B
+    compares speed, not different models. (The GELU forms: tests/test_dit.py; one lever
+    here keeps the test time down.)"""
     import jax_gap
 
     args = jax_gap.parse_args([
