@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr.backend import compile_function
+from keras_minsnr.samplers import run_loop
 from keras_minsnr.schedules import epsilon_sample_or_v
 from keras_minsnr.schedules import gather_steps
 from keras_minsnr.weighting import DEFAULT_MAX_WEIGHT
@@ -320,13 +321,18 @@ def flow_time_grid(num_steps, shift=1.0):
 
 
 def make_flow_step_functions(velocity):
-    """Compiled Euler and Heun steps around a pure ``velocity(params, x, t)``.
+    """Compiled Euler and Heun steps around a pure ``velocity(params, x, t)``: single steps
+    and whole loops.
 
     ``velocity`` gets the current samples ``x`` (B, ...) and the continuous flow time ``t``
     as a float32 tensor of shape (B,), and returns ``dx/dt`` shaped like ``x``. It does
     everything model-specific: classifier-free guidance (``u_uncond + w·(u_cond −
     u_uncond)``), conversion from another prediction type, or mapping ``t`` to integer
     steps with `FlowMatchingSchedule.timestep_index`.
+
+    The ``*_loop`` entries run steps ``start … stop−1`` with `keras.ops.fori_loop`, step
+    ``i`` going from ``t[i]`` to ``t_next[i]`` (float32 tensors of shape ``(num_steps,)``),
+    so a whole run is one compiled call (see `keras_minsnr.samplers.make_step_functions`).
 
     Example (a flow backbone with classifier-free guidance):
     ```python
@@ -356,7 +362,25 @@ def make_flow_step_functions(velocity):
         d_next = velocity(params, x + h * d, batch_t(x, t_next))
         return x + 0.5 * h * (d + d_next)
 
-    return {"euler": compile_function(euler_step), "heun": compile_function(heun_step)}
+    def looped(step):
+        # The discrete samplers' loop signature, so one `run_loop` drives both.
+        def run(params, x, start, stop, scalars, noise):
+            t, t_next = scalars
+
+            def body(i, x):
+                return step(params, x, ops.take(t, i), ops.take(t_next, i))
+
+            return ops.fori_loop(start, stop, body, x)
+
+        run.__name__ = step.__name__ + "_loop"
+        return compile_function(run)
+
+    return {
+        "euler": compile_function(euler_step),
+        "heun": compile_function(heun_step),
+        "euler_loop": looped(euler_step),
+        "heun_loop": looped(heun_step),
+    }
 
 
 def sample_flow(
@@ -369,6 +393,7 @@ def sample_flow(
     seed=None,
     noise=None,
     progress=None,
+    loop=True,
 ):
     """Integrates ``dx/dt = u(x, t)`` from ``t = 1`` (noise) to ``t = 0`` (data).
 
@@ -383,7 +408,12 @@ def sample_flow(
         shift: SD3's time shift of the grid (``> 1`` takes smaller steps near the noise).
         seed: seeds the numpy generator of the starting noise.
         noise: the starting point itself (overrides ``seed``), shaped ``shape``.
-        progress: an optional `keras.utils.Progbar`-like object with ``update(i)``.
+        progress: an optional `keras.utils.Progbar`-like object with ``update(i)``; the
+            looped path updates it once per chunk of steps
+            (`keras_minsnr.samplers.PROGRESS_UPDATES`).
+        loop: ``True`` (default) compiles the loop over steps once (Heun: plus its last
+            Euler step); ``False`` makes one compiled call per step from Python (same
+            samples, for comparison).
 
     Returns:
         float32 numpy samples of ``shape``.
@@ -393,8 +423,20 @@ def sample_flow(
     if noise is None:
         noise = np.random.default_rng(seed).standard_normal(shape)
     x = ops.convert_to_tensor(np.asarray(noise, dtype="float32").reshape(shape))
-    for i in range(len(times) - 1):
-        last = i + 2 == len(times)
+    num_steps = len(times) - 1
+    first = 0
+    if loop:
+        # Heun's last step is an Euler step (below); Euler loops over every step.
+        looped = num_steps if sampler == "euler" else num_steps - 1
+        if looped > 0:
+            scalars = (times[:looped].astype("float32"), times[1 : looped + 1].astype("float32"))
+            x = run_loop(
+                step_functions[sampler + "_loop"], params, x, scalars, looped,
+                lambda m: None, progress,
+            )
+        first = looped
+    for i in range(first, num_steps):
+        last = i + 1 == num_steps
         step = step_functions["euler" if last else sampler]
         x = step(
             params,

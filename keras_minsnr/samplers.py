@@ -204,7 +204,7 @@ def make_step_functions(denoise):
     }
 
 
-def _run_loop(loop_fn, params, x, scalars, num_steps, draw_noise, progress, done=0):
+def run_loop(loop_fn, params, x, scalars, num_steps, draw_noise, progress, done=0):
     """Runs steps ``0 … num_steps−1`` through a compiled loop in equal-length chunks.
 
     ``draw_noise(m)`` returns ``m`` steps of noise stacked on a leading axis (or None for
@@ -302,7 +302,7 @@ def sample(
                     return None
                 return rng.standard_normal((m,) + shape).astype("float32")
 
-            x = _run_loop(
+            x = run_loop(
                 step_functions[sampler + "_loop"], params, x, scalars, len(steps),
                 draw_noise, progress,
             )
@@ -340,7 +340,7 @@ def sample(
                 sigma[:-1].astype("float32"),
                 sigma[1:].astype("float32"),
             )
-            x = _run_loop(
+            x = run_loop(
                 step_functions["edm_heun_loop"], params, x, scalars, last,
                 lambda m: None, progress,
             )

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,3 +277,114 @@ def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
     entry.update(speedup=1.5, speedup_interval=[None, None], per_seed={"0": 1.5, "1": None})
     assert "1.50x (no interval: 1 of 2 seeds never reached)" in convergence.table1_markdown(
         summary)
+
+
+# -- bf16 ----------------------------------------------------------------------------------
+
+
+def test_bf16_timing_child_trains_both_policies_in_one_process(monkeypatch):
+    import keras
+
+    import bf16
+    import throughput
+
+    monkeypatch.setitem(throughput.CASES, "dit_tiny", (
+        "dit_s_2", {"image_shape": (8, 8, 2), "num_classes": 3, "depth": 1,
+                    "hidden_size": 32, "num_heads": 2, "patch_size": 2}))
+    result = bf16.timing_child("dit_tiny", batch_size=2, steps=1, warmup=0)
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
+    assert result["step_ms_float32"] > 0 and result["step_ms_mixed_bfloat16"] > 0
+    assert result["speedup_bf16"] == pytest.approx(
+        result["step_ms_float32"] / result["step_ms_mixed_bfloat16"])
+    dtypes = result["dtypes"]
+    assert dtypes["float32"]["compute_dtype"] == "float32"
+    # bf16 runs the backbone only: variables and the loss stay float32 (no loss scaling).
+    assert dtypes["mixed_bfloat16"] == {"variable_dtype": "float32",
+                                        "compute_dtype": "bfloat16",
+                                        "backbone_output_dtype": "float32",
+                                        "loss_dtype": "float32"}
+    for losses in result["losses"].values():
+        assert len(losses) == 1 and all(math.isfinite(v) for v in losses)
+    assert len(result["load_average_before"]) == 3
+
+
+def test_bf16_digits_curves_agree_and_are_plotted(tmp_path):
+    import keras
+
+    import bf16
+
+    result = bf16.digits_child(steps=10, log_every=5, seed=0)
+    assert keras.mixed_precision.dtype_policy().name == "float32"
+    curves = result["curves"]
+    assert curves["float32"]["compute_dtype"] == "float32"
+    assert curves["mixed_bfloat16"]["compute_dtype"] == "bfloat16"
+    for curve in curves.values():
+        assert curve["step"] == [5, 10] and all(math.isfinite(v) for v in curve["loss"])
+    summary = bf16.curve_summary(curves)
+    assert summary["max_pointwise_relative_difference"] < 0.01
+    # The summary's arithmetic on planted curves: last-3 means 2 and 2.2.
+    planted = {"float32": {"loss": [9.0, 1.0, 2.0, 3.0]},
+               "mixed_bfloat16": {"loss": [9.0, 1.2, 2.2, 3.2]}}
+    summary = bf16.curve_summary(planted, tail=3)
+    assert summary["final_loss_mean_last_points"]["mixed_bfloat16"] == pytest.approx(2.2)
+    assert summary["relative_difference"] == pytest.approx(0.1)
+    assert summary["max_pointwise_relative_difference"] == pytest.approx(0.2)
+    report = {"log_every": 5, "backends": {keras.backend.backend(): result}}
+    bf16.plot_curves(report, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        bf16.parse_args(["--digits", "--steps", "30", "--log-every", "20"])
+
+
+# -- the JAX gap ---------------------------------------------------------------------------
+
+PLANTED_HLO = """HloModule jit_step, entry_computation_layout={()}
+
+%fused_computation.1 (param_0: f32[4,8]) -> f32[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  ROOT %exp.1 = f32[4,8]{1,0} exponential(%param_0)
+}
+
+ENTRY %main (p0: f32[4,8], p1: f32[8,16]) -> (f32[4,16], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  %constant.3 = f32[] constant(2)
+  %wrapped_broadcast.1 = f32[4,8]{1,0} fusion(%constant.3), kind=kLoop, calls=%fused_computation.2
+  %ynn_fusion.1 = f32[4,8]{1,0} fusion(%p0, %wrapped_broadcast.1, %p1), kind=kCustom, calls=%fused_computation.1
+  %dot.1 = f32[4,16]{1,0} dot(%ynn_fusion.1, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tuple.1 = (f32[4,16]{1,0}, f32[4,8]{1,0}) tuple(%dot.1, %ynn_fusion.1)
+}
+"""
+
+
+def test_hlo_statistics_count_a_planted_module():
+    import jax_gap
+
+    stats = jax_gap.hlo_statistics(PLANTED_HLO)
+    assert stats["opcodes"]["parameter"] == 3 and stats["opcodes"]["fusion"] == 2
+    assert stats["opcodes"]["dot"] == 1 and stats["opcodes"]["exponential"] == 1
+    assert stats["fusions_by_kind"] == {"kLoop": 1, "kCustom": 1}
+    assert stats["largest_fusion_operands"] == 3
+    written = stats["entry_megabytes_written_by_kind"]
+    # 4·8 floats = 128 bytes, 4·16 = 256 bytes; the scalar constant 4 bytes.
+    assert written["dot"]["megabytes"] == round(256 / 1e6, 1)
+    assert written["ynn_fusion (kCustom)"]["count"] == 1
+    broadcasts = stats["scalar_constants_broadcast_to_arrays"]
+    assert broadcasts["count"] == 1 and broadcasts["shapes"] == {"4,8": 1}
+    assert broadcasts["megabytes"] == pytest.approx(128 / 1e6)
+
+
+@pytest.mark.parametrize("lever", ["attention"])
+def test_jax_gap_levers_are_the_same_function(lever):
+    """A lever's variant B computes the same loss as the library's A (tiny ViT): the A/B
+    compares speed, not different models. (The GELU forms: tests/test_dit.py; one lever
+    here keeps the test time down.)"""
+    import jax_gap
+
+    args = jax_gap.parse_args([
+        "--ab", lever, "--steps", "1", "--batch-size", "2", "--backbone-args",
+        '{"image_shape": [8, 8, 2], "num_classes": 3, "hidden_size": 32, "num_heads": 2,'
+        ' "patch_size": 2}', "--depth", "1"])
+    report = jax_gap.ab_mode(args)
+    assert len(report["ratios_B_over_A"]) == 1 and report["step_ms_A"] > 0
+    np.testing.assert_allclose(report["losses_B"], report["losses_A"], rtol=1e-4)

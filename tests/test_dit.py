@@ -490,3 +490,26 @@ def _assert_independent_draws(model):
         for other, other_values in seen.get(values.shape, []):
             assert not np.array_equal(values, other_values), (w.path, other)
         seen.setdefault(values.shape, []).append((w.path, values))
+
+
+def test_gelu_matches_float64_and_the_exact_form_avoids_erfc():
+    """Exact GELU x·Φ(x) = x/2·(1 + erf(x/√2)) and the tanh form, against float64; on JAX
+    the exact form goes through erf: jax.nn.gelu's erfc expands on XLA:CPU into a
+    polynomial whose constants become full-size arrays under the YNN fusion flag."""
+    from keras_minsnr.backbones import layers
+
+    x = np.concatenate([np.linspace(-9.0, 9.0, 721), [0.0, 1e-4, -1e-4]]).astype("float32")
+    xd = x.astype(np.float64)
+    exact = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in xd])
+    tanh = 0.5 * xd * (1 + np.tanh(math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3)))
+    got = keras.ops.convert_to_numpy(layers.gelu(x, approximate=False))
+    # 1 + erf (and 1 + tanh) cancel for x < −5, where |x·Φ(x)| < 2e-6: an absolute error
+    # below 1e-6 there, in float32 (TensorFlow's own gelu is the same formula).
+    np.testing.assert_allclose(got, exact, rtol=2e-6, atol=1e-6)
+    got = keras.ops.convert_to_numpy(layers.gelu(x, approximate=True))
+    np.testing.assert_allclose(got, tanh, rtol=2e-6, atol=1e-6)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jaxpr = str(jax.make_jaxpr(lambda v: layers.gelu(v, approximate=False))(x))
+        assert " erf " in jaxpr and "erfc" not in jaxpr

@@ -357,3 +357,79 @@ def test_time_grid_is_shifted_from_one_to_zero():
     np.testing.assert_allclose(grid, want, rtol=1e-15)
     with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got 0"):
         flow.flow_time_grid(0)
+
+
+# -- the compiled loop ----------------------------------------------------------------------
+
+
+def wavy_velocity(params, x, t):
+    """Not affine in x or t, so a wrong time, step or step count changes the result."""
+    scale = params
+    t = ops.reshape(t, (-1,) + (1,) * (len(x.shape) - 1))
+    return scale * (ops.sin(2.0 * x + 3.0 * t) - x)
+
+
+def wavy_reference(x, sampler, num_steps, shift, scale):
+    """Euler / Heun (last step Euler) in float64 numpy, written from the formulas."""
+    u = lambda x, t: scale * (np.sin(2.0 * x + 3.0 * t) - x)  # noqa: E731
+    grid = [shift * s / (1 + (shift - 1) * s) for s in np.linspace(1.0, 0.0, num_steps + 1)]
+    for k in range(num_steps):
+        t, t_next = grid[k], grid[k + 1]
+        h, d = t_next - t, u(x, t)
+        if sampler == "euler" or k == num_steps - 1:
+            x = x + h * d
+        else:
+            x = x + 0.5 * h * (d + u(x + h * d, t_next))
+    return x
+
+
+class CountingProgress:
+    def __init__(self):
+        self.seen = []
+
+    def update(self, current):
+        self.seen.append(current)
+
+
+@pytest.mark.parametrize("sampler", flow.FLOW_SAMPLERS)
+@pytest.mark.parametrize("num_steps", [1, 2, 9])
+def test_compiled_loop_and_per_step_path_match_the_float64_reference(sampler, num_steps):
+    steps = flow.make_flow_step_functions(wavy_velocity)
+    shape = (3, 4, 2)
+    noise = np.random.default_rng(4).standard_normal(shape)
+    scale = ops.convert_to_tensor(0.7, "float32")
+    want = wavy_reference(noise, sampler, num_steps, 3.0, 0.7)
+    for loop in (True, False):
+        for progress in (None, CountingProgress()):
+            x = flow.sample_flow(steps, scale, shape, sampler, num_steps, shift=3.0,
+                                 noise=noise, progress=progress, loop=loop)
+            assert x.dtype == np.float32 and x.shape == shape
+            np.testing.assert_allclose(x, want, rtol=0, atol=2e-5)
+            if progress is not None:
+                assert progress.seen[-1] == num_steps
+                assert progress.seen == sorted(set(progress.seen))
+
+
+def test_flow_sampling_is_one_compiled_loop_not_one_call_per_step(monkeypatch):
+    """Euler: one compiled call for any number of steps; Heun: its loop and the last
+    (Euler) step."""
+    real_compile = flow.compile_function
+    calls = []
+
+    def counting_compile(fn):
+        compiled = real_compile(fn)
+
+        def call(*args):
+            calls.append(fn.__name__)
+            return compiled(*args)
+
+        return call
+
+    monkeypatch.setattr(flow, "compile_function", counting_compile)
+    steps = flow.make_flow_step_functions(wavy_velocity)
+    scale = ops.convert_to_tensor(0.5, "float32")
+    for sampler, expected in (("euler", ["euler_step_loop"]),
+                              ("heun", ["heun_step_loop", "euler_step"])):
+        calls.clear()
+        flow.sample_flow(steps, scale, (2, 3), sampler, num_steps=30, seed=0)
+        assert calls == expected, (sampler, calls)

@@ -11,6 +11,7 @@ denoiser (no network), so these tests are fast.
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -392,3 +393,84 @@ def test_noisy_loop_runs_in_chunks_that_bound_the_pre_drawn_noise(monkeypatch):
         step_functions, None, schedule, shape, sampler="ddpm", num_steps=11, seed=3
     )
     np.testing.assert_allclose(looped, reference, rtol=0, atol=2e-5)
+
+
+# -- XLA on TensorFlow --------------------------------------------------------------------
+
+TINY_BACKBONES = {
+    "dit": ("dit_s_2", dict(image_shape=(8, 8, 2), num_classes=3, depth=1, hidden_size=32,
+                            num_heads=2, patch_size=2)),
+    "vit": ("vit_b_2_in256", dict(image_shape=(8, 8, 2), num_classes=3, depth=1,
+                                  hidden_size=32, num_heads=2, patch_size=2)),
+    "unet": ("unet_cifar10", dict(image_shape=(8, 8, 2), num_classes=3, base_channels=8,
+                                  channel_multipliers=(1, 2), num_res_blocks=1,
+                                  attention_resolutions=(4,), dropout=0.0, num_groups=4)),
+    "mlp": ("mlp_digits", dict(image_shape=(8, 8, 2), num_classes=3)),
+}
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="JAX always compiles with XLA; the choice exists on TensorFlow only",
+)
+@pytest.mark.parametrize("name", sorted(TINY_BACKBONES))
+def test_tensorflow_samples_with_xla_and_equals_sampling_without(name, monkeypatch):
+    """generate() compiles its loops with XLA on TensorFlow; the images equal those of
+    tf.function without XLA to float32 round-off (XLA fuses and reorders float work)."""
+    from keras_minsnr import backbones
+    from keras_minsnr import backend
+    from keras_minsnr import flow
+
+    preset, overrides = TINY_BACKBONES[name]
+    keras.utils.set_random_seed(0)
+    backbone = backbones.get(preset, **overrides)
+    # Non-zero output weights (the presets start at zero), so the network shapes the images.
+    for v in backbone.trainable_variables:
+        v.assign(np.random.default_rng(1).standard_normal(v.shape).astype("float32") * 0.05)
+    schedule = "flow" if name == "mlp" else "cosine"
+    if schedule == "flow":
+        schedule = flow.FlowMatchingSchedule(1000)
+    model = kms.DiffusionModel(backbone, schedule, ema_decay=0.0,
+                               prediction_type="flow" if name == "mlp" else "epsilon")
+    kwargs = dict(labels=[0, 1, 2], num_steps=6, seed=3, guidance_scale=2.0)
+    # One loop per backbone keeps the XLA compiles few (they are slow on TensorFlow).
+    samplers_to_check = ("heun",) if name == "mlp" else ("ddim",)
+    with_xla = {s: model.generate(sampler=s, **kwargs) for s in samplers_to_check}
+    compiled = model._flow_step_functions if name == "mlp" else model._step_functions
+    loop = compiled[samplers_to_check[0] + "_loop"]
+    assert getattr(loop, "uses_xla", False) is True
+
+    plain = lambda fn: backend.compile_function(fn, jit_compile=False)  # noqa: E731
+    monkeypatch.setattr(samplers, "compile_function", plain)
+    monkeypatch.setattr(flow, "compile_function", plain)
+    model._step_functions = model._flow_step_functions = None
+    for sampler, images in with_xla.items():
+        without = model.generate(sampler=sampler, **kwargs)
+        assert np.all(np.isfinite(images)) and np.abs(images).max() > 0.1
+        np.testing.assert_allclose(images, without, rtol=0, atol=1e-4 * np.abs(without).max())
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="JAX always compiles with XLA; the fallback exists on TensorFlow only",
+)
+def test_a_function_xla_cannot_compile_runs_without_xla_after_one_warning():
+    import tensorflow as tf
+
+    from keras_minsnr import backend
+
+    def host_square(x):  # a host callback: XLA has no kernel for it
+        return tf.numpy_function(lambda a: a * a, [x], tf.float32) + 1.0
+
+    compiled = backend.compile_function(host_square)
+    with pytest.warns(UserWarning, match="XLA cannot compile host_square"):
+        out = compiled(tf.constant([2.0, 3.0]))
+    np.testing.assert_array_equal(out.numpy(), [5.0, 10.0])
+    assert compiled.uses_xla is False
+    np.testing.assert_array_equal(compiled(tf.constant([4.0])).numpy(), [17.0])
+    # Errors that are not XLA's still reach the caller.
+    bad = backend.compile_function(lambda x: tf.reshape(x, (3,)))
+    bad.__name__ = "bad"
+    with pytest.raises(ValueError, match="Cannot reshape"):
+        bad(tf.constant([1.0, 2.0]))
+    assert bad.uses_xla is True

@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_minsnr.backbones import initializers
 from keras_minsnr.backbones.layers import TimestepEmbedding
+from keras_minsnr.backbones.layers import gelu
 
 CONDITIONING_MODES = ("adaln_zero", "in_context")
 TIMESTEP_EMBEDDINGS = ("mlp", "table")
@@ -226,7 +227,7 @@ class _TransformerBlockBase(keras.layers.Layer):
         self.fc2.build((None, None, self.mlp_hidden))
 
     def _mlp(self, x):
-        return self.fc2(ops.gelu(self.fc1(x), approximate=self._gelu_approximate))
+        return self.fc2(gelu(self.fc1(x), approximate=self._gelu_approximate))
 
     def _config(self):
         config = super().get_config()

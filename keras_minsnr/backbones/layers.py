@@ -8,6 +8,19 @@ from keras import ops
 from keras_minsnr.backbones import initializers
 
 
+def gelu(x, approximate=False):
+    """GELU: ``x·Φ(x) = x/2·(1 + erf(x/√2))``, or its tanh approximation.
+
+    The same function as `keras.ops.gelu`, but the exact form is written with ``erf``:
+    ``jax.nn.gelu`` uses ``erfc``, which XLA:CPU expands into a rational polynomial whose
+    ~30 scalar constants become full-size arrays under the YNN fusion flag (a third of the
+    memory traffic of a ViT-B train step; see docs/performance.md).
+    """
+    if approximate:
+        return ops.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + ops.erf(x * math.sqrt(0.5)))
+
+
 def sinusoidal_embedding(t, dim, max_period=10000.0):
     """Sinusoidal features of integer timesteps, shape ``(B,) -> (B, dim)``.
 
