@@ -420,7 +420,9 @@ def _copy_mmdit(mmdit, latent_shape=None, dtype=None):
         config["dtype"] = keras.dtype_policies.serialize(keras.dtype_policies.get(dtype))
     copy = type(mmdit).from_config(config)
     for target, source in zip(copy.weights, mmdit.weights):
-        target.assign(ops.cast(source, target.dtype))
+        # Through the host: a cast to the same dtype may hand back the very same JAX
+        # buffer, which fit() then donates out from under the shared preset.
+        target.assign(ops.cast(ops.convert_to_numpy(source), target.dtype))
     return copy
 
 
