@@ -14,6 +14,7 @@ from keras import ops
 import keras_minsnr as kms
 from keras_minsnr import flow
 from keras_minsnr.flow import FlowMatchingSchedule
+from tests.test_samplers import count_compiled_calls
 
 
 def reference_times(T, shift):
@@ -413,19 +414,7 @@ def test_compiled_loop_and_per_step_path_match_the_float64_reference(sampler, nu
 def test_flow_sampling_is_one_compiled_loop_not_one_call_per_step(monkeypatch):
     """Euler: one compiled call for any number of steps; Heun: its loop and the last
     (Euler) step."""
-    real_compile = flow.compile_function
-    calls = []
-
-    def counting_compile(fn):
-        compiled = real_compile(fn)
-
-        def call(*args):
-            calls.append(fn.__name__)
-            return compiled(*args)
-
-        return call
-
-    monkeypatch.setattr(flow, "compile_function", counting_compile)
+    calls = count_compiled_calls(monkeypatch, flow)
     steps = flow.make_flow_step_functions(wavy_velocity)
     scale = ops.convert_to_tensor(0.5, "float32")
     for sampler, expected in (("euler", ["euler_step_loop"]),

@@ -6,7 +6,6 @@ and the learning-rate warm-up all count updates. The runs are the digits recipe 
 one-block MLP of width 16 and micro-batches of 8, as in tests/test_reliability.py.
 """
 
-import csv
 import json
 import os
 import shutil
@@ -22,9 +21,12 @@ import keras_minsnr as kms
 from keras_minsnr import checkpointing
 from keras_minsnr import cli
 from keras_minsnr import training
-from tests.test_diffusion_model import fixed_batch
 from tests import test_reliability
+from tests.test_diffusion_model import fixed_batch
 from tests.test_diffusion_model import numpy_loss_and_grads
+from tests.test_reliability import _rows
+from tests.test_reliability import _state
+from tests.test_reliability import _weights as _variables
 from tests.tiny_backbones import PixelLinearBackbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,23 +45,6 @@ def _config(**overrides):
     from recipes.digits import RECIPE
 
     return training.resolve_config(RECIPE, {**TINY, "steps": 3, "grad_accum": 2, **overrides})
-
-
-def _variables(model):
-    """Weights, EMA and optimizer state (slots, accumulators, call counter) as float64."""
-    values = [*model.trainable_variables, *model.non_trainable_variables,
-              *model.optimizer.variables]
-    return [np.asarray(ops.convert_to_numpy(v), dtype="float64") for v in values]
-
-
-def _rows(run):
-    with open(os.path.join(run, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def _state(run):
-    with open(os.path.join(run, "checkpoints", "state.json")) as f:
-        return json.load(f)
 
 
 def _calls(optimizer):

@@ -350,10 +350,10 @@ def test_compiled_loop_gives_the_per_step_images(sampler, num_steps, kwargs, wit
         assert progress.seen == sorted(set(progress.seen)) and len(progress.seen) >= min(total, 2)
 
 
-def test_sampling_is_one_compiled_call_not_one_per_step(monkeypatch):
-    """Without a progress bar the loop over steps runs inside one compiled call (EDM: plus
-    its last Euler step), however many steps there are."""
-    real_compile = samplers.compile_function
+def count_compiled_calls(monkeypatch, module):
+    """Makes `module.compile_function` record the name of each compiled function called
+    (in the returned list)."""
+    real_compile = module.compile_function
     calls = []
 
     def counting_compile(fn):
@@ -365,7 +365,14 @@ def test_sampling_is_one_compiled_call_not_one_per_step(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(samplers, "compile_function", counting_compile)
+    monkeypatch.setattr(module, "compile_function", counting_compile)
+    return calls
+
+
+def test_sampling_is_one_compiled_call_not_one_per_step(monkeypatch):
+    """Without a progress bar the loop over steps runs inside one compiled call (EDM: plus
+    its last Euler step), however many steps there are."""
+    calls = count_compiled_calls(monkeypatch, samplers)
     schedule = kms.NoiseSchedule("cosine", num_timesteps=T)
     step_functions = samplers.make_step_functions(nonlinear_denoise)
     for sampler, num_steps, expected in (("ddim", 40, 1), ("ddpm", 40, 1), ("edm_heun", 30, 2)):
