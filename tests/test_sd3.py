@@ -13,12 +13,12 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
-from PIL import Image
 
 import keras_minsnr as kms
 from keras_minsnr import training
 from keras_minsnr.backbones import sd3
 from keras_minsnr.cli import main
+from tests.test_recipes import _caption_folder as caption_folder
 
 IMAGE_SIZE = 32  # pixels; latents are 4x4x16
 SEQUENCE_LENGTH = 8  # CLIP tokens; the context has 2 x 8 rows (no T5) + 1 pooled row
@@ -314,7 +314,7 @@ def test_sd3_run_builds_the_backbone_for_its_flow_schedule(tiny_preset):
 def test_sd3_recipe_with_an_uncached_preset_fails_before_encoding(tmp_path, capsys,
                                                                  offline_kaggle):
     folder = str(tmp_path / "captions")
-    _caption_folder(folder, count=2)
+    caption_folder(folder, count=2, side=IMAGE_SIZE)
     code = main(["train", "sd3_captions", "--output-dir", str(tmp_path / "run"),
                  "--set", f"data={tmp_path / 'cache'}", "--set", f"encode.source={folder}"])
     assert code == 2
@@ -323,20 +323,10 @@ def test_sd3_recipe_with_an_uncached_preset_fails_before_encoding(tmp_path, caps
     assert not os.path.exists(tmp_path / "cache" / "manifest.json")
 
 
-def _caption_folder(root, count=4, side=IMAGE_SIZE):
-    os.makedirs(root)
-    rng = np.random.default_rng(2)
-    with open(os.path.join(root, "metadata.jsonl"), "w") as f:
-        for i in range(count):
-            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, f"{i}.png"))
-            f.write(json.dumps({"file_name": f"{i}.png", "text": "the cat " * (i + 1)}) + "\n")
-
-
 @pytest.mark.large
 def test_sd3_recipe_fine_tunes_the_tiny_preset_through_the_cli(tiny_preset, tmp_path, capsys):
     folder, cache, run = (str(tmp_path / n) for n in ("captions", "cache", "run"))
-    _caption_folder(folder)
+    caption_folder(folder, side=IMAGE_SIZE)
     code = main([
         "train", "sd3_captions", "--output-dir", run, "--set", f"data={cache}",
         "--set", f"encode.source={folder}", "--set", f"encode.source_args.image_size={IMAGE_SIZE}",
