@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr.backend import compile_function
+from keras_minsnr.samplers import compiled_loop
 from keras_minsnr.samplers import run_loop
 from keras_minsnr.schedules import epsilon_sample_or_v
 from keras_minsnr.schedules import gather_steps
@@ -362,24 +363,11 @@ def make_flow_step_functions(velocity):
         d_next = velocity(params, x + h * d, batch_t(x, t_next))
         return x + 0.5 * h * (d + d_next)
 
-    def looped(step):
-        # The discrete samplers' loop signature, so one `run_loop` drives both.
-        def run(params, x, start, stop, scalars, noise):
-            t, t_next = scalars
-
-            def body(i, x):
-                return step(params, x, ops.take(t, i), ops.take(t_next, i))
-
-            return ops.fori_loop(start, stop, body, x)
-
-        run.__name__ = step.__name__ + "_loop"
-        return compile_function(run)
-
     return {
         "euler": compile_function(euler_step),
         "heun": compile_function(heun_step),
-        "euler_loop": looped(euler_step),
-        "heun_loop": looped(heun_step),
+        "euler_loop": compiled_loop(euler_step),
+        "heun_loop": compiled_loop(heun_step),
     }
 
 

@@ -143,6 +143,27 @@ def loop_chunk_size(num_steps, shape, noisy, progress):
     return size
 
 
+def compiled_loop(step, noisy=False):
+    """``step`` run over steps ``start … stop−1`` as one compiled `keras.ops.fori_loop`.
+
+    The result is called as ``run(params, x, start, stop, scalars, noise)``: step ``i``
+    gets ``scalars[k][i]`` for each ``k`` and, when ``noisy``, ``noise[i − start]``
+    (``noise=None``: zero). Discrete and flow samplers share it, so `run_loop` drives both.
+    """
+
+    def run(params, x, start, stop, scalars, noise):
+        def body(i, x):
+            args = [ops.take(s, i) for s in scalars]
+            if noisy:
+                args.append(0.0 if noise is None else ops.take(noise, i - start, axis=0))
+            return step(params, x, *args)
+
+        return ops.fori_loop(start, stop, body, x)
+
+    run.__name__ = step.__name__ + "_loop"
+    return compile_function(run)
+
+
 def make_step_functions(denoise):
     """Compiled samplers sharing one traced ``denoise``: single steps and whole loops.
 
@@ -179,28 +200,14 @@ def make_step_functions(denoise):
         d = (x - edm_denoised(params, x, t, alpha)) / sigma
         return x + (sigma_next - sigma) * d
 
-    def looped(step, noisy):
-        def run(params, x, start, stop, scalars, noise):
-            def body(i, x):
-                args = [ops.take(s, i) for s in scalars]
-                if noisy:
-                    z = 0.0 if noise is None else ops.take(noise, i - start, axis=0)
-                    args.append(z)
-                return step(params, x, *args)
-
-            return ops.fori_loop(start, stop, body, x)
-
-        run.__name__ = step.__name__ + "_loop"
-        return compile_function(run)
-
     return {
         "ddim": compile_function(ddim_step),
         "ddpm": compile_function(ddpm_step),
         "edm_heun": compile_function(heun_step),
         "edm_euler": compile_function(euler_step),
-        "ddim_loop": looped(ddim_step, noisy=True),
-        "ddpm_loop": looped(ddpm_step, noisy=True),
-        "edm_heun_loop": looped(heun_step, noisy=False),
+        "ddim_loop": compiled_loop(ddim_step, noisy=True),
+        "ddpm_loop": compiled_loop(ddpm_step, noisy=True),
+        "edm_heun_loop": compiled_loop(heun_step, noisy=False),
     }
 
 

@@ -13,6 +13,7 @@ from keras import ops
 
 import keras_minsnr as kms
 from keras_minsnr import flow
+from keras_minsnr import samplers
 from keras_minsnr.flow import FlowMatchingSchedule
 from tests.test_samplers import count_compiled_calls
 
@@ -414,7 +415,7 @@ def test_compiled_loop_and_per_step_path_match_the_float64_reference(sampler, nu
 def test_flow_sampling_is_one_compiled_loop_not_one_call_per_step(monkeypatch):
     """Euler: one compiled call for any number of steps; Heun: its loop and the last
     (Euler) step."""
-    calls = count_compiled_calls(monkeypatch, flow)
+    calls = count_compiled_calls(monkeypatch, flow, samplers)
     steps = flow.make_flow_step_functions(wavy_velocity)
     scale = ops.convert_to_tensor(0.5, "float32")
     for sampler, expected in (("euler", ["euler_step_loop"]),

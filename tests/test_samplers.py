@@ -350,11 +350,17 @@ def test_compiled_loop_gives_the_per_step_images(sampler, num_steps, kwargs, wit
         assert progress.seen == sorted(set(progress.seen)) and len(progress.seen) >= min(total, 2)
 
 
-def count_compiled_calls(monkeypatch, module):
-    """Makes `module.compile_function` record the name of each compiled function called
-    (in the returned list)."""
-    real_compile = module.compile_function
+def count_compiled_calls(monkeypatch, *modules):
+    """Makes each module's `compile_function` record the name of each compiled function
+    called (in the returned list)."""
     calls = []
+    for module in modules:
+        _record_compiled_calls(monkeypatch, module, calls)
+    return calls
+
+
+def _record_compiled_calls(monkeypatch, module, calls):
+    real_compile = module.compile_function
 
     def counting_compile(fn):
         compiled = real_compile(fn)
@@ -366,7 +372,6 @@ def count_compiled_calls(monkeypatch, module):
         return call
 
     monkeypatch.setattr(module, "compile_function", counting_compile)
-    return calls
 
 
 def test_sampling_is_one_compiled_call_not_one_per_step(monkeypatch):
