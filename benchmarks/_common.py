@@ -54,7 +54,8 @@ def device_peak_mb(backend):
 
 
 def device_description(backend):
-    """The GPU's name, or the CPU model and core count."""
+    """The GPU's name, or the CPU model and core count with the load average right now
+    (CPU figures are only comparable between runs at a similar load)."""
     gpu = gpu_name(backend)
     cpu = platform.processor() or platform.machine()
     try:
@@ -65,7 +66,9 @@ def device_description(backend):
                     break
     except OSError:
         pass
-    return gpu or f"CPU: {cpu}, {os.cpu_count()} cores (shared, noisy machine)"
+    if gpu:
+        return gpu
+    return f"CPU: {cpu}, {os.cpu_count()} cores (1-min load {os.getloadavg()[0]:.1f} at report time)"
 
 
 def run_child(script, backend, arguments, cwd):
