@@ -371,6 +371,17 @@ class DiffusionModel(keras.Model):
         """The EMA variables (see `ExponentialMovingAverage`); empty without an EMA."""
         return list(self.ema.averages) if self.ema is not None else []
 
+    def load_own_variables(self, store):
+        own = self._trainable_variables + self._non_trainable_variables
+        if self.ema is not None and len(store.keys()) == len(own) + len(self.ema.averages):
+            # A file from before the EMA was its own sub-layer (e4ee228) kept the copies as
+            # this model's weights, after its own, in the same order.
+            for i, variable in enumerate(own + self.ema.averages):
+                variable.assign(store[f"{i}"])
+            self.ema.loaded_by_parent = True
+            return
+        super().load_own_variables(store)
+
     def reset_ema(self):
         """Copies the backbone's current weights into the EMA.
 

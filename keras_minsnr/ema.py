@@ -50,6 +50,7 @@ class ExponentialMovingAverage(keras.layers.Layer):
         self.weight_indices = []
         self._sources = _Sources()
         self._index_of = {}
+        self.loaded_by_parent = False  # set by DiffusionModel reading an older file
         self.built = True
 
     def track(self, backbone, indices=None):
@@ -142,6 +143,11 @@ class ExponentialMovingAverage(keras.layers.Layer):
             ops.cast(decay, a.dtype) * a + ops.cast(1.0 - decay, a.dtype) * ops.cast(w, a.dtype)
             for a, w in zip(averages, weights)
         ]
+
+    def load_own_variables(self, store):
+        if self.loaded_by_parent and not len(store.keys()):
+            return
+        super().load_own_variables(store)
 
     def get_config(self):
         return {**super().get_config(), "decay": self.decay, "warmup": self.warmup}

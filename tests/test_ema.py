@@ -110,3 +110,25 @@ def test_generate_uses_the_average_of_trainable_weights_only():
     got = [ops.convert_to_numpy(v) for v in non_trainable]
     for want in frozen:
         assert any(g.shape == want.shape and np.array_equal(g, want) for g in got)
+
+
+def test_a_file_saved_before_the_ema_became_a_sub_layer_loads_with_its_averages():
+    """Before e4ee228 the EMA copies were the DiffusionModel's own weights; such a file
+    (written by that code, see tests/data/make_ema_before_e4ee228.py) loads with every
+    average on its weight, and trains on."""
+    import os
+
+    folder = os.path.join(os.path.dirname(__file__), "data")
+    model = keras.models.load_model(os.path.join(folder, "ema_before_e4ee228.keras"))
+    saved = np.load(os.path.join(folder, "ema_before_e4ee228.npz"))
+    arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    weights = model.backbone.trainable_variables
+    assert len(arrays) == 2 * len(weights)
+    for k, w in enumerate(weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(w), arrays[len(weights) + k])
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(model.ema.average_of(w)), arrays[k], err_msg=w.path)
+    assert any(not np.array_equal(a, b) for a, b in zip(arrays[:len(weights)],
+                                                         arrays[len(weights):]))
+    model.fit(one_batch(), batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(model.generate(labels=[3], num_steps=2, seed=0)).all()
