@@ -488,8 +488,71 @@ def summarise(rows, runs, method="t"):
         run: {"steps": s, "fid": f} for run, (s, f) in sorted(curves.items())
     }
     result["fid_intervals"] = bands
+    result["paired_differences"] = paired_differences(
+        rows, paired_plan([name for name, *_ in runs if name in curves]), method)
     result["interval_method"] = INTERVAL_DESCRIPTIONS[method]
     return result
+
+
+def paired_plan(names):
+    """The paired comparisons of a plan's run names: each target's ``min_snr_5`` against
+    its ``constant``, and on x₀ against every other x₀ weighting of the Table-1 ablation."""
+    pairs = []
+    for target in TARGETS:
+        mine, base = f"{target}/min_snr_5", f"{target}/constant"
+        if mine not in names:
+            continue
+        if base in names:
+            pairs.append((mine, base))
+        if target == SWEEP_TARGET:
+            pairs.extend((mine, other) for other in names
+                         if other.startswith(target + "/") and other not in (mine, base))
+    return pairs
+
+
+def paired_differences(rows, pairs, method="t"):
+    """``{"a - b": {"steps", "mean", "low", "high", "per_seed"}}``: FID(a) − FID(b).
+
+    A seed's runs share initial weights, batches, noise and sampling seed, so the
+    difference is taken within each seed (what the seeds share cancels) and the interval
+    is over the seeds' differences; negative means ``a`` has the lower (better) FID.
+    """
+    by_run = _by_run_step(rows)
+    result = {}
+    for a, b in pairs:
+        if a not in by_run or b not in by_run:
+            continue
+        entry = {"steps": [], "mean": [], "low": [], "high": [], "per_seed": []}
+        for step in sorted(set(by_run[a]) & set(by_run[b])):
+            seeds = sorted(set(by_run[a][step]) & set(by_run[b][step]))
+            per_seed = {str(k): by_run[a][step][k] - by_run[b][step][k] for k in seeds}
+            mean, low, high = interval(list(per_seed.values()), method)
+            for key, value in (("steps", step), ("mean", mean), ("low", low),
+                               ("high", high), ("per_seed", per_seed)):
+                entry[key].append(value)
+        result[f"{a} - {b}"] = entry
+    return result
+
+
+def paired_markdown(summary):
+    """The paired differences as markdown: one row per pair, first and last checkpoint."""
+    pairs = summary.get("paired_differences") or {}
+    if not pairs:
+        return ""
+    first = next(iter(pairs.values()))["steps"]
+    lines = [
+        f"| FID difference, taken seed by seed | at step {first[0]} (95% "
+        f"interval) | at step {first[-1]} (95% interval) |",
+        "|---|---:|---:|",
+    ]
+    for name, entry in pairs.items():
+        a, b = name.split(" - ")
+        target = _TARGET_LABELS.get(a.split("/")[0], a.split("/")[0])
+        cells = [_with_interval(entry["mean"][i], [entry["low"][i], entry["high"][i]])
+                 for i in (0, -1)]
+        lines.append(f"| {target} `{a.split('/', 1)[1]}` − `{b.split('/', 1)[1]}` | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 INTERVAL_DESCRIPTIONS = {
@@ -734,7 +797,10 @@ def main(argv=None):
         return resummarise(args.output_dir, args.stem, args.interval)
     if args.table:
         with open(os.path.join(args.output_dir, args.stem + ".json")) as f:
-            print(table1_markdown(json.load(f)), end="")
+            summary = json.load(f)
+        print(table1_markdown(summary), end="")
+        if summary.get("paired_differences"):
+            print("\n" + paired_markdown(summary), end="")
         return 0
     import keras
 

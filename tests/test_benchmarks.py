@@ -200,6 +200,46 @@ def test_fid_bands_and_summary_intervals_on_planted_curves():
     assert "3.4x" in table and "2303.09556" in table
 
 
+def test_paired_differences_are_taken_within_each_seed():
+    """Each seed's runs share initial weights, batches and noise: the difference of two
+    runs is taken seed by seed, and the interval is over those differences."""
+    fids = {  # run -> seed -> FIDs at steps 100, 200
+        "sample/constant": {0: (40.0, 20.0), 1: (50.0, 30.0), 2: (60.0, 40.0)},
+        "sample/snr": {0: (45.0, 35.0), 1: (55.0, 45.0), 2: (65.0, 55.0)},
+        "sample/min_snr_5": {0: (30.0, 21.0), 1: (40.0, 33.0), 2: (50.0, 42.0)},
+        "epsilon/constant": {0: (9.0, 8.0), 1: (9.0, 8.0), 2: (9.0, 8.0)},
+    }
+    rows = [
+        {"seed": seed, "run": run, "target": run.split("/")[0], "weighting": "",
+         "gamma": "", "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0,
+         "train_seconds": 1.0}
+        for run, per_seed in fids.items()
+        for seed, values in per_seed.items()
+        for step, fid in zip((100, 200), values)
+    ]
+    names = list(fids)
+    assert convergence.paired_plan(names) == [
+        ("sample/min_snr_5", "sample/constant"), ("sample/min_snr_5", "sample/snr")]
+    result = convergence.paired_differences(rows, convergence.paired_plan(names))
+    vs_constant = result["sample/min_snr_5 - sample/constant"]
+    # Step 100: −10 on every seed, an interval of width 0 (the seeds' spread cancels).
+    assert vs_constant["steps"] == [100, 200]
+    assert vs_constant["mean"][0] == pytest.approx(-10.0)
+    assert vs_constant["low"][0] == pytest.approx(-10.0)
+    assert vs_constant["high"][0] == pytest.approx(-10.0)
+    # Step 200: differences 1, 3, 2: mean 2, s = 1, t(0.975, 2) in closed form.
+    half = 0.95 * math.sqrt(2.0 / (1.0 - 0.95**2)) / math.sqrt(3.0)
+    assert vs_constant["per_seed"][1] == {"0": 1.0, "1": 3.0, "2": 2.0}
+    assert vs_constant["mean"][1] == pytest.approx(2.0)
+    assert vs_constant["low"][1] == pytest.approx(2.0 - half)
+    assert vs_constant["high"][1] == pytest.approx(2.0 + half)
+    vs_snr = result["sample/min_snr_5 - sample/snr"]
+    assert vs_snr["mean"] == [pytest.approx(-15.0), pytest.approx(-13.0)]
+    table = convergence.paired_markdown({"paired_differences": result})
+    assert "| x₀ `min_snr_5` − `constant` | -10.00 [-10.00, -10.00] | 2.00 [" in table
+    assert "| x₀ `min_snr_5` − `snr` | -15.00" in table
+
+
 def test_table1_plan_is_the_papers_ablation():
     names = [name for name, *_ in convergence.run_plan(plan="table1")]
     assert names == [
