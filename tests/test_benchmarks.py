@@ -200,6 +200,33 @@ def test_fid_bands_and_summary_intervals_on_planted_curves():
     assert "3.4x" in table and "2303.09556" in table
 
 
+def test_a_slower_min_snr_reports_how_much_faster_constant_was():
+    """When Min-SNR never reaches the baseline's final FID, the summary and the table give
+    the reverse speed-up: how much sooner `constant` reached Min-SNR's final FID."""
+    fids = {  # run -> seed -> FIDs at steps 100, 200
+        "sample/constant": {0: (30.0, 10.0), 1: (32.0, 12.0), 2: (34.0, 14.0)},
+        "sample/min_snr_5": {0: (40.0, 20.0), 1: (42.0, 22.0), 2: (44.0, 24.0)},
+    }
+    rows = [
+        {"seed": seed, "run": run, "target": "sample", "weighting": "", "gamma": "",
+         "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0, "train_seconds": 1.0}
+        for run, per_seed in fids.items()
+        for seed, values in per_seed.items()
+        for step, fid in zip((100, 200), values)
+    ]
+    runs = convergence.run_plan(["sample"], ablation=False, plan="targets")
+    entry = convergence.summarise(rows, runs)["speedups"]["sample"]
+    assert entry["speedup"] is None
+    # Each seed: constant falls 20 per 100 steps and meets Min-SNR's final FID (its own
+    # final + 10) halfway, at step 150; Min-SNR needs all 200 steps: 200/150.
+    assert entry["constant_speedup"] == pytest.approx(4.0 / 3.0)
+    assert entry["constant_speedup_interval"] == [pytest.approx(4.0 / 3.0)] * 2
+    summary = {**convergence.summarise(rows, runs), "runs": [r[0] for r in runs],
+               "seeds": [0, 1, 2], "checkpoints": [100, 200]}
+    assert ("| never reached; reverse 1.33x [1.33, 1.33] |"
+            in convergence.table1_markdown(summary))
+
+
 def test_paired_differences_are_taken_within_each_seed():
     """Each seed's runs share initial weights, batches and noise: the difference of two
     runs is taken seed by seed, and the interval is over those differences."""
