@@ -164,20 +164,25 @@ def test_speedup_interval_is_taken_on_the_log_scale():
     assert convergence.speedup_interval({"0": 2.0, "1": None}) == (None, None, None)
 
 
+def planted_rows(fids, steps=(100, 200)):
+    """Benchmark CSV rows from ``{run: {seed: (FID at each of steps)}}``."""
+    return [
+        {"seed": seed, "run": run, "target": run.split("/")[0],
+         "weighting": run.split("/")[1], "gamma": "", "step": step, "fid": fid,
+         "kid_mean": 0.0, "kid_std": 0.0, "train_seconds": 1.0}
+        for run, per_seed in fids.items()
+        for seed, values in per_seed.items()
+        for step, fid in zip(steps, values)
+    ]
+
+
 def test_fid_bands_and_summary_intervals_on_planted_curves():
     steps = (100, 200)
     fids = {  # run -> seed -> FIDs at the two checkpoints
         "sample/constant": {0: (40.0, 20.0), 1: (44.0, 22.0), 2: (42.0, 24.0)},
         "sample/min_snr_5": {0: (18.0, 10.0), 1: (19.0, 12.0), 2: (20.0, 14.0)},
     }
-    rows = [
-        {"seed": seed, "run": run, "target": "sample", "weighting": run.split("/")[1],
-         "gamma": "", "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0,
-         "train_seconds": 1.0}
-        for run, per_seed in fids.items()
-        for seed, values in per_seed.items()
-        for step, fid in zip(steps, values)
-    ]
+    rows = planted_rows(fids, steps)
     band = convergence.fid_intervals(rows)["sample/min_snr_5"]
     # Final FIDs 10, 12, 14: mean 12, s = 2, t(0.975, 2) from the closed form above.
     half = 0.95 * math.sqrt(2.0 / (1.0 - 0.95**2)) * 2.0 / math.sqrt(3.0)
@@ -207,13 +212,7 @@ def test_a_slower_min_snr_reports_how_much_faster_constant_was():
         "sample/constant": {0: (30.0, 10.0), 1: (32.0, 12.0), 2: (34.0, 14.0)},
         "sample/min_snr_5": {0: (40.0, 20.0), 1: (42.0, 22.0), 2: (44.0, 24.0)},
     }
-    rows = [
-        {"seed": seed, "run": run, "target": "sample", "weighting": "", "gamma": "",
-         "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0, "train_seconds": 1.0}
-        for run, per_seed in fids.items()
-        for seed, values in per_seed.items()
-        for step, fid in zip((100, 200), values)
-    ]
+    rows = planted_rows(fids)
     runs = convergence.run_plan(["sample"], ablation=False, plan="targets")
     entry = convergence.summarise(rows, runs)["speedups"]["sample"]
     assert entry["speedup"] is None
@@ -236,14 +235,7 @@ def test_paired_differences_are_taken_within_each_seed():
         "sample/min_snr_5": {0: (30.0, 21.0), 1: (40.0, 33.0), 2: (50.0, 42.0)},
         "epsilon/constant": {0: (9.0, 8.0), 1: (9.0, 8.0), 2: (9.0, 8.0)},
     }
-    rows = [
-        {"seed": seed, "run": run, "target": run.split("/")[0], "weighting": "",
-         "gamma": "", "step": step, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0,
-         "train_seconds": 1.0}
-        for run, per_seed in fids.items()
-        for seed, values in per_seed.items()
-        for step, fid in zip((100, 200), values)
-    ]
+    rows = planted_rows(fids)
     names = list(fids)
     assert convergence.paired_plan(names) == [
         ("sample/min_snr_5", "sample/constant"), ("sample/min_snr_5", "sample/snr")]
