@@ -255,7 +255,7 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
 
     from keras_minsnr.evaluation import FIDCallback
     from keras_minsnr.training import build_dataset
-    from keras_minsnr.training import build_model
+    from keras_minsnr.builders import build_model
 
     config = _config(args, target, weighting, gamma, seed)
     keras.utils.set_random_seed(seed)
@@ -311,7 +311,7 @@ def initial_backbone_weights(args, seed):
     import keras
 
     from keras_minsnr.training import build_dataset
-    from keras_minsnr.training import build_model
+    from keras_minsnr.builders import build_model
 
     config = _config(args, "epsilon", "constant", None, seed)
     keras.utils.set_random_seed(seed)

@@ -88,7 +88,7 @@ def state_bytes(backbone, model_shards):
     trainable_ids = {id(v) for v in backbone.trainable_variables}
     for v in backbone.variables:
         size = _bytes(v.shape)
-        if model_shards > 1 and kd.is_transformer(backbone) and kd.match_rules(v.path):
+        if model_shards > 1 and kd.match_rules(backbone, v.path):
             size //= model_shards
         total += size
         if id(v) in trainable_ids:
@@ -98,7 +98,7 @@ def state_bytes(backbone, model_shards):
 
 def activation_elements(backbone, local_batch, model_shards):
     """The backward pass's saved activations (elements, per device); None if unknown."""
-    if not kd.is_transformer(backbone):
+    if not kd.backbone_rules(backbone):  # a transformer's activations, split by its rules
         return None
     s = backbone.num_patches + backbone.num_extra_tokens
     h, a, depth = backbone.hidden_size, backbone.num_heads, backbone.depth
@@ -118,11 +118,10 @@ def plan(backbone, devices, batch, precision="bf16", optimizer="adamw"):
     rows = []
     for data, model in meshes(devices):
         if model > 1:
-            if not kd.is_transformer(backbone):
-                continue
             try:
-                kd._check_divisible(backbone, model)
-            except ValueError:
+                if not kd.backbone_rules(backbone, model):
+                    continue
+            except ValueError:  # a split dimension does not divide by `model`
                 continue
         if batch % data:
             continue

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 import keras_minsnr as kms  # noqa: E402
 from keras_minsnr.flow import FlowMatchingSchedule  # noqa: E402
-from keras_minsnr.flow import flow_weight  # noqa: E402
+from keras_minsnr.weighting import flow_weight  # noqa: E402
 from keras_minsnr.timestep_sampling import TimestepSampling  # noqa: E402
 
 DENSITIES = [

@@ -14,7 +14,7 @@ from keras_minsnr import sampling
 from keras_minsnr import samplers
 from keras_minsnr import timestep_sampling as timestep_sampling_lib
 from keras_minsnr import weighting as weighting_lib
-from keras_minsnr.backbone_contract import BackboneContract
+from keras_minsnr.backbones.contract import BackboneContract
 from keras_minsnr.ema import ExponentialMovingAverage
 from keras_minsnr.flow import FlowMatchingSchedule
 from keras_minsnr.flow import check_flow_prediction_type

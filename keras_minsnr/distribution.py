@@ -7,18 +7,18 @@ This module picks the distribution for a backbone:
 - ``"data_parallel"``: every variable replicated, the global batch split over all
   devices (`keras.distribution.DataParallel`). Right for every backbone that fits on one
   device (UNet, SD UNet, MLP, DiT up to XL with bf16 on 16 GB+ devices).
-- ``"model_parallel"``: a 2-D ``(data, model)`` mesh; the attention ``qkv`` / ``proj``,
-  MLP ``fc1`` / ``fc2`` and adaLN ``modulation`` kernels of each DiT / in-context ViT
-  block are split over the ``model`` axis (Megatron-style: column-split into the block,
-  row-split out of it), the rest replicated, the batch split over ``data``
-  (`keras.distribution.ModelParallel`). Other backbones get an empty map, i.e. they stay
-  data-parallel over the ``data`` axis.
+- ``"model_parallel"``: a 2-D ``(data, model)`` mesh; each backbone class says which of
+  its variables split over the ``model`` axis (its ``layout_rules`` classmethod, see
+  `keras_minsnr.backbones.contract`; the transformers split their blocks Megatron-style),
+  the rest is replicated and the batch split over ``data``
+  (`keras.distribution.ModelParallel`). A backbone without rules stays data-parallel
+  over the ``data`` axis.
 
 Every piece of training state follows its weight:
 
-- the EMA copy of a weight is named after the weight's path, and every rule below is a
-  regex with ``.`` between path parts and ``.*`` around it, so it matches the EMA copy
-  too (whether the EMA path is ``ema/<weight path>`` or ``ema_<weight_path>``);
+- the EMA copy of a weight is named after the weight's path, and every backbone's rule
+  is a regex with ``.`` between path parts and ``.*`` around it, so it matches the EMA
+  copy too (whether the EMA path is ``ema/<weight path>`` or ``ema_<weight_path>``);
 - Keras creates each optimizer slot from its weight with the weight's layout
   (`Optimizer.add_variable_from_reference`); the trailing ``.*`` also matches the slot
   names (``..._kernel_momentum``) should a slot be created without its reference.
@@ -36,22 +36,12 @@ import re
 
 import keras
 
-KINDS = ("data_parallel", "model_parallel")
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
+from keras_minsnr import backbones
+from keras_minsnr.backbones.contract import DATA_AXIS
+from keras_minsnr.backbones.contract import MODEL_AXIS
+from keras_minsnr.backbones.contract import layout_rules
 
-# (regex over variable paths, axes) for the transformer blocks of `backbones.dit.DiT`.
-# Column-split (output dim) into a sub-layer, row-split (input dim) out of it.
-TRANSFORMER_RULES = (
-    (r".*block_\d+.attn.qkv.kernel.*", (None, MODEL_AXIS)),
-    (r".*block_\d+.attn.qkv.bias.*", (MODEL_AXIS,)),
-    (r".*block_\d+.attn.proj.kernel.*", (MODEL_AXIS, None)),
-    (r".*block_\d+.fc1.kernel.*", (None, MODEL_AXIS)),
-    (r".*block_\d+.fc1.bias.*", (MODEL_AXIS,)),
-    (r".*block_\d+.fc2.kernel.*", (MODEL_AXIS, None)),
-    (r".*block_\d+.modulation.kernel.*", (None, MODEL_AXIS)),
-    (r".*block_\d+.modulation.bias.*", (MODEL_AXIS,)),
-)
+KINDS = ("data_parallel", "model_parallel")
 
 
 def _check_jax():
@@ -63,22 +53,30 @@ def _check_jax():
         )
 
 
-def is_transformer(backbone):
-    """Whether a backbone (instance or preset name) gets the transformer rules."""
+def _class_and_config(backbone):
+    """``(class, constructor arguments)`` of a backbone instance or preset name."""
     if isinstance(backbone, str):
-        from keras_minsnr import backbones
-
         if backbone not in backbones.PRESETS:
             raise ValueError(
                 f"Unknown backbone preset {backbone!r}. Available presets: "
                 f"{', '.join(sorted(backbones.PRESETS))}."
             )
-        backbone = backbones.PRESETS[backbone]["class"]
-    else:
-        backbone = type(backbone)
-    from keras_minsnr.backbones.dit import DiT
+        preset = backbones.PRESETS[backbone]
+        return preset["class"], dict(preset["config"])
+    if not hasattr(type(backbone), "layout_rules"):
+        return type(backbone), {}  # no rules: its config is never read
+    return type(backbone), backbone.get_config()
 
-    return issubclass(backbone, DiT)
+
+def backbone_rules(backbone, model_shards=1):
+    """``[(variable-path regex, axes)]`` a backbone (instance or preset name) declares
+    for a model axis of ``model_shards`` devices; empty: every variable replicated.
+
+    Raises:
+        ValueError: a dimension the rules split does not divide by ``model_shards``.
+    """
+    backbone_class, config = _class_and_config(backbone)
+    return layout_rules(backbone_class, config, model_shards)
 
 
 def parse_mesh(text):
@@ -132,9 +130,9 @@ def device_mesh(mesh_shape=None, devices=None):
 def layout_map(backbone, mesh):
     """The `keras.distribution.LayoutMap` of a backbone on a ``(data, model)`` mesh.
 
-    DiT and in-context ViT backbones get `TRANSFORMER_RULES` (their attention, MLP and
-    adaLN kernels split over ``model``); every other backbone gets an empty map, so all
-    its variables are replicated (data parallelism over the ``data`` axis).
+    The backbone's own `backbone_rules` (the transformers split their attention, MLP and
+    adaLN kernels over ``model``); a backbone without rules gets an empty map, so all its
+    variables are replicated (data parallelism over the ``data`` axis).
 
     Args:
         backbone: a backbone instance, or a preset name of `kms.backbones.PRESETS` (use
@@ -156,31 +154,10 @@ def layout_map(backbone, mesh):
             f"The mesh needs a {MODEL_AXIS!r} axis; its axes are {tuple(mesh.axis_names)}."
         )
     layouts = keras.distribution.LayoutMap(mesh)
-    if not is_transformer(backbone):
-        return layouts
     shards = mesh.shape[list(mesh.axis_names).index(MODEL_AXIS)]
-    _check_divisible(backbone, shards)
-    for pattern, axes in TRANSFORMER_RULES:
+    for pattern, axes in backbone_rules(backbone, shards):
         layouts[pattern] = axes
     return layouts
-
-
-def _check_divisible(backbone, shards):
-    """Every split dimension (D, 3D, 6D, the MLP width) must divide by the shard count."""
-    if isinstance(backbone, str):
-        from keras_minsnr import backbones
-
-        config = backbones.PRESETS[backbone]["config"]
-        hidden, ratio = config["hidden_size"], config.get("mlp_ratio", 4.0)
-    else:
-        hidden, ratio = backbone.hidden_size, getattr(backbone, "mlp_ratio", 4.0)
-    for name, width in (("hidden_size", hidden), ("MLP width", int(hidden * ratio))):
-        if width % shards:
-            raise ValueError(
-                f"Cannot split the backbone over a model axis of size {shards}: its "
-                f"{name} {width} is not divisible by {shards}. Pick a model-axis size "
-                f"that divides {width}."
-            )
 
 
 def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices=None,
@@ -287,7 +264,7 @@ def describe(model):
     return out
 
 
-def match_rules(path):
-    """The axes that `TRANSFORMER_RULES` give a variable path (``None``: replicated)."""
-    hits = [axes for pattern, axes in TRANSFORMER_RULES if re.fullmatch(pattern, path)]
+def match_rules(backbone, path):
+    """The axes a backbone's rules give a variable path (``None``: replicated)."""
+    hits = [axes for pattern, axes in backbone_rules(backbone) if re.fullmatch(pattern, path)]
     return hits[0] if hits else None

@@ -1,6 +1,6 @@
-"""Rectified flow: the schedule, the flow form of every loss weighting and ODE samplers.
+"""Rectified flow: the schedule and ODE samplers.
 
-Notation (DESIGN.md §2): ``x_t = (1 − t)·x₀ + t·ε`` for ``t ∈ [0, 1]`` (``t = 1`` is pure
+Notation: ``x_t = (1 − t)·x₀ + t·ε`` for ``t ∈ [0, 1]`` (``t = 1`` is pure
 noise), velocity ``u = ε − x₀``, ``α_t = 1 − t``, ``σ_t = t``, ``SNR(t) = (1 − t)² / t²``.
 Because ``x̂₀ = x_t − t·û`` and ``ε̂ = x_t + (1 − t)·û``::
 
@@ -8,7 +8,8 @@ Because ``x̂₀ = x_t − t·û`` and ``ε̂ = x_t + (1 − t)·û``::
 
 so an x₀-space weight ``w₀(SNR)`` is ``w_u = t²·w₀(SNR(t))`` in velocity space, and with
 ``t = 1 / (1 + √SNR)`` that is ``w₀(s) / (1 + √s)²``: Min-SNR-γ becomes
-``min((1 − t)², γ·t²)``. See docs/flow_matching.md.
+``min((1 − t)², γ·t²)`` (`keras_minsnr.weighting.flow_weight`). See
+docs/flow_matching.md.
 """
 
 import keras
@@ -20,9 +21,6 @@ from keras_minsnr.samplers import compiled_loop
 from keras_minsnr.samplers import run_loop
 from keras_minsnr.schedules import epsilon_sample_or_v
 from keras_minsnr.schedules import gather_steps
-from keras_minsnr.weighting import DEFAULT_MAX_WEIGHT
-from keras_minsnr.weighting import STRATEGIES
-from keras_minsnr.weighting import loss_weight
 
 FLOW_PREDICTION_TYPES = ("flow", "epsilon", "sample", "v_prediction")
 FLOW_SAMPLERS = ("euler", "heun")
@@ -237,70 +235,6 @@ def _invert(x_t, prediction, alpha, sigma, prediction_type):
     c = (alpha * alpha + sigma * sigma) ** 0.5
     a, b, z = alpha / c, sigma / c, x_t / c
     return a * z - b * prediction, b * z + a * prediction
-
-
-# -- the loss weight in velocity space -------------------------------------------------
-
-
-def _limit_at_infinite_snr(strategy, p2_gamma=1.0, **_):
-    """``lim_{s→∞} w₀(s) / (1 + √s)²`` (the flow weight at ``t = 0``)."""
-    if strategy in ("constant", "snr", "trunc_snr", "max_snr"):
-        return 1.0
-    if strategy == "p2":
-        return 1.0 if p2_gamma == 0 else 0.0
-    return 0.0  # min_snr, soft_min_snr, inv_snr, debiased
-
-
-def flow_weight(snr, strategy="min_snr", max_weight=DEFAULT_MAX_WEIGHT, **params):
-    """Per-sample weight of the velocity loss ``‖û − u‖²`` for a rectified-flow model.
-
-    ``w_flow(s) = w₀(s) / (1 + √s)² = t²·w₀(SNR(t))`` where ``w₀`` is the strategy's
-    x₀-space weight (`loss_weight` with ``prediction_type="sample"``). ``"constant"`` stays 1
-    (uniform in the target's own space, the flow-matching baseline). Finite on all of
-    ``[0, ∞]``: at ``s = ∞`` (``t = 0``) the limit is taken explicitly; at ``s = 0``
-    (``t = 1``) ``t² = 1`` and the weight is ``w₀(0)`` as `loss_weight` defines it (its
-    ``terminal_weight`` rule, where it has one, applies unchanged).
-
-    Args:
-        snr: SNR values (numpy/Python → float64 numpy; tensor → float32 tensor, no gradient).
-        strategy: one of `keras_minsnr.weighting.STRATEGIES`.
-        max_weight: clamp for weights that truly diverge (``inv_snr`` at ``t = 1``).
-        **params: the strategy's parameters (``gamma``, ``p2_k``, ``p2_gamma`` and any
-            other `loss_weight` option such as ``terminal_weight``), passed on to it.
-
-    Example:
-    ```python
-    t = np.array([0.1, 0.5, 0.9])
-    flow_weight(((1 - t) / t) ** 2, "min_snr", gamma=5.0)   # min((1 − t)², 5·t²)
-    ```
-
-    Reference:
-        Hang et al., ICCV 2023 (Min-SNR-γ); Esser et al. 2024 (SD3, rectified flow).
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"Unknown loss weighting strategy {strategy!r}. "
-            f"Allowed: {', '.join(STRATEGIES)}."
-        )
-    if not (np.isfinite(max_weight) and max_weight > 0):
-        raise ValueError(f"max_weight must be a finite number > 0, got {max_weight!r}.")
-    tensor = ops.is_tensor(snr)
-    xp = ops if tensor else np
-    s = ops.cast(ops.stop_gradient(snr), "float32") if tensor else np.asarray(snr, np.float64)
-    if strategy == "constant":
-        loss_weight(s, "constant", "sample", **params)  # validates s and the parameters
-        return xp.ones_like(s)
-    infinite = xp.equal(s, np.inf)
-    finite_s = xp.where(infinite, xp.ones_like(s), s)
-    # No clamp on w₀: snr-like weights grow like s but t² shrinks like 1/s, so only the
-    # product may be clamped. float32's largest value keeps the inner clamp a no-op.
-    w0 = loss_weight(
-        finite_s, strategy, "sample", max_weight=float(np.finfo(np.float32).max), **params
-    )
-    t = 1.0 / (1.0 + xp.sqrt(finite_s))
-    weight = xp.where(infinite, _limit_at_infinite_snr(strategy, **params), w0 * t * t)
-    weight = xp.minimum(weight, max_weight)
-    return ops.stop_gradient(weight) if tensor else weight
 
 
 # -- ODE samplers -----------------------------------------------------------------------

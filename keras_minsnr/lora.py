@@ -30,6 +30,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_minsnr.backbones.contract import lora_target_groups
+
 SUPPORTED_LAYERS = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
@@ -42,39 +44,10 @@ DEFAULT_TARGETS = ("attention", "mlp")
 FILE_FORMAT = "keras_minsnr.lora"
 FILE_VERSION = 1
 
-# Named groups of layers, as (ancestor class pattern, attribute-name pattern). A layer is
-# in a group when its nearest enclosing layer's class matches the first pattern (``None``:
-# any enclosing layer) and the last part of its path matches the second (full match); a
-# second pattern with a "/" matches that many trailing parts of the path.
-TARGET_GROUPS = {
-    # q/k/v/out projections: DiT and in-context ViT `SelfAttention`, the UNet's
-    # `UNetAttentionBlock`, KerasCV's `CrossAttention`, `keras.layers.MultiHeadAttention`.
-    "attention": [
-        (r".*Attention.*", r".*"),
-        # KerasHub's SD3 MMDiT: the image and text streams' fused qkv and output layers.
-        (r"DismantledBlock", r"attention_(qkv|proj)2?"),
-    ],
-    # Transformer MLPs (DiT/ViT fc1/fc2, SD feed-forward with GEGLU) and the residual MLP.
-    "mlp": [
-        (r"DiTBlock|PreLNBlock", r"fc1|fc2"),
-        (r"BasicTransformerBlock", r"dense"),
-        (r"GEGLU", r"dense"),
-        (r"MLPDenoiser", r"dense_1|dense_2"),
-        # The MMDiT's per-stream MLPs, not the MLPs of its timestep and pooled embeddings.
-        (r"MLP", r"(x|context)_block/mlp/dense[12]"),
-    ],
-    # adaLN(-Zero) modulation of DiT blocks, DiT's final layer and the residual MLP.
-    "modulation": [(None, r"modulation"), (r"AdaptiveLayerNormalization", r"dense")],
-    # The ADM UNet's residual-block convolutions; every convolution of the KerasCV SD
-    # UNet (each is wrapped in a `PaddedConv2D`).
-    "conv": [(r"UNetResBlock", r"conv_1|conv_2|skip"), (r"PaddedConv2D", r"conv2d")],
-    # Timestep and class embeddings and their per-block projections.
-    "embedding": [
-        (r"TimestepEmbedding", r".*"),
-        (None, r"y_embedder|class_embedding|emb_proj|patch_embed"),
-    ],
-    "all": [(None, r".*")],
-}
+# The group names targets may use. Each backbone class says which of its layers a group
+# holds (`lora_target_groups`, see `keras_minsnr.backbones.contract`); a group it does
+# not fill selects nothing there.
+GROUP_NAMES = ("attention", "mlp", "modulation", "conv", "embedding", "all")
 
 
 class _LoraState:
@@ -87,17 +60,17 @@ class _LoraState:
 # -- finding layers ---------------------------------------------------------------------
 
 
+def _is_diffusion_model(model):
+    """Whether ``model`` wraps a backbone and keeps LoRA state of its own (as
+    `DiffusionModel` does, whose methods call this module on its backbone)."""
+    return isinstance(getattr(model, "backbone", None), keras.layers.Layer) and callable(
+        getattr(model, "merge_lora", None)
+    )
+
+
 def _backbone(model):
     """The backbone of a `DiffusionModel`, or ``model`` itself."""
-    from keras_minsnr.diffusion_model import DiffusionModel
-
-    return model.backbone if isinstance(model, DiffusionModel) else model
-
-
-def _is_diffusion_model(model):
-    from keras_minsnr.diffusion_model import DiffusionModel
-
-    return isinstance(model, DiffusionModel)
+    return model.backbone if _is_diffusion_model(model) else model
 
 
 def _children(value, prefix):
@@ -151,8 +124,8 @@ def eligible_layers(model):
     }
 
 
-def _in_group(group, layer, parent, path):
-    for parent_pattern, leaf_pattern in TARGET_GROUPS[group]:
+def _in_group(rules, parent, path):
+    for parent_pattern, leaf_pattern in rules:
         if parent_pattern is not None and not re.fullmatch(
             parent_pattern, type(parent).__name__
         ):
@@ -173,16 +146,16 @@ def check_targets(targets):
     targets = tuple(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(
-            f"LoRA targets must be a non-empty list of group names ({', '.join(TARGET_GROUPS)}) "
+            f"LoRA targets must be a non-empty list of group names ({', '.join(GROUP_NAMES)}) "
             f"or regular expressions over layer paths; got {targets!r}."
         )
     for target in targets:
-        if target not in TARGET_GROUPS:
+        if target not in GROUP_NAMES:
             try:
                 re.compile(target)
             except re.error as error:
                 raise ValueError(
-                    f"LoRA target {target!r} is neither a group name ({', '.join(TARGET_GROUPS)}) "
+                    f"LoRA target {target!r} is neither a group name ({', '.join(GROUP_NAMES)}) "
                     f"nor a valid regular expression: {error}."
                 ) from None
     return targets
@@ -193,7 +166,8 @@ def target_layers(model, targets=None):
 
     Args:
         model: a backbone or a `DiffusionModel`.
-        targets: group names from `TARGET_GROUPS` and/or regular expressions searched in
+        targets: group names from `GROUP_NAMES` (the backbone class says which of
+            its layers each holds: `lora_target_groups`) and/or regular expressions searched in
             the layer paths (e.g. ``"blocks/[0-3]/"``); a comma-separated string works
             too. Default: `DEFAULT_TARGETS` (attention and MLP projections).
 
@@ -203,14 +177,15 @@ def target_layers(model, targets=None):
     """
     targets = check_targets(targets)
     backbone = _backbone(model)
+    groups = lora_target_groups(backbone)
     layers = named_layers(backbone)
     chosen = {}
     for path, (layer, parent) in layers.items():
         if not isinstance(layer, SUPPORTED_LAYERS):
             continue
         for target in targets:
-            if target in TARGET_GROUPS:
-                hit = _in_group(target, layer, parent, path)
+            if target in GROUP_NAMES or target in groups:
+                hit = _in_group(groups.get(target, ()), parent, path)
             else:
                 hit = re.search(target, path) is not None
             if hit:
@@ -224,7 +199,7 @@ def target_layers(model, targets=None):
             f"LoRA targets {list(targets)} match no layer of backbone {backbone.name!r} "
             f"({type(backbone).__name__}). Eligible layers (Dense, EinsumDense, Conv, "
             f"Embedding): {listing or 'none'}. Pass targets as group names "
-            f"({', '.join(TARGET_GROUPS)}) or regular expressions over these paths."
+            f"({', '.join(GROUP_NAMES)}) or regular expressions over these paths."
         )
     return chosen
 

@@ -377,10 +377,11 @@ def official_diffusion_model(backbone, config="vit_xl_patch2_32", **kwargs):
         raise ValueError(
             f"No paper settings for {config!r}; known: {', '.join(sorted(PAPER_SETTINGS))}."
         )
-    import keras_minsnr as kms
+    from keras_minsnr.diffusion_model import DiffusionModel
+    from keras_minsnr.schedules import NoiseSchedule
 
     settings = dict(
-        schedule=kms.NoiseSchedule("cosine", num_timesteps=1000),
+        schedule=NoiseSchedule("cosine", num_timesteps=1000),
         prediction_type=PAPER_SETTINGS[config]["prediction_type"],
         weighting="min_snr",
         gamma=5.0,
@@ -388,7 +389,7 @@ def official_diffusion_model(backbone, config="vit_xl_patch2_32", **kwargs):
         clip_denoised=False,
     )
     settings.update(kwargs)
-    return kms.DiffusionModel(backbone, **settings)
+    return DiffusionModel(backbone, **settings)
 
 
 def sampling_settings(config="vit_xl_patch2_32"):

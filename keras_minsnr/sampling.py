@@ -1,5 +1,7 @@
 """`DiffusionModel.generate`: the denoiser samplers call, its conditions and the loop."""
 
+import collections
+
 import keras
 import numpy as np
 from keras import ops
@@ -9,23 +11,47 @@ from keras_minsnr import flow
 from keras_minsnr import samplers
 
 
-def denoise(model, params, x_t, t):
-    """x̂₀ and ε̂ at ``x_t`` with classifier-free guidance; a pure function of params.
+class SamplingParams(collections.namedtuple(
+    "SamplingParams",
+    "trainable non_trainable condition null_condition guidance_scale clip",
+)):
+    """What every sampling step reads, passed through compiled loops as one pytree.
 
-    ``params = (trainable, non_trainable, condition, null_condition, guidance_scale,
-    clip)``: backbone weight values, the condition (or None), the null condition (None
-    disables guidance), the guidance scale and a 0/1 flag clipping x̂₀ to [-1, 1]
-    (tensors).
+    Args:
+        trainable: the backbone's trainable weight values.
+        non_trainable: its non-trainable weight values.
+        condition: labels or text context ``(B, ...)``, or None (unconditional).
+        null_condition: the null condition, or None (no guidance).
+        guidance_scale: the classifier-free guidance scale (float32 tensor).
+        clip: a 0/1 float32 tensor clipping x̂₀ to [-1, 1], or None (never).
     """
-    clip = params[5]
+
+    def __new__(cls, trainable, non_trainable, condition, null_condition, guidance_scale,
+                clip=None):
+        return super().__new__(
+            cls, trainable, non_trainable, condition, null_condition, guidance_scale, clip
+        )
+
+
+def _per_sample(values, like):
+    """Per-sample scalars ``(B,)`` shaped to broadcast against ``like`` (B, ...)."""
+    shape = (-1,) + (1,) * (len(like.shape) - 1)
+    return ops.cast(ops.reshape(values, shape), like.dtype)
+
+
+def denoise(model, params, x_t, t):
+    """x̂₀ and ε̂ at ``x_t`` with classifier-free guidance; a pure function of
+    ``params`` (`SamplingParams`)."""
+    params = SamplingParams(*params)
     x_t = ops.cast(x_t, "float32")
-    prediction = guided_prediction(model, params[:5], x_t, t)
+    prediction = guided_prediction(model, params, x_t, t)
     schedule = model.schedule
     x0, eps = schedule.predict_x0_and_epsilon(x_t, prediction, t, model.prediction_type)
-    if clip is not None:
-        clipped = ops.clip(x0, -1.0, 1.0)
-        x0 = ops.where(clip > 0, clipped, x0)
-        alpha, sigma = schedule._scales(t, x_t)
+    if params.clip is not None:
+        clip = params.clip
+        x0 = ops.where(clip > 0, ops.clip(x0, -1.0, 1.0), x0)
+        alpha = _per_sample(schedule.alpha(t), x_t)
+        sigma = _per_sample(schedule.sigma(t), x_t)
         eps = ops.where(clip > 0, (x_t - alpha * x0) / ops.maximum(sigma, 1e-8), eps)
     return x0, eps
 
@@ -33,10 +59,14 @@ def denoise(model, params, x_t, t):
 def guided_prediction(model, params, x_t, t):
     """The backbone's output at integer steps ``t``, with classifier-free guidance.
 
-    ``params = (trainable, non_trainable, condition, null_condition, guidance_scale)``;
-    a None null condition disables guidance.
+    ``params``: `SamplingParams` (its ``clip`` is not read); a None null condition
+    disables guidance.
     """
-    trainable, non_trainable, condition, null, guidance_scale = params
+    params = SamplingParams(*params)
+    trainable, non_trainable = params.trainable, params.non_trainable
+    condition, null, guidance_scale = (
+        params.condition, params.null_condition, params.guidance_scale
+    )
 
     def predict(y, x, tt):
         inputs = {"x": x, "t": tt}
@@ -65,11 +95,12 @@ def flow_velocity(model, params, x, time):
     set, x̂₀ = x − t·û is clipped to [-1, 1] and the velocity re-derived from it,
     ``û = (x − x̂₀)/t`` (as DDIM re-derives ε̂), so the last Euler step lands in [-1, 1].
     """
+    params = SamplingParams(*params)
     x = ops.cast(x, "float32")
     steps = model.schedule.timestep_index(time)
-    prediction = guided_prediction(model, params[:5], x, steps)
+    prediction = guided_prediction(model, params, x, steps)
     u = model.schedule.velocity_at_time(x, prediction, time, model.prediction_type)
-    clip = params[5] if len(params) > 5 else None
+    clip = params.clip
     if clip is None:
         return u
     t = ops.reshape(ops.cast(time, "float32"), (-1,) + (1,) * (len(x.shape) - 1))
@@ -142,13 +173,13 @@ def generate(
     for start in range(0, num_samples, chunk):
         size = min(chunk, num_samples - start)
         cond = None if condition is None else condition[start : start + size]
-        params = (
-            trainable,
-            non_trainable,
-            cond,
-            model.null_condition(size) if guided else None,
-            ops.convert_to_tensor(float(guidance_scale), "float32"),
-            ops.convert_to_tensor(1.0 if clip_denoised else 0.0, "float32"),
+        params = SamplingParams(
+            trainable=trainable,
+            non_trainable=non_trainable,
+            condition=cond,
+            null_condition=model.null_condition(size) if guided else None,
+            guidance_scale=ops.convert_to_tensor(float(guidance_scale), "float32"),
+            clip=ops.convert_to_tensor(1.0 if clip_denoised else 0.0, "float32"),
         )
         progress = None
         chunk_seed = None if seed is None else [seed, start]

@@ -25,7 +25,6 @@ counts updates. ``state.json`` also records ``batches``, the micro-batches consu
 a resumed run continues reading the data.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -38,11 +37,10 @@ from keras import ops
 
 from keras_minsnr import backbones
 from keras_minsnr import checkpointing
-from keras_minsnr import weighting as weighting_lib
-from keras_minsnr.diffusion_model import DiffusionModel
-from keras_minsnr.flow import FlowMatchingSchedule
-from keras_minsnr.lr_schedules import PerUpdateSchedule
-from keras_minsnr.schedules import NoiseSchedule
+from keras_minsnr.builders import build_model
+from keras_minsnr.builders import distribution_scope
+from keras_minsnr.optimizers import grad_accum
+from keras_minsnr.optimizers import make_optimizer
 from keras_minsnr.visualization import save_image_grid
 
 # The config schema lives in run_config; these names stay importable from here.
@@ -195,132 +193,6 @@ def build_dataset(config):
         seed=config["seed"],
         **kwargs,
     )
-
-
-def build_model(config, info):
-    """The backbone (shaped by the data) wrapped in a `DiffusionModel`, compiled."""
-    if config["mixed_precision"]:
-        keras.mixed_precision.set_dtype_policy(config["mixed_precision"])
-    preset = backbones.PRESETS.get(config["backbone"])
-    if preset is None:
-        backbones.get(config["backbone"])  # raises with the list of presets
-    args = dict(config["backbone_args"])
-    if "image_shape" in preset["config"]:
-        args.setdefault("image_shape", tuple(info.image_shape))
-    if "num_classes" in preset["config"]:
-        args.setdefault("num_classes", info.num_classes)
-    if "latent_shape" in preset["config"]:
-        args.setdefault("latent_shape", tuple(info.image_shape))
-    if "shift" in preset["config"]:  # a backbone that embeds the flow time itself
-        args.setdefault("num_train_timesteps", config["num_timesteps"])
-        args.setdefault("shift", config.get("flow_shift", 1.0))
-    backbone = backbones.get(config["backbone"], **args)
-    conditional = getattr(backbone, "conditioning", None) is not None
-    weighting = weighting_lib.get(config["weighting"], gamma=config["gamma"],
-                                  terminal_weight=config.get("terminal_weight", 1.0))
-    if config["schedule"] == "flow":
-        schedule = FlowMatchingSchedule(config["num_timesteps"], config.get("flow_shift", 1.0))
-    else:
-        schedule = NoiseSchedule(
-            config["schedule"], config["num_timesteps"], config["zero_terminal_snr"]
-        )
-    if hasattr(backbone, "flow_schedule"):
-        expected = backbone.flow_schedule()
-        if config["schedule"] != "flow" or (
-            expected.num_timesteps, expected.shift) != (schedule.num_timesteps, schedule.shift):
-            raise ValueError(
-                f"The backbone {config['backbone']} embeds the times of {expected!r}, but "
-                f"the run's schedule is {schedule!r}: set schedule=flow, num_timesteps="
-                f"{expected.num_timesteps} and flow_shift={expected.shift}."
-            )
-    density = {"kind": config.get("timestep_sampling", "uniform"),
-               **(config.get("timestep_sampling_args") or {})}
-    model = DiffusionModel(
-        backbone,
-        schedule,
-        prediction_type=config["prediction_type"],
-        weighting=weighting,
-        timestep_sampling=density,
-        label_dropout=config["label_dropout"] if conditional else 0.0,
-        ema_decay=config["ema_decay"],
-        seed=config["seed"],
-        clip_denoised=config["clip_denoised"],
-    )
-    if model.conditioning == "context" and getattr(info, "null_context_file", None):
-        model.set_null_context(np.load(info.null_context_file))
-    if config.get("init_from"):
-        init_backbone_from(model, config["init_from"])
-    if config.get("lora_rank"):
-        model.enable_lora(config["lora_rank"], config.get("lora_alpha"),
-                          config.get("lora_targets"))
-    optimizer = make_optimizer(config)
-    model.compile(optimizer=optimizer)
-    return model
-
-
-def init_backbone_from(model, source):
-    """Copies a run directory's (or `.keras` file's) backbone weights into ``model``.
-
-    The source's EMA weights are used where it keeps them (they are what it samples
-    with); the model's EMA then starts from the copied weights.
-    """
-    path = os.path.join(source, "model.keras") if os.path.isdir(source) else source
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"init_from={source!r}: no {path}; give a finished run directory or a .keras file."
-        )
-    trained = keras.models.load_model(path, compile=False)
-    if trained.lora is not None:  # a LoRA run: its adapters folded into the base
-        trained.merge_lora(use_ema=True)
-    values = {}
-    for weight in trained.backbone.weights:
-        average = trained.ema.average_of(weight) if trained.ema is not None else None
-        values[id(weight)] = weight if average is None else average
-    source_weights = trained.backbone.weights
-    target_weights = model.backbone.weights
-    shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(source_weights, target_weights)]
-    if len(source_weights) != len(target_weights) or any(a != b for a, b in shapes):
-        raise ValueError(
-            f"init_from={source!r}: its backbone ({len(source_weights)} weights) does not "
-            f"match this run's ({len(target_weights)}); use the same backbone and "
-            "backbone_args."
-        )
-    for source_weight, target_weight in zip(source_weights, target_weights):
-        target_weight.assign(values[id(source_weight)])
-    model.reset_ema()
-
-
-def make_optimizer(config):
-    """AdamW with the config's rate (after a linear warm-up), betas, decay and clipping.
-
-    With ``grad_accum`` N > 1 the optimizer accumulates N micro-batches per update, and
-    the warm-up counts updates.
-    """
-    learning_rate = config["learning_rate"]
-    accumulation = grad_accum(config)
-    if config["warmup_steps"]:
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            0.0,
-            decay_steps=1,
-            alpha=1.0,
-            warmup_target=learning_rate,
-            warmup_steps=config["warmup_steps"],
-        )
-        if accumulation > 1:
-            learning_rate = PerUpdateSchedule(learning_rate, accumulation)
-    return keras.optimizers.AdamW(
-        learning_rate,
-        beta_1=config["beta_1"],
-        beta_2=config["beta_2"],
-        weight_decay=config["weight_decay"],
-        clipnorm=config["clipnorm"],
-        gradient_accumulation_steps=accumulation if accumulation > 1 else None,
-    )
-
-
-def grad_accum(config):
-    """Micro-batches per optimizer update (``grad_accum``; 1 in configs from before it)."""
-    return int(config.get("grad_accum", 1))
 
 
 class RunLogger(keras.callbacks.Callback):
@@ -688,60 +560,6 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
         write_samples(model, os.path.join(run_dir, "samples.png"), config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
     return model
-
-
-def distribution_scope(config):
-    """The context a run builds and trains its model in, for ``config["distribution"]``.
-
-    Returns a function that makes the context (enter one to build, another to train).
-    JAX: the scope of the `keras.distribution` that `kms.distribution.configure` makes.
-    TensorFlow: ``data_parallel`` is a `tf.distribute.MirroredStrategy`
-    (``MultiWorkerMirroredStrategy`` with ``multihost``); ``model_parallel`` is refused.
-    The global batch ``batch_size`` must divide evenly over the data-parallel devices.
-    """
-    kind = config.get("distribution", "none")
-    if kind == "none":
-        return contextlib.nullcontext
-    from keras_minsnr import distribution
-
-    mesh_shape = distribution.parse_mesh(config.get("mesh"))
-    if keras.backend.backend() == "jax":
-        dist = distribution.configure(kind, mesh_shape, backbone_name=config["backbone"],
-                                      set_global=False)
-        data_devices = dist.device_mesh.shape[0]
-        scope = dist.scope
-    else:
-        import tensorflow as tf
-
-        if kind != "data_parallel":
-            raise ValueError(
-                f"distribution={kind!r} needs the JAX backend (keras.distribution); on "
-                "TensorFlow use distribution=data_parallel (tf.distribute)."
-            )
-        if mesh_shape is not None:
-            raise ValueError(
-                f"mesh={config['mesh']!r} is for JAX; TensorFlow's data_parallel uses every "
-                "device (set CUDA_VISIBLE_DEVICES to choose)."
-            )
-        if grad_accum(config) > 1:
-            # Keras applies an accumulated update inside a tf.cond that each replica
-            # enters alone, and tf.distribute cannot synchronise replicas there.
-            raise ValueError(
-                f"grad_accum={grad_accum(config)} with distribution={kind!r} is not "
-                "supported on TensorFlow (Keras' gradient accumulation does not run under "
-                "tf.distribute). Use KERAS_BACKEND=jax, or grad_accum=1 with data_parallel, "
-                "or distribution=none with grad_accum."
-            )
-        strategy = (tf.distribute.MultiWorkerMirroredStrategy() if config.get("multihost")
-                    else tf.distribute.MirroredStrategy())
-        data_devices = strategy.num_replicas_in_sync
-        scope = strategy.scope
-    if config["batch_size"] % data_devices:
-        raise ValueError(
-            f"batch_size={config['batch_size']} must be a multiple of the {data_devices} "
-            "data-parallel devices (it is the global batch, split over them)."
-        )
-    return scope
 
 
 def _fit(model, dataset, run, config, step, total, verbose, batches=None):

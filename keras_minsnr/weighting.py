@@ -18,6 +18,9 @@ the space of the training target with the identities ``‖ε̂−ε‖² = s·�
 | p2             | s / (k + s)^g       | 1 / (k + s)^g      | 0 / k^-g                     |
 | debiased       | sqrt(s)             | 1 / sqrt(s)        | 0 / ∞ → max_weight           |
 
+Rectified flow trains the velocity ``u = ε − x₀``, where the same ``w₀`` becomes
+``w₀(s) / (1 + √s)²`` (`flow_weight`; docs/flow_matching.md derives it).
+
 Terminal weight: at ``s = 0`` exactly (the last step of a zero-terminal-SNR schedule) every
 strategy uses ``terminal_weight``, in the target's own space: 1 by default, as the paper's
 official code does (otherwise Min-SNR with the x₀ or v target would give the step that
@@ -38,16 +41,20 @@ from keras import ops
 from keras_minsnr.schedules import check_prediction_type
 
 
-class _Strategy(collections.namedtuple("_Strategy", "x0 epsilon at_zero in_x0_space")):
+class _Strategy(
+    collections.namedtuple("_Strategy", "x0 epsilon at_zero flow_at_infinity in_x0_space")
+):
     """One weighting, as functions of ``s`` (an array module ``xp``, parameters ``p``).
 
     ``x0``: ``w₀(s)``. ``epsilon``: ``w₀(s)/s`` in a form finite for ``s ≥ _TINY``.
     ``at_zero``: the limits of ``w₀`` and ``w₀/s`` as ``s → 0⁺`` (``inf`` where they
-    diverge). ``in_x0_space=False``: the weight is meant in the target's own space.
+    diverge). ``flow_at_infinity``: the limit of the flow weight ``w₀(s) / (1 + √s)²``
+    as ``s → ∞`` (``t = 0``). ``in_x0_space=False``: the weight is meant in the target's
+    own space.
     """
 
-    def __new__(cls, x0, epsilon, at_zero, in_x0_space=True):
-        return super().__new__(cls, x0, epsilon, at_zero, in_x0_space)
+    def __new__(cls, x0, epsilon, at_zero, flow_at_infinity, in_x0_space=True):
+        return super().__new__(cls, x0, epsilon, at_zero, flow_at_infinity, in_x0_space)
 
 
 _INF = math.inf
@@ -56,47 +63,56 @@ _TABLE = {
         x0=lambda s, xp, p: xp.ones_like(s),
         epsilon=lambda s, xp, p: xp.ones_like(s),
         at_zero=lambda p: (1.0, 1.0),
+        flow_at_infinity=lambda p: 1.0,
         in_x0_space=False,
     ),
     "snr": _Strategy(
         x0=lambda s, xp, p: s,
         epsilon=lambda s, xp, p: xp.ones_like(s),
         at_zero=lambda p: (0.0, 1.0),
+        flow_at_infinity=lambda p: 1.0,
     ),
     "trunc_snr": _Strategy(
         x0=lambda s, xp, p: xp.maximum(s, 1.0),
         epsilon=lambda s, xp, p: xp.maximum(1.0, 1.0 / s),
         at_zero=lambda p: (1.0, _INF),
+        flow_at_infinity=lambda p: 1.0,
     ),
     "max_snr": _Strategy(
         x0=lambda s, xp, p: xp.maximum(s, p.gamma),
         epsilon=lambda s, xp, p: xp.maximum(1.0, p.gamma / s),
         at_zero=lambda p: (p.gamma, _INF),
+        flow_at_infinity=lambda p: 1.0,
     ),
     "min_snr": _Strategy(
         x0=lambda s, xp, p: xp.minimum(s, p.gamma),
         epsilon=lambda s, xp, p: xp.minimum(1.0, p.gamma / s),
         at_zero=lambda p: (0.0, 1.0),
+        flow_at_infinity=lambda p: 0.0,
     ),
     "soft_min_snr": _Strategy(
         x0=lambda s, xp, p: s * p.gamma / (s + p.gamma),
         epsilon=lambda s, xp, p: p.gamma / (s + p.gamma),
         at_zero=lambda p: (0.0, 1.0),
+        flow_at_infinity=lambda p: 0.0,
     ),
     "inv_snr": _Strategy(
         x0=lambda s, xp, p: 1.0 / xp.maximum(s, _TINY),
         epsilon=lambda s, xp, p: 1.0 / (s * s),
         at_zero=lambda p: (_INF, _INF),
+        flow_at_infinity=lambda p: 0.0,
     ),
     "p2": _Strategy(
         x0=lambda s, xp, p: s / xp.power(p.p2_k + s, p.p2_gamma),
         epsilon=lambda s, xp, p: 1.0 / xp.power(p.p2_k + s, p.p2_gamma),
         at_zero=lambda p: (0.0, p.p2_k**-p.p2_gamma),
+        flow_at_infinity=lambda p: 1.0 if p.p2_gamma == 0 else 0.0,
     ),
     "debiased": _Strategy(
         x0=lambda s, xp, p: xp.sqrt(s),
         epsilon=lambda s, xp, p: 1.0 / xp.sqrt(s),
         at_zero=lambda p: (0.0, _INF),
+        flow_at_infinity=lambda p: 0.0,
     ),
 }
 STRATEGIES = tuple(_TABLE)
@@ -153,7 +169,7 @@ def loss_weight(
         strategy: one of `STRATEGIES` (see the module docstring for the formulas).
         prediction_type: the training target: ``"epsilon"``, ``"sample"``,
             ``"v_prediction"``, or ``"flow"`` (the velocity ``ε − x₀`` of a rectified flow,
-            weighted ``w₀(s) / (1 + √s)² = t²·w₀``; see `keras_minsnr.flow.flow_weight`).
+            weighted ``w₀(s) / (1 + √s)² = t²·w₀``; see `flow_weight`).
         gamma: γ of ``max_snr``, ``min_snr`` and ``soft_min_snr`` (ignored by the others).
         p2_k, p2_gamma: ``k`` and the exponent of the ``p2`` weighting.
         max_weight: clamp for weights that truly diverge (see the module docstring).
@@ -172,8 +188,6 @@ def loss_weight(
         ICCV 2023 (arXiv 2303.09556).
     """
     if prediction_type == "flow":
-        from keras_minsnr.flow import flow_weight  # flow.py builds on this module
-
         return flow_weight(snr, strategy, max_weight=max_weight, gamma=gamma, p2_k=p2_k,
                            p2_gamma=p2_gamma, terminal_weight=terminal_weight)
     _validate(strategy, prediction_type, gamma, p2_k, p2_gamma, max_weight, terminal_weight)
@@ -204,6 +218,60 @@ def loss_weight(
         at_zero = float(terminal_weight)
     weight = xp.where(s == 0, at_zero, xp.minimum(weight, max_weight))
     return ops.stop_gradient(weight) if xp is ops else weight[()]
+
+
+def flow_weight(snr, strategy="min_snr", max_weight=DEFAULT_MAX_WEIGHT, **params):
+    """Per-sample weight of the velocity loss ``‖û − u‖²`` for a rectified-flow model.
+
+    ``w_flow(s) = w₀(s) / (1 + √s)² = t²·w₀(SNR(t))`` where ``w₀`` is the strategy's
+    x₀-space weight (`loss_weight` with ``prediction_type="sample"``). ``"constant"`` stays 1
+    (uniform in the target's own space, the flow-matching baseline). Finite on all of
+    ``[0, ∞]``: at ``s = ∞`` (``t = 0``) the limit is taken explicitly; at ``s = 0``
+    (``t = 1``) ``t² = 1`` and the weight is ``w₀(0)`` as `loss_weight` defines it (its
+    ``terminal_weight`` rule, where it has one, applies unchanged).
+
+    Args:
+        snr: SNR values (numpy/Python → float64 numpy; tensor → float32 tensor, no gradient).
+        strategy: one of `STRATEGIES`.
+        max_weight: clamp for weights that truly diverge (``inv_snr`` at ``t = 1``).
+        **params: the strategy's parameters (``gamma``, ``p2_k``, ``p2_gamma`` and any
+            other `loss_weight` option such as ``terminal_weight``), passed on to it.
+
+    Example:
+    ```python
+    t = np.array([0.1, 0.5, 0.9])
+    flow_weight(((1 - t) / t) ** 2, "min_snr", gamma=5.0)   # min((1 − t)², 5·t²)
+    ```
+
+    Reference:
+        Hang et al., ICCV 2023 (Min-SNR-γ); Esser et al. 2024 (SD3, rectified flow).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"Unknown loss weighting strategy {strategy!r}. "
+            f"Allowed: {', '.join(STRATEGIES)}."
+        )
+    if not (np.isfinite(max_weight) and max_weight > 0):
+        raise ValueError(f"max_weight must be a finite number > 0, got {max_weight!r}.")
+    tensor = ops.is_tensor(snr)
+    xp = ops if tensor else np
+    s = ops.cast(ops.stop_gradient(snr), "float32") if tensor else np.asarray(snr, np.float64)
+    if strategy == "constant":
+        loss_weight(s, "constant", "sample", **params)  # validates s and the parameters
+        return xp.ones_like(s)
+    infinite = xp.equal(s, np.inf)
+    finite_s = xp.where(infinite, xp.ones_like(s), s)
+    # No clamp on w₀: snr-like weights grow like s but t² shrinks like 1/s, so only the
+    # product may be clamped. float32's largest value keeps the inner clamp a no-op.
+    w0 = loss_weight(
+        finite_s, strategy, "sample", max_weight=float(np.finfo(np.float32).max), **params
+    )
+    t = 1.0 / (1.0 + xp.sqrt(finite_s))
+    limit = _TABLE[strategy].flow_at_infinity(types.SimpleNamespace(
+        p2_gamma=float(params.get("p2_gamma", 1.0))))
+    weight = xp.where(infinite, limit, w0 * t * t)
+    weight = xp.minimum(weight, max_weight)
+    return ops.stop_gradient(weight) if tensor else weight
 
 
 @keras.saving.register_keras_serializable(package="keras_minsnr")

@@ -8,6 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
+from keras_minsnr import builders
 from keras_minsnr import cli
 from keras_minsnr import training
 
@@ -114,7 +115,7 @@ def run_dir(tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run"))
     config = training.resolve_config(cli.load_recipe("digits"), {
         "backbone_args": {"hidden_size": 16, "depth": 1}})
-    model = training.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
+    model = builders.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
                                                      num_classes=10))
     model.save(os.path.join(run, "model.keras"))
     with open(os.path.join(run, "config.json"), "w") as f:

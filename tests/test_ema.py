@@ -5,7 +5,7 @@ import numpy as np
 from keras import ops
 
 import keras_minsnr as kms
-from keras_minsnr.backbone_contract import BackboneContract
+from keras_minsnr.backbones.contract import BackboneContract
 from tests.tiny_backbones import TinyConvBackbone
 
 LR = 0.05

@@ -14,6 +14,7 @@ from keras import ops
 import keras_minsnr as kms
 from keras_minsnr import flow
 from keras_minsnr import samplers
+from keras_minsnr import weighting
 from keras_minsnr.flow import FlowMatchingSchedule
 from tests.test_samplers import count_compiled_calls
 
@@ -170,7 +171,7 @@ def test_bad_arguments_say_what_is_allowed():
     with pytest.raises(ValueError, match="integers \\(step indices\\)"):
         sched.snr([0.5])
     with pytest.raises(ValueError, match="Unknown loss weighting strategy 'minsnr'"):
-        flow.flow_weight(np.array([1.0]), "minsnr")
+        weighting.flow_weight(np.array([1.0]), "minsnr")
     with pytest.raises(ValueError, match="Unknown flow sampler 'rk4'.*euler, heun"):
         flow.check_flow_sampler("rk4")
 
@@ -220,12 +221,12 @@ def snr_of(t):
 def test_flow_weight_matches_float64_reference_at_the_edges(strategy):
     times = np.array(EDGE_TIMES + list(np.linspace(0.01, 0.99, 23)))
     want = np.array([reference_flow_weight(strategy, t) for t in times])
-    got = flow.flow_weight(snr_of(times), strategy, gamma=G, **LIMIT)
+    got = weighting.flow_weight(snr_of(times), strategy, gamma=G, **LIMIT)
     assert isinstance(got, np.ndarray) and got.dtype == np.float64
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
 
-    got_t = flow.flow_weight(
+    got_t = weighting.flow_weight(
         ops.convert_to_tensor(snr_of(times), "float32"), strategy, gamma=G, **LIMIT
     )
     assert keras.backend.standardize_dtype(got_t.dtype) == "float32"
@@ -237,7 +238,7 @@ def test_flow_weight_matches_float64_reference_at_the_edges(strategy):
 @pytest.mark.parametrize("gamma", [1.0, 5.0, 20.0])
 def test_min_snr_in_velocity_space_is_min_of_squares(gamma):
     t = np.linspace(0.0, 1.0, 101)
-    got = flow.flow_weight(snr_of(t), "min_snr", gamma=gamma, **LIMIT)
+    got = weighting.flow_weight(snr_of(t), "min_snr", gamma=gamma, **LIMIT)
     want = np.minimum((1 - t) ** 2, gamma * t**2)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-300)
 
@@ -246,7 +247,7 @@ def test_min_snr_in_velocity_space_is_min_of_squares(gamma):
 def test_p2_limit_at_t_zero_follows_its_exponent(p2_gamma):
     times = np.array(EDGE_TIMES)
     want = [reference_flow_weight("p2", t, p2_k=2.0, p2_gamma=p2_gamma) for t in times]
-    got = flow.flow_weight(snr_of(times), "p2", p2_k=2.0, p2_gamma=p2_gamma, **LIMIT)
+    got = weighting.flow_weight(snr_of(times), "p2", p2_k=2.0, p2_gamma=p2_gamma, **LIMIT)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-300)
 
 
@@ -255,7 +256,7 @@ def test_p2_limit_at_t_zero_follows_its_exponent(p2_gamma):
 def test_terminal_weight_carries_over_to_t_one(strategy):
     """At t = 1 the velocity and x₀ errors coincide (t² = 1): the terminal rule applies as is."""
     snr = snr_of([0.5, 1.0])
-    got = flow.flow_weight(snr, strategy, terminal_weight=0.7)
+    got = weighting.flow_weight(snr, strategy, terminal_weight=0.7)
     want_last = 1.0 if strategy == "constant" else 0.7
     np.testing.assert_allclose(got, [reference_flow_weight(strategy, 0.5), want_last], rtol=1e-12)
 

@@ -275,6 +275,7 @@ def test_generate_with_the_optimal_velocity_reproduces_gaussian_data(sampler, nu
 
 
 def test_the_run_config_builds_a_flow_model_with_its_density():
+    from keras_minsnr import builders
     from keras_minsnr import training
     from keras_minsnr.run_config import resolve_config
     from recipes.digits_flow import RECIPE
@@ -285,7 +286,7 @@ def test_the_run_config_builds_a_flow_model_with_its_density():
         "backbone_args": {"hidden_size": 16, "depth": 1},
     })
     _, info = training.build_dataset(config)
-    model = training.build_model(config, info)
+    model = builders.build_model(config, info)
     assert isinstance(model.schedule, kms.FlowMatchingSchedule) and model.schedule.shift == 3.0
     assert model.prediction_type == "flow" and model.weighting.strategy == "min_snr"
     assert model.timestep_sampling.get_config() == {

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_minsnr as kms
+from keras_minsnr import builders
 from keras_minsnr import lora
 from keras_minsnr import training
 from tests.tiny_backbones import TinyConvBackbone
@@ -268,7 +269,7 @@ def test_diffusion_model_merges_the_ema_adapters_and_tracks_the_plain_model():
 def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
     from keras_minsnr.run_config import resolve_config
 
-    assert run_config_groups() == tuple(lora.TARGET_GROUPS)  # --help needs no Keras import
+    assert run_config_groups() == tuple(lora.GROUP_NAMES)  # --help needs no Keras import
     with pytest.raises(ValueError, match="lora_alpha=4.0 needs lora_rank"):
         resolve_config({}, {"lora_alpha": 4})
     with pytest.raises(ValueError, match="Invalid value for lora_rank: 0"):
@@ -280,7 +281,7 @@ def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
                              "backbone_args": {"depth": 1, "hidden_size": 16,
                                                "num_heads": 2, "patch_size": 4}})
     info = type("Info", (), {"image_shape": (8, 8, 1), "num_classes": 10})()
-    model = training.build_model(config, info)
+    model = builders.build_model(config, info)
     assert model.lora["layers"] == ["blocks/0/fc1", "blocks/0/fc2"]
     assert model.backbone.blocks[0].fc1.lora_alpha == 4.0
     assert len(model.trainable_variables) == len(model.ema.averages) == 4
@@ -289,7 +290,7 @@ def test_run_config_lora_keys_are_checked_and_applied(tmp_path):
                                "backbone_args": {"hidden_size": 16, "depth": 1}})
     with pytest.raises(ValueError, match=r"match no layer of backbone .*\(MLPDenoiser\).*"
                                          r"blocks/0/dense_1 \(Dense\)"):
-        training.build_model(no_layer, info)
+        builders.build_model(no_layer, info)
 
 
 @pytest.mark.large
@@ -302,7 +303,7 @@ def test_cli_lora_run_from_a_trained_model_writes_adapters(tmp_path):
     # The "trained" base: the digits recipe's model with non-zero weights, saved.
     config = run_config.resolve_config(cli.load_recipe("digits"), tiny)
     info = type("Info", (), {"image_shape": (8, 8, 1), "num_classes": 10})()
-    base = training.build_model(config, info)
+    base = builders.build_model(config, info)
     pretend_pretrained(base.backbone)
     base.reset_ema()
     base_path = str(tmp_path / "base.keras")

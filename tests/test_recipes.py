@@ -11,6 +11,7 @@ import pytest
 from keras import ops
 from PIL import Image
 
+from keras_minsnr import builders
 from keras_minsnr import training
 from keras_minsnr.cli import available_recipes
 from keras_minsnr.cli import main
@@ -136,7 +137,7 @@ def test_recipe_backbone_builds_tiny(name):
     classes = 1000 if name.startswith("imagenet") else None
     info = DatasetInfo(name="x", image_shape=(side, side, 4 if latent else 3),
                        num_classes=classes)
-    model = training.build_model(config, info)
+    model = builders.build_model(config, info)
     backbone = model.backbone
     assert tuple(backbone.image_shape) == info.image_shape
     assert backbone.num_classes == classes

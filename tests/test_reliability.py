@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_minsnr import builders
 from keras_minsnr import checkpointing
 from keras_minsnr import training
 
@@ -127,11 +128,12 @@ def test_a_nan_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_rate(
 _SWITCH_CHILD = """
 import json, sys
 import keras, numpy as np
+from keras_minsnr import builders
 from keras_minsnr import checkpointing
 from keras_minsnr import training
 config, run, weights_file = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 model = training.load_checkpoint(run)
-fresh = training.build_model(config, training.build_dataset(config)[1])
+fresh = builders.build_model(config, training.build_dataset(config)[1])
 expected = np.load(weights_file)
 values = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
 same = all(np.allclose(keras.ops.convert_to_numpy(v), expected[f"w{i}"], rtol=0, atol=0)

@@ -15,6 +15,7 @@ import pytest
 from keras import ops
 
 import keras_minsnr as kms
+from keras_minsnr import builders
 from keras_minsnr import training
 from keras_minsnr.backbones import sd3
 from keras_minsnr.cli import main
@@ -301,14 +302,14 @@ def test_sd3_run_builds_the_backbone_for_its_flow_schedule(tiny_preset):
 
     info = DatasetInfo(name="cache", image_shape=(8, 8, 16))
     config = training.resolve_config(RECIPE, {"backbone_args.preset": tiny_preset})
-    model = training.build_model(config, info)
+    model = builders.build_model(config, info)
     assert model.backbone.image_shape == (8, 8, 16)
     assert (model.schedule.shift, model.backbone.shift) == (3.0, 3.0)
     # A backbone embedding other times than the run's schedule is refused.
     config = training.resolve_config(
         RECIPE, {"backbone_args.preset": tiny_preset, "backbone_args.shift": 2.0})
     with pytest.raises(ValueError, match="embeds the times of .*flow_shift=2.0"):
-        training.build_model(config, info)
+        builders.build_model(config, info)
 
 
 def test_sd3_recipe_with_an_uncached_preset_fails_before_encoding(tmp_path, capsys,

@@ -25,6 +25,8 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr.backbones import initializers
+from keras_minsnr.backbones.contract import MODEL_AXIS
+from keras_minsnr.backbones.contract import check_divisible
 from keras_minsnr.backbones.layers import TimestepEmbedding
 from keras_minsnr.backbones.layers import gelu
 
@@ -607,6 +609,42 @@ class DiT(keras.Model):
         Weighting Strategy", ICCV 2023 (arXiv 2303.09556), whose ViT puts the timestep
         and class in context.
     """
+
+    @classmethod
+    def data_arguments(cls, info, config):
+        """Image shape and classes from the data (see `backbones.contract`)."""
+        return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+
+    @classmethod
+    def lora_target_groups(cls):
+        """Attention is generic; block MLPs, adaLN modulations, embeddings."""
+        return {
+            "mlp": [(r"DiTBlock|PreLNBlock", r"fc1|fc2")],
+            "modulation": [(None, r"modulation")],
+            "embedding": [(r"TimestepEmbedding", r".*"), (None, r"y_embedder|patch_embed")],
+        }
+
+    @classmethod
+    def layout_rules(cls, config, model_shards):
+        """Megatron-style rules for each block: ``qkv`` and ``fc1`` column-split (output
+        dim) over ``model``, ``proj`` and ``fc2`` row-split (input dim), the adaLN
+        ``modulation`` column-split. Each rule is a regex with ``.`` between path parts
+        and ``.*`` around, so the EMA copy and optimizer slots of a weight match too."""
+        hidden = config.get("hidden_size", 384)
+        check_divisible({"hidden_size": hidden,
+                         "MLP width": int(hidden * config.get("mlp_ratio", 4.0))},
+                        model_shards)
+        column, row, vector = (None, MODEL_AXIS), (MODEL_AXIS, None), (MODEL_AXIS,)
+        return [
+            (r".*block_\d+.attn.qkv.kernel.*", column),
+            (r".*block_\d+.attn.qkv.bias.*", vector),
+            (r".*block_\d+.attn.proj.kernel.*", row),
+            (r".*block_\d+.fc1.kernel.*", column),
+            (r".*block_\d+.fc1.bias.*", vector),
+            (r".*block_\d+.fc2.kernel.*", row),
+            (r".*block_\d+.modulation.kernel.*", column),
+            (r".*block_\d+.modulation.bias.*", vector),
+        ]
 
     def __init__(
         self,

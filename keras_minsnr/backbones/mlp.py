@@ -36,6 +36,20 @@ class MLPDenoiser(keras.Model):
     ```
     """
 
+    @classmethod
+    def data_arguments(cls, info, config):
+        """Image shape and classes from the data (see `backbones.contract`)."""
+        return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+
+    @classmethod
+    def lora_target_groups(cls):
+        """The residual MLPs, their adaLN modulations and the embeddings."""
+        return {
+            "mlp": [(r"MLPDenoiser", r"dense_1|dense_2")],
+            "modulation": [(None, r"modulation")],
+            "embedding": [(r"TimestepEmbedding", r".*"), (None, r"class_embedding")],
+        }
+
     def __init__(
         self,
         image_shape=(8, 8, 1),

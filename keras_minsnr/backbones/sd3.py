@@ -287,6 +287,27 @@ class StableDiffusion3MMDiT(keras.Model):
         Synthesis", 2024 (SD3, MMDiT); KerasHub `StableDiffusion3Backbone`.
     """
 
+    @classmethod
+    def data_arguments(cls, info, config):
+        """The data's latent shape, and the run's flow timesteps and shift (the MMDiT
+        embeds flow times itself; see `backbones.contract`)."""
+        return {
+            "latent_shape": tuple(info.image_shape),
+            "num_train_timesteps": config["num_timesteps"],
+            "shift": config.get("flow_shift", 1.0),
+        }
+
+    @classmethod
+    def lora_target_groups(cls):
+        """KerasHub's MMDiT: fused qkv/output of both streams, their MLPs (not those of
+        the timestep and pooled embeddings) and the adaLN modulations."""
+        return {
+            "attention": [(r"DismantledBlock", r"attention_(qkv|proj)2?")],
+            "mlp": [(r"MLP", r"(x|context)_block/mlp/dense[12]")],
+            "modulation": [(r"AdaptiveLayerNormalization", r"dense")],
+            "embedding": [(r"TimestepEmbedding", r".*")],
+        }
+
     def __init__(
         self,
         preset=None,

@@ -318,6 +318,15 @@ class StableDiffusionUNet(keras.Model):
         CVPR 2022; KerasCV `keras_cv.models.stable_diffusion.DiffusionModel`.
     """
 
+    @classmethod
+    def lora_target_groups(cls):
+        """KerasCV's layers: cross-attention is generic; the feed-forward (with GEGLU)
+        and every convolution (each wrapped in a `PaddedConv2D`)."""
+        return {
+            "mlp": [(r"BasicTransformerBlock", r"dense"), (r"GEGLU", r"dense")],
+            "conv": [(r"PaddedConv2D", r"conv2d")],
+        }
+
     def __init__(
         self,
         version="v1",

@@ -218,6 +218,19 @@ class UNet(keras.Model):
         Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021.
     """
 
+    @classmethod
+    def data_arguments(cls, info, config):
+        """Image shape and classes from the data (see `backbones.contract`)."""
+        return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+
+    @classmethod
+    def lora_target_groups(cls):
+        """Attention is generic; the residual blocks' convolutions and the embeddings."""
+        return {
+            "conv": [(r"UNetResBlock", r"conv_1|conv_2|skip")],
+            "embedding": [(r"TimestepEmbedding", r".*"), (None, r"class_embedding|emb_proj")],
+        }
+
     def __init__(
         self,
         image_shape=(32, 32, 3),

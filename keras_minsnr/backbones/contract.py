@@ -1,9 +1,74 @@
-"""What `DiffusionModel` needs to know about a backbone: image shape and conditioning."""
+"""What the rest of the library may ask of a backbone.
+
+Two parts, both optional for a plain functional model:
+
+- `BackboneContract`: what `DiffusionModel` reads from a built backbone (image shape,
+  conditioning kind, classes, context shape), from attributes or from its inputs.
+- Class-level hooks through which a backbone class owns everything specific to it, so
+  that `lora`, `distribution` and `builders` name no backbone. Each is a classmethod the
+  backbone may define; the functions here give the generic default when it does not:
+
+  ``data_arguments(info, config)``
+      constructor arguments a run takes from its data (`data.DatasetInfo`: image
+      shape, classes) and its config (e.g. the flow timesteps a backbone embeds).
+      Default: none.
+  ``lora_target_groups()``
+      ``{group: [(enclosing-class regex or None, path regex), ...]}``: which layers
+      each LoRA target group names (see `keras_minsnr.lora`). Default:
+      `GENERIC_LORA_GROUPS`.
+  ``layout_rules(config, model_shards)``
+      ``[(variable-path regex, axes), ...]`` for `keras.distribution.LayoutMap` on a
+      ``(data, model)`` mesh, given the constructor arguments; raises `ValueError` when a
+      split dimension does not divide by ``model_shards``. Default: none (replicated).
+"""
 
 import keras
 from keras import ops
 
 CONDITIONINGS = (None, "class", "context")
+# The axes of the `keras.distribution` mesh that `layout_rules` may shard over.
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+# Groups any backbone has: Keras' attention layers, and every eligible layer.
+GENERIC_LORA_GROUPS = {
+    "attention": [(r".*Attention.*", r".*")],
+    "all": [(None, r".*")],
+}
+
+
+def data_arguments(backbone_class, info, config):
+    """The constructor arguments ``backbone_class`` takes from the data and the run."""
+    hook = getattr(backbone_class, "data_arguments", None)
+    return dict(hook(info, config)) if hook is not None else {}
+
+
+def lora_target_groups(backbone):
+    """The LoRA groups of a backbone (instance or class): generic ones plus its own."""
+    backbone_class = backbone if isinstance(backbone, type) else type(backbone)
+    hook = getattr(backbone_class, "lora_target_groups", None)
+    groups = {name: list(rules) for name, rules in GENERIC_LORA_GROUPS.items()}
+    for name, rules in (hook() if hook is not None else {}).items():
+        groups.setdefault(name, [])
+        groups[name] = [rule for rule in rules if rule not in groups[name]] + groups[name]
+    return groups
+
+
+def layout_rules(backbone_class, config, model_shards):
+    """``[(path regex, axes)]`` that shard ``backbone_class`` over ``model_shards``."""
+    hook = getattr(backbone_class, "layout_rules", None)
+    return list(hook(config, model_shards)) if hook is not None else []
+
+
+def check_divisible(widths, model_shards):
+    """`ValueError` unless every ``{name: width}`` divides by ``model_shards``."""
+    for name, width in widths.items():
+        if width % model_shards:
+            raise ValueError(
+                f"Cannot split the backbone over a model axis of size {model_shards}: its "
+                f"{name} {width} is not divisible by {model_shards}. Pick a model-axis "
+                f"size that divides {width}."
+            )
 
 
 class BackboneContract:
