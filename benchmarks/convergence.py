@@ -86,7 +86,7 @@ CSV_COLUMNS = (
 )
 
 # The paper's in-context ViT (timestep and class as two extra tokens, learned positions,
-# pre-LN blocks, no adaLN; `DiT(conditioning_mode="in_context")` behind the
+# pre-LN blocks, no adaLN; `InContextViT` behind the
 # `vit_b_2_in256` preset) cut down until the Table-1 plan (16 runs x 3 seeds) fits one
 # long run on a 2-core CPU. The digits stay at their native 8x8: patch 2 gives 16 patch
 # tokens (+2 condition tokens). Upsampling to 16x16 with patch 2 gives 64 tokens, which

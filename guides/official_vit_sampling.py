@@ -19,9 +19,8 @@ Both are state dicts of the official `VisionTransformer`
 (`guided_diffusion/vision_transformer.py` in `TiankaiHang/Min-SNR-Diffusion-Training`):
 the timestep and the class label are two tokens in front of the patch tokens, the
 timestep token is a row of a learned 4000-row table, there is no LayerNorm before the
-head. `keras_minsnr.official` maps that state dict onto the `DiT` backbone in exactly
-that layout (`conditioning_mode="in_context"`, `timestep_embedding="table"`,
-`final_norm=False`), so the Keras model computes the same function as the PyTorch one,
+head. `keras_minsnr.official` maps that state dict onto the `InContextViT` backbone in
+exactly that layout (`timestep_embedding="table"`, `final_norm=False`), so the Keras model computes the same function as the PyTorch one,
 on TensorFlow or JAX.
 
 This guide runs offline: it builds a *tiny random* checkpoint with the official names

@@ -3,9 +3,8 @@
 The official code (``TiankaiHang/Min-SNR-Diffusion-Training``,
 ``guided_diffusion/vision_transformer.py``) trains an in-context ViT: the timestep and the
 class are two extra tokens in front of the patch tokens. Its PyTorch state dict maps onto
-`keras_minsnr.backbones.dit.DiT` with ``conditioning_mode="in_context"``,
-``timestep_embedding="table"`` and ``final_norm=False``; the converted model computes
-the same function (tests/test_official.py checks it against a float64 numpy forward
+`keras_minsnr.backbones.vit.InContextViT` with ``timestep_embedding="table"`` and
+``final_norm=False``; the converted model computes the same function (tests/test_official.py checks it against a float64 numpy forward
 written in the official layer order).
 
 The state dict of a depth-``L`` model with width ``D``, ``C`` input channels, patch
@@ -220,7 +219,7 @@ def convert_official_state_dict(state_dict, config="vit_xl_patch2_32", **overrid
             them from its command line.
 
     Returns:
-        A `keras_minsnr.backbones.dit.DiT` in the official layout.
+        A `keras_minsnr.backbones.vit.InContextViT` in the official layout.
 
     Raises:
         StateDictMismatchError: (a `ValueError`) listing every missing, unexpected
@@ -245,11 +244,10 @@ def convert_official_state_dict(state_dict, config="vit_xl_patch2_32", **overrid
     shapes = expected_shapes(**arch)
     _check_keys(state_dict, shapes, label)
 
-    from keras_minsnr.backbones import dit
+    from keras_minsnr.backbones import vit
 
-    backbone = dit.DiT(
+    backbone = vit.InContextViT(
         **arch,
-        conditioning_mode="in_context",
         timestep_embedding="table",
         final_norm=False,
         **keras_args,

@@ -8,9 +8,20 @@ import pytest
 
 from keras_minsnr import backbones
 from keras_minsnr.backbones import dit
+from keras_minsnr.backbones import transformer_layers as layers_lib
+from keras_minsnr.backbones import vit
 from tests import backbone_contract as contract
 
 TINY = dict(image_shape=(8, 8, 3), patch_size=2, hidden_size=32, depth=2, num_heads=4)
+MODES = ("adaln_zero", "in_context")
+PRESETS = {**dit.PRESETS, **vit.PRESETS}
+
+
+def _model(conditioning_mode="adaln_zero", **kwargs):
+    """`DiT` (adaLN-Zero) or `InContextViT`, by the conditioning they put in the blocks."""
+    if conditioning_mode == "in_context":
+        return vit.InContextViT(**kwargs)
+    return dit.DiT(conditioning_mode=conditioning_mode, **kwargs)
 
 
 def _inputs(batch=3, shape=(8, 8, 3), num_classes=10, seed=0):
@@ -88,10 +99,10 @@ def _count_reference(image_shape, patch_size, hidden_size, depth, mlp_ratio=4.0,
 # shapes, init
 
 
-@pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_classes", [10, None])
 def test_output_shape_and_finite(mode, num_classes):
-    model = dit.DiT(**TINY, num_classes=num_classes, conditioning_mode=mode)
+    model = _model(**TINY, num_classes=num_classes, conditioning_mode=mode)
     contract.randomize(model)
     inputs = _inputs()
     if num_classes is None:
@@ -111,7 +122,7 @@ def test_output_shape_and_finite(mode, num_classes):
 
 
 def test_non_square_images_and_patch_4():
-    model = dit.DiT(
+    model = _model(
         image_shape=(8, 16, 3), patch_size=4, hidden_size=32, depth=1, num_heads=4,
         num_classes=10, conditioning_mode="in_context",
     )
@@ -122,7 +133,7 @@ def test_non_square_images_and_patch_4():
 
 
 def test_adaln_zero_block_starts_as_identity():
-    block = dit.DiTBlock(32, num_heads=4)
+    block = layers_lib.DiTBlock(32, num_heads=4)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 16, 32)).astype("float32")
     c = rng.standard_normal((3, 32)).astype("float32")
@@ -133,19 +144,19 @@ def test_adaln_zero_block_starts_as_identity():
 
 
 def test_adaln_model_outputs_zeros_at_init():
-    model = dit.DiT(**TINY, num_classes=10)
+    model = _model(**TINY, num_classes=10)
     out = keras.ops.convert_to_numpy(model(_inputs()))
     np.testing.assert_array_equal(out, np.zeros_like(out))
 
 
 def test_in_context_head_starts_small_but_not_zero():
-    model = dit.DiT(**TINY, num_classes=10, conditioning_mode="in_context")
+    model = _model(**TINY, num_classes=10, conditioning_mode="in_context")
     out = np.abs(keras.ops.convert_to_numpy(model(_inputs())))
     assert 0 < out.max() < 1e-2
 
 
 def test_null_class_row():
-    model = dit.DiT(**TINY, num_classes=10, conditioning_mode="in_context")
+    model = _model(**TINY, num_classes=10, conditioning_mode="in_context")
     assert tuple(model.y_embedder.embeddings.shape) == (11, 32)
     contract.randomize(model)
     inputs = _inputs()
@@ -158,9 +169,9 @@ def test_null_class_row():
 
 
 def test_unconditional_has_no_class_table():
-    for mode in dit.CONDITIONING_MODES:
+    for mode in MODES:
         for num_classes in (None, 0):
-            model = dit.DiT(**TINY, num_classes=num_classes, conditioning_mode=mode)
+            model = _model(**TINY, num_classes=num_classes, conditioning_mode=mode)
             assert model.y_embedder is None
             assert model.conditioning is None
 
@@ -181,12 +192,12 @@ def test_sincos_position_embedding_matches_dit_formula():
 
     reference = np.concatenate([one_d(grid[0]), one_d(grid[1])], axis=1)
     np.testing.assert_allclose(
-        dit.sincos_position_embedding_2d(dim, gh, gw), reference, rtol=1e-12, atol=1e-12
+        layers_lib.sincos_position_embedding_2d(dim, gh, gw), reference, rtol=1e-12, atol=1e-12
     )
-    model = dit.DiT(**TINY, num_classes=None)
+    model = _model(**TINY, num_classes=None)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(model.pos_embed)[0],
-        dit.sincos_position_embedding_2d(32, 4, 4),
+        layers_lib.sincos_position_embedding_2d(32, 4, 4),
         rtol=0,
         atol=1e-7,
     )
@@ -201,12 +212,12 @@ def test_unpatchify_matches_loop_reference():
         for j in range(gw):
             patch = tokens[:, i * gw + j].reshape(2, p, p, c)
             reference[:, i * p : (i + 1) * p, j * p : (j + 1) * p] = patch
-    out = keras.ops.convert_to_numpy(dit.unpatchify(tokens, gh, gw, p, c))
+    out = keras.ops.convert_to_numpy(layers_lib.unpatchify(tokens, gh, gw, p, c))
     np.testing.assert_array_equal(out, reference)
 
 
 def test_self_attention_matches_numpy():
-    layer = dit.SelfAttention(32, num_heads=4)
+    layer = layers_lib.SelfAttention(32, num_heads=4)
     x = np.random.default_rng(0).standard_normal((3, 16, 32)).astype("float32")
     out = keras.ops.convert_to_numpy(layer(x))
     reference = _attention_reference(
@@ -217,7 +228,7 @@ def test_self_attention_matches_numpy():
 
 
 def test_dit_block_matches_numpy_with_nonzero_modulation():
-    block = dit.DiTBlock(32, num_heads=4)
+    block = layers_lib.DiTBlock(32, num_heads=4)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 16, 32)).astype("float32")
     c = rng.standard_normal((3, 32)).astype("float32")
@@ -246,7 +257,7 @@ def test_dit_block_matches_numpy_with_nonzero_modulation():
 
 def test_in_context_tokens_reach_the_patches():
     """The timestep only enters through its extra token, so changing t changes x."""
-    model = dit.DiT(**TINY, num_classes=None, conditioning_mode="in_context")
+    model = _model(**TINY, num_classes=None, conditioning_mode="in_context")
     contract.randomize(model)
     inputs = _inputs()
     inputs.pop("y")
@@ -259,17 +270,17 @@ def test_in_context_tokens_reach_the_patches():
 # serialization, mixed precision
 
 
-@pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_keras_file_round_trip(tmp_path, mode):
-    model = dit.DiT(**TINY, num_classes=10, conditioning_mode=mode)
+    model = _model(**TINY, num_classes=10, conditioning_mode=mode)
     contract.randomize(model)
     contract.run_round_trip_test(model, _inputs(), tmp_path)
 
 
-@pytest.mark.parametrize("mode", dit.CONDITIONING_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_mixed_bfloat16(mode):
     contract.run_mixed_bfloat16_test(
-        lambda: dit.DiT(**TINY, num_classes=10, conditioning_mode=mode), _inputs()
+        lambda: _model(**TINY, num_classes=10, conditioning_mode=mode), _inputs()
     )
 
 
@@ -296,7 +307,7 @@ def test_bad_construction(overrides, match):
 
 
 def test_bad_inputs():
-    model = dit.DiT(**TINY, num_classes=10)
+    model = _model(**TINY, num_classes=10)
     good = _inputs()
     for bad, match in [
         (dict(good, x=good["x"][0]), "rank 4"),
@@ -326,7 +337,7 @@ def test_bad_inputs():
     ],
 )
 def test_count_reference_matches_built_models(config):
-    contract.run_parameter_count_test(dit.DiT(**config), _count_reference(**config))
+    contract.run_parameter_count_test(_model(**config), _count_reference(**config))
 
 
 PAPER = {
@@ -336,19 +347,20 @@ PAPER = {
 
 
 def test_preset_parameter_counts_match_the_papers():
-    assert set(dit.PRESETS) == set(PAPER) | {"vit_b_2_in256"}
-    for name, preset in dit.PRESETS.items():
-        assert preset["class"] is dit.DiT
+    assert set(PRESETS) == set(PAPER) | {"vit_b_2_in256"}
+    for name, preset in PRESETS.items():
+        assert preset["class"] is (vit.InContextViT if name.startswith("vit") else dit.DiT)
         assert preset["paper_params"] == (int(PAPER[name]) if name in PAPER else None)
-        count = _count_reference(**preset["config"])
+        mode = "in_context" if preset["class"] is vit.InContextViT else "adaln_zero"
+        count = _count_reference(**preset["config"], conditioning_mode=mode)
         if name in PAPER:
             assert abs(count / PAPER[name] - 1) < 0.01, (name, count)
-    config = dit.PRESETS["vit_l_4_in64"]["config"]
+    config = PRESETS["vit_l_4_in64"]["config"]
     assert (config["depth"], config["hidden_size"], config["num_heads"]) == (21, 1024, 16)
     assert tuple(config["image_shape"]) == (64, 64, 3) and config["patch_size"] == 4
-    config = dit.PRESETS["vit_xl_2_in256"]["config"]
+    config = PRESETS["vit_xl_2_in256"]["config"]
     assert (config["depth"], config["hidden_size"], config["num_heads"]) == (28, 1152, 16)
-    config = dit.PRESETS["vit_b_2_in256"]["config"]
+    config = PRESETS["vit_b_2_in256"]["config"]
     assert (config["depth"], config["hidden_size"]) == (12, 768)
 
 
@@ -358,7 +370,7 @@ def test_largest_preset_builds_with_paper_count():
     name = "dit_xl_2"
     model = backbones.get(name)
     count = model.count_params()
-    assert count == _count_reference(**dit.PRESETS[name]["config"])
+    assert count == _count_reference(**PRESETS[name]["config"])
     assert abs(count / PAPER[name] - 1) < 0.01
 
 
@@ -368,7 +380,7 @@ def test_registry_get_with_overrides_and_unknown_name():
     assert (model.depth, model.hidden_size, model.num_heads) == (1, 32, 2)
     assert model.num_classes == 4 and model.patch_size == 2
     assert model.image_shape == (32, 32, 4)
-    assert backbones.PRESETS["vit_l_4_in64"] is dit.PRESETS["vit_l_4_in64"]
+    assert backbones.PRESETS["vit_l_4_in64"] is vit.PRESETS["vit_l_4_in64"]
     with pytest.raises(ValueError, match="dit_s_2") as info:
         backbones.get("dit_s_3")
     assert "dit_s_3" in str(info.value)
@@ -428,7 +440,7 @@ def test_truncated_normal_is_timm_trunc_normal():
 
 def test_adaln_zero_initialisation_matches_dit_initialize_weights():
     """facebookresearch/DiT models.py initialize_weights, one line per layer."""
-    model = dit.DiT(**INIT)
+    model = _model(**INIT)
     d, p, c = 256, 4, 8
     xavier = lambda fan_in, fan_out: math.sqrt(2.0 / (fan_in + fan_out))  # noqa: E731
     # Patch embedding: xavier_uniform on the conv kernel seen as a (D, p*p*C) matrix.
@@ -459,7 +471,7 @@ def test_in_context_initialisation_matches_the_min_snr_vit():
     """Min-SNR guided_diffusion/vision_transformer.py: timm trunc_normal_(std=.02) on every
     linear layer and the positions, fix_init_weight, init_scale on the head, PyTorch's
     default Conv2d init on the patch embedding and N(0, 1) for the class table."""
-    model = dit.DiT(**INIT, conditioning_mode="in_context")
+    model = _model(**INIT, conditioning_mode="in_context")
     d, p, c = 256, 4, 8
     fan_in = p * p * c
     # nn.Conv2d default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias too.
@@ -513,3 +525,38 @@ def test_gelu_matches_float64_and_the_exact_form_avoids_erfc():
 
         jaxpr = str(jax.make_jaxpr(lambda v: layers.gelu(v, approximate=False))(x))
         assert " erf " in jaxpr and "erfc" not in jaxpr
+
+
+# --------------------------------------------------------------------------------------
+# files saved when one `DiT` class held both transformers
+
+
+def test_files_saved_before_the_split_load_with_their_outputs():
+    """tests/data/transformers_before_split* were written at 47351dd, when `DiT` held the
+    in-context ViT too (conditioning_mode="in_context"; see
+    make_transformers_before_split.py). They load as the two classes and give the outputs
+    that code computed, and the DiffusionModel keeps each EMA average on its weight."""
+    import os
+
+    folder = os.path.join(os.path.dirname(__file__), "data")
+    saved = np.load(os.path.join(folder, "transformers_before_split.npz"))
+    inputs = {"x": saved["x"], "t": saved["t"], "y": saved["y"]}
+    model = keras.models.load_model(os.path.join(folder, "transformers_before_split.keras"))
+    table = keras.models.load_model(
+        os.path.join(folder, "transformers_before_split.vit_table.keras"))
+    adaln = keras.models.load_model(os.path.join(folder, "transformers_before_split.dit.keras"))
+    assert type(model.backbone) is vit.InContextViT and type(table) is vit.InContextViT
+    assert type(adaln) is dit.DiT
+    assert table.timestep_embedding == "table" and table.final_norm is None
+    for backbone, key in ((model.backbone, "vit"), (table, "vit_table"), (adaln, "dit")):
+        scale = np.abs(saved[key]).max()
+        assert scale > 1e-5, key  # not all zero (the ViT head starts at std 2e-5)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(backbone(inputs)), saved[key],
+                                   rtol=0, atol=1e-5 * scale)
+    weights = model.backbone.trainable_weights
+    flat = lambda arrays: np.concatenate(  # noqa: E731
+        [np.ravel(keras.ops.convert_to_numpy(a)) for a in arrays])
+    np.testing.assert_array_equal(flat(weights), saved["weights"])
+    np.testing.assert_array_equal(flat([model.ema.average_of(w) for w in weights]),
+                                  saved["ema"])
+    assert not np.array_equal(saved["ema"], saved["weights"])  # the averages lag

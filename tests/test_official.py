@@ -16,6 +16,7 @@ from scipy.special import erf
 from keras_minsnr import cli
 from keras_minsnr import official
 from keras_minsnr.backbones import dit
+from keras_minsnr.backbones import vit
 
 # A tiny official-layout ViT: 8x8x4 latents, patch 2 (16 patches), width 32, 2 heads.
 TINY = dict(image_shape=(8, 8, 4), patch_size=2, hidden_size=32, num_heads=2)
@@ -270,14 +271,15 @@ def test_paper_settings_for_the_released_checkpoints():
     ],
 )
 def test_layout_options_reject_bad_values(overrides, match):
-    kwargs = dict(TINY, depth=1, num_classes=None, conditioning_mode="in_context")
+    kwargs = dict(TINY, depth=1, num_classes=None, **overrides)
+    backbone_class = dit.DiT if kwargs.pop("conditioning_mode", None) else vit.InContextViT
     with pytest.raises(ValueError, match=match):
-        dit.DiT(**{**kwargs, **overrides})
+        backbone_class(**kwargs)
 
 
 def test_timestep_table_is_a_lookup():
-    model = dit.DiT(**TINY, depth=1, num_classes=None, conditioning_mode="in_context",
-                    timestep_embedding="table", timestep_table_size=7)
+    model = vit.InContextViT(**TINY, depth=1, num_classes=None,
+                             timestep_embedding="table", timestep_table_size=7)
     table = np.arange(7 * 32, dtype="float32").reshape(7, 32)
     model.t_embedder.embeddings.assign(table)
     rows = keras.ops.convert_to_numpy(model.t_embedder(np.array([6, 0, 3])))

@@ -25,6 +25,11 @@ a backbone has them, take precedence (every built-in backbone sets them):
 - ``context_shape``: ``(L, D)`` of the text context (context-conditional only).
 
 Every built-in backbone has ``get_config()`` so `.keras` files round-trip.
+
+A backbone class owns what is specific to it: the constructor arguments it takes from
+the data, its LoRA target groups and its `keras.distribution` layout rules
+(classmethods; see `keras_minsnr.backbones.contract`). Adding a backbone is a module
+here and its test; docs/architecture.md lists the steps.
 """
 
 from keras_minsnr.backbones import dit
@@ -32,9 +37,11 @@ from keras_minsnr.backbones import mlp
 from keras_minsnr.backbones import sd3
 from keras_minsnr.backbones import stable_diffusion
 from keras_minsnr.backbones import unet
+from keras_minsnr.backbones import vit
 
 PRESETS = {
-    **dit.PRESETS, **unet.PRESETS, **stable_diffusion.PRESETS, **sd3.PRESETS, **mlp.PRESETS
+    **dit.PRESETS, **vit.PRESETS, **unet.PRESETS, **stable_diffusion.PRESETS, **sd3.PRESETS,
+    **mlp.PRESETS,
 }
 
 
