@@ -1,4 +1,4 @@
-"""Rectified flow vs DDPM ε on the digits: weightings and timestep densities (issue 15).
+"""Rectified flow vs DDPM ε on the digits: weightings and timestep densities.
 
 Every run trains the digits recipe's backbone (class-conditional `mlp_digits`, AdamW 1e-3
 with 100 warm-up steps, batch 128, EMA 0.999, label dropout 0.15) for the same step budget,

@@ -1,7 +1,7 @@
 """Resume across backends: the first epoch after a backend switch vs a fresh epoch.
 
 A checkpoint written on one backend used to carry that backend's `jit_compile` (``False``
-from TensorFlow), so a JAX resume ran op by op (issue 12.2: 46 s instead of 4 s for a
+from TensorFlow), so a JAX resume ran op by op (46 s instead of 4 s for a
 20-step digits epoch). `train` now recompiles with the current backend's default. For each
 direction (TensorFlow -> JAX, JAX -> TensorFlow) this script, one process per step:
 
@@ -37,10 +37,10 @@ BACKENDS = ("tensorflow", "jax")
 
 
 def _config(steps, epochs):
-    from keras_minsnr import training
+    from keras_minsnr import run_config
     from recipes.digits import RECIPE
 
-    return training.resolve_config(
+    return run_config.resolve_config(
         RECIPE,
         {"steps": steps * epochs, "steps_per_epoch": steps, "warmup_steps": 0,
          "num_samples": 10, "sample_steps": 2, "sample_every_epochs": 1000},

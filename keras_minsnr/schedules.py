@@ -1,6 +1,6 @@
 """Discrete-time noise schedules and the conversions between prediction targets.
 
-Notation (DESIGN.md §2): ``alphas_cumprod[t] = ᾱ_t``, ``α_t = sqrt(ᾱ_t)``,
+Notation: ``alphas_cumprod[t] = ᾱ_t``, ``α_t = sqrt(ᾱ_t)``,
 ``σ_t = sqrt(1 - ᾱ_t)``, ``SNR(t) = ᾱ_t / (1 - ᾱ_t)`` and ``x_t = α_t x_0 + σ_t ε``.
 The tables are float64 numpy; tensor inputs get float32 tensors gathered from them.
 """

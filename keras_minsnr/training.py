@@ -41,15 +41,9 @@ from keras_minsnr.builders import build_model
 from keras_minsnr.builders import distribution_scope
 from keras_minsnr.optimizers import grad_accum
 from keras_minsnr.optimizers import make_optimizer
+from keras_minsnr.run_config import ENCODE_KEYS
+from keras_minsnr.run_config import RESUMABLE_KEYS
 from keras_minsnr.visualization import save_image_grid
-
-# The config schema lives in run_config; these names stay importable from here.
-from keras_minsnr.run_config import DEFAULTS  # noqa: F401
-from keras_minsnr.run_config import ENCODE_KEYS  # noqa: F401
-from keras_minsnr.run_config import RESUMABLE_KEYS  # noqa: F401
-from keras_minsnr.run_config import _set_nested  # noqa: F401
-from keras_minsnr.run_config import parse_overrides  # noqa: F401
-from keras_minsnr.run_config import resolve_config  # noqa: F401
 
 
 def make_encoders(encode, needs_text):

@@ -1,4 +1,4 @@
-"""Rectified flow with Min-SNR-5 on scikit-learn's 8x8 digits (issue 15).
+"""Rectified flow with Min-SNR-5 on scikit-learn's 8x8 digits.
 
 The digits recipe with the flow schedule: velocity target ``u = ε − x₀``, Min-SNR-5 in
 velocity space (``min((1 − t)², 5t²)``), uniform timesteps, Euler sampling (``--set

@@ -1,4 +1,4 @@
-"""Any backbone that follows the contract trains, samples and round-trips (issue 11.4)."""
+"""Any backbone that follows the contract trains, samples and round-trips."""
 
 import keras
 import numpy as np

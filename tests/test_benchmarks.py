@@ -13,28 +13,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import convergence  # noqa: E402
+import stats  # noqa: E402
 
 
 def test_steps_to_reach_interpolates_first_crossing():
     steps = [100, 200, 300, 400]
     # 25 at 200, 15 at 300: 20 is reached halfway, at 250.
-    assert convergence.steps_to_reach(steps, [45, 25, 15, 10], 20.0) == pytest.approx(250.0)
+    assert stats.steps_to_reach(steps, [45, 25, 15, 10], 20.0) == pytest.approx(250.0)
     # Already below at the first checkpoint: credited with that checkpoint.
-    assert convergence.steps_to_reach(steps, [5, 4, 3, 2], 20.0) == 100.0
-    assert convergence.steps_to_reach(steps, [50, 40, 30, 21], 20.0) is None
+    assert stats.steps_to_reach(steps, [5, 4, 3, 2], 20.0) == 100.0
+    assert stats.steps_to_reach(steps, [50, 40, 30, 21], 20.0) is None
     # Non-monotone: the first crossing counts (100 + 30/32 * 100).
-    assert convergence.steps_to_reach(steps, [50, 18, 30, 20], 20.0) == pytest.approx(193.75)
+    assert stats.steps_to_reach(steps, [50, 18, 30, 20], 20.0) == pytest.approx(193.75)
 
 
 def test_speedup_on_synthetic_curves():
     steps = [100, 200, 300, 400]
-    value, base, cand, target = convergence.speedup(steps, [50, 40, 30, 20], [45, 25, 15, 10])
+    value, base, cand, target = stats.speedup(steps, [50, 40, 30, 20], [45, 25, 15, 10])
     assert target == 20.0 and base == 400.0 and cand == pytest.approx(250.0)
     assert value == pytest.approx(1.6)
-    value, _, cand, _ = convergence.speedup(steps, [50, 40, 30, 20], [60, 55, 50, 45])
+    value, _, cand, _ = stats.speedup(steps, [50, 40, 30, 20], [60, 55, 50, 45])
     assert value is None and cand is None
     with pytest.raises(ValueError, match="equal length"):
-        convergence.steps_to_reach([1, 2], [1.0], 0.5)
+        stats.steps_to_reach([1, 2], [1.0], 0.5)
 
 
 def test_bad_step_grid_is_rejected():
@@ -118,20 +119,20 @@ def test_t_interval_matches_closed_forms_and_scipy():
     from scipy import stats
 
     # df = 1: the 97.5% t quantile is tan(0.475 π); [0, 2] has mean 1 and s/sqrt(n) = 1.
-    mean, low, high = convergence.t_interval([0.0, 2.0])
+    mean, low, high = stats.t_interval([0.0, 2.0])
     half = math.tan(0.475 * math.pi)
     assert mean == 1.0 and low == pytest.approx(1 - half) and high == pytest.approx(1 + half)
     # df = 2: F(t) = 1/2 + t / (2 sqrt(2 + t²)), so t = u sqrt(2 / (1 - u²)) with u = 0.95.
-    mean, low, high = convergence.t_interval([0.0, 1.0, 2.0])
+    mean, low, high = stats.t_interval([0.0, 1.0, 2.0])
     half = 0.95 * math.sqrt(2.0 / (1.0 - 0.95**2)) / math.sqrt(3.0)
     assert (low, high) == (pytest.approx(1 - half), pytest.approx(1 + half))
     # df = 4 against scipy's own interval routine.
     sample = [3.1, 2.4, 5.0, 4.2, 3.3]
     ref = stats.t.interval(0.95, df=4, loc=sum(sample) / 5, scale=stats.sem(sample))
-    assert convergence.t_interval(sample)[1:] == pytest.approx(ref, rel=1e-12)
-    assert convergence.t_interval([4.0]) == (4.0, None, None)
+    assert stats.t_interval(sample)[1:] == pytest.approx(ref, rel=1e-12)
+    assert stats.t_interval([4.0]) == (4.0, None, None)
     with pytest.raises(ValueError, match="non-empty"):
-        convergence.t_interval([])
+        stats.t_interval([])
 
 
 def test_bootstrap_interval_closed_form_and_coverage():
@@ -139,29 +140,29 @@ def test_bootstrap_interval_closed_form_and_coverage():
 
     # Two values: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so the
     # 2.5% and 97.5% quantiles are 0 and 1.
-    assert convergence.bootstrap_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)
+    assert stats.bootstrap_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)
     # Coverage of the true mean on normal samples of 30 (fixed seed): close to 95%.
     rng = np.random.default_rng(7)
     trials, hits = 300, 0
     for i in range(trials):
         sample = rng.normal(10.0, 3.0, size=30)
-        _, low, high = convergence.bootstrap_interval(sample, num_resamples=2000, seed=i)
+        _, low, high = stats.bootstrap_interval(sample, num_resamples=2000, seed=i)
         hits += low <= 10.0 <= high
     assert 0.90 <= hits / trials <= 0.98
 
 
 def test_speedup_interval_is_taken_on_the_log_scale():
-    centre, low, high = convergence.speedup_interval({"0": 1.0, "1": 4.0})
+    centre, low, high = stats.speedup_interval({"0": 1.0, "1": 4.0})
     # log values 0 and log 4: mean log 2, s = log 4 / sqrt 2, n = 2, t = tan(0.475 π).
     half = math.tan(0.475 * math.pi) * math.log(4.0) / math.sqrt(2.0) / math.sqrt(2.0)
     assert centre == pytest.approx(2.0)
     assert low == pytest.approx(2.0 * math.exp(-half))
     assert high == pytest.approx(2.0 * math.exp(half))
-    assert convergence.speedup_interval({"0": 2.0, "1": 2.0, "2": 2.0}) == (
+    assert stats.speedup_interval({"0": 2.0, "1": 2.0, "2": 2.0}) == (
         pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0)
     )
     # A seed that never reached the baseline's FID: no interval.
-    assert convergence.speedup_interval({"0": 2.0, "1": None}) == (None, None, None)
+    assert stats.speedup_interval({"0": 2.0, "1": None}) == (None, None, None)
 
 
 def planted_rows(fids, steps=(100, 200)):

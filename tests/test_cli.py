@@ -10,6 +10,7 @@ from PIL import Image
 
 from keras_minsnr import builders
 from keras_minsnr import cli
+from keras_minsnr import run_config
 from keras_minsnr import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def run_dir(tmp_path_factory):
     from keras_minsnr.data import DatasetInfo
 
     run = str(tmp_path_factory.mktemp("run"))
-    config = training.resolve_config(cli.load_recipe("digits"), {
+    config = run_config.resolve_config(cli.load_recipe("digits"), {
         "backbone_args": {"hidden_size": 16, "depth": 1}})
     model = builders.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
                                                      num_classes=10))

@@ -1,5 +1,5 @@
 """`keras-minsnr train --distribution data_parallel` on two devices, and resuming that run
-on one device (issue 10: a run directory resumes on a different device count)."""
+on one device (a run directory resumes on a different device count)."""
 
 import json
 import os

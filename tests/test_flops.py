@@ -39,11 +39,28 @@ def test_convolution_and_nested_jaxprs():
     assert flops.jaxpr_flops(jax.make_jaxpr(lambda x: jnp.tanh(x) * 2 + 1)(x)) == 0
 
 
-def test_peak_table_matches_device_names():
-    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 67.0
-    assert flops.peak_tflops("TPU v5 lite") == 197.0
-    assert flops.peak_tflops("cpu") is None
+# Peaks rebuilt from each chip's published architecture: units x work per clock x clock.
+ARCHITECTURE_PEAKS = [
+    # A100 whitepaper: 108 SMs at 1410 MHz; 1024 dense bf16 FMAs per SM per clock.
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", 108 * 1024 * 2 * 1.41e9),
+    # ... and 64 fp32 lanes per SM.
+    ("NVIDIA A100-SXM4-40GB", "float32", 108 * 64 * 2 * 1.41e9),
+    # TPU v4: 2 TensorCores x 4 MXUs of 128x128 multiply-adds at 1050 MHz.
+    ("TPU v4", "bfloat16", 2 * 4 * 128 * 128 * 2 * 1.05e9),
+    # TPU v5e ("v5 lite" to JAX): 1 TensorCore x 4 MXUs of 128x128 at 1.5 GHz.
+    ("TPU v5 lite", "bfloat16", 1 * 4 * 128 * 128 * 2 * 1.5e9),
+]
+
+
+@pytest.mark.parametrize("device, dtype, flops_per_second", ARCHITECTURE_PEAKS)
+def test_peak_rates_follow_from_the_chips_architecture(device, dtype, flops_per_second):
+    assert flops.peak_tflops(device, dtype) == pytest.approx(flops_per_second / 1e12, rel=5e-3)
+
+
+def test_device_names_match_case_blind_and_unknown_ones_give_none():
+    assert flops.peak_tflops("nvidia a100-sxm4-80gb") == flops.peak_tflops("NVIDIA A100")
+    assert flops.peak_tflops("TPU v4", "float32") is None  # no data-sheet fp32 rate
+    assert flops.peak_tflops("cpu") is None and flops.peak_tflops(None) is None
 
 
 _DIT_S2 = """

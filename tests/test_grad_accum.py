@@ -1,4 +1,4 @@
-"""Gradient accumulation in training runs (issue 10): `grad_accum` / `--grad-accum N`.
+"""Gradient accumulation in training runs: `grad_accum` / `--grad-accum N`.
 
 A run's step is a real optimizer update of N micro-batches of ``batch_size``: `steps`,
 checkpoints, metrics rows, `state.json`, the data position of a resume, the EMA warm-up
@@ -22,6 +22,7 @@ from keras_minsnr import builders
 from keras_minsnr import checkpointing
 from keras_minsnr import cli
 from keras_minsnr import optimizers
+from keras_minsnr import run_config
 from keras_minsnr import training
 from tests import test_reliability
 from tests.test_diffusion_model import fixed_batch
@@ -46,7 +47,7 @@ ARGS = ["--steps", "3", "--grad-accum", "2",
 def _config(**overrides):
     from recipes.digits import RECIPE
 
-    return training.resolve_config(RECIPE, {**TINY, "steps": 3, "grad_accum": 2, **overrides})
+    return run_config.resolve_config(RECIPE, {**TINY, "steps": 3, "grad_accum": 2, **overrides})
 
 
 def _calls(optimizer):
@@ -179,7 +180,7 @@ def test_changing_grad_accum_on_resume_needs_permission(tmp_path, capsys, refere
                                           (True, "True")])
 def test_bad_grad_accum_values_are_named(value, shown):
     with pytest.raises(ValueError, match=rf"grad_accum: {shown}\. Allowed: an integer >= 1"):
-        training.resolve_config({}, {"grad_accum": value})
+        run_config.resolve_config({}, {"grad_accum": value})
 
 
 @pytest.mark.parametrize("text, message", [("0", "'0' is not allowed: must be >= 1"),
@@ -275,7 +276,7 @@ def test_xl_recipe_states_its_devices_and_every_listed_layout_keeps_batch_256():
     from recipes import imagenet256_vit_xl2
 
     # What `keras-minsnr show imagenet256_vit_xl2` prints.
-    shown = "\n" + run_config.describe(training.resolve_config(imagenet256_vit_xl2.RECIPE))
+    shown = "\n" + run_config.describe(run_config.resolve_config(imagenet256_vit_xl2.RECIPE))
     for line in ('distribution = "data_parallel"', "mesh = null", "grad_accum = 1",
                  "batch_size = 256"):
         assert f"\n{line}  #" in shown, line
@@ -293,6 +294,6 @@ def test_xl_recipe_states_its_devices_and_every_listed_layout_keeps_batch_256():
     from recipes import imagenet256_vit_b2
 
     for recipe in (imagenet64_vit_l4.RECIPE, imagenet256_vit_b2.RECIPE):
-        config = training.resolve_config(recipe)
+        config = run_config.resolve_config(recipe)
         assert (config["distribution"], config["mesh"], config["grad_accum"],
                 config["batch_size"]) == ("data_parallel", None, 1, 256)

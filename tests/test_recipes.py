@@ -12,6 +12,7 @@ from keras import ops
 from PIL import Image
 
 from keras_minsnr import builders
+from keras_minsnr import run_config
 from keras_minsnr import training
 from keras_minsnr.cli import available_recipes
 from keras_minsnr.cli import main
@@ -79,10 +80,10 @@ def _state(run_dir):
 def test_every_paper_recipe_is_listed_and_resolves():
     assert set(PAPER_RECIPES) <= set(available_recipes())
     for name in available_recipes():  # every key and value passes the typed config
-        assert training.resolve_config(_recipe(name))["description"], name
+        assert run_config.resolve_config(_recipe(name))["description"], name
     for name in PAPER_RECIPES:
         module = importlib.import_module(f"recipes.{name}")
-        config = training.resolve_config(module.RECIPE)
+        config = run_config.resolve_config(module.RECIPE)
         assert config["paper_source"] and config["description"], name
         # The docstring says where the numbers come from and how to run it.
         assert "Hang et al. 2023" in module.__doc__ and "keras-minsnr train" in module.__doc__
@@ -92,7 +93,7 @@ def test_every_paper_recipe_is_listed_and_resolves():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_pixel_and_latent_recipes_carry_the_paper_settings(name):
-    config = training.resolve_config(_recipe(name))
+    config = run_config.resolve_config(_recipe(name))
     schedule, gamma, lr, betas, wd = PAPER
     target, batch, backbone, drop = EXPECTED[name]
     assert (config["schedule"], config["gamma"], config["learning_rate"]) == (schedule, gamma, lr)
@@ -104,7 +105,7 @@ def test_pixel_and_latent_recipes_carry_the_paper_settings(name):
 
 
 def test_sd15_recipe_follows_diffengine_min_snr_config():
-    config = training.resolve_config(_recipe("sd15_captions"))
+    config = run_config.resolve_config(_recipe("sd15_captions"))
     # diffengine stable_diffusion_v15_snr_pokemon_blip: SNRL2Loss(snr_gamma=5),
     # AdamW(lr=1e-5, weight_decay=1e-2), clip_grad max_norm 1.0, batch 4.
     assert (config["schedule"], config["prediction_type"], config["gamma"]) == (
@@ -128,7 +129,7 @@ SLOW_BUILDS = ("cifar10_unet", "sd15_captions")
 def test_recipe_backbone_builds_tiny(name):
     recipe = _recipe(name)
     backbone_name = recipe["backbone"]
-    config = training.resolve_config(
+    config = run_config.resolve_config(
         recipe, {f"backbone_args.{k}": v for k, v in TINY[backbone_name].items()}
     )
     latent = name.startswith("imagenet256") or name == "sd15_captions"
@@ -157,7 +158,7 @@ def test_recipe_backbone_builds_tiny(name):
 
 
 def test_celeba_vit_is_vit_small_sized():
-    config = training.resolve_config(_recipe("celeba64_vit_s"))
+    config = run_config.resolve_config(_recipe("celeba64_vit_s"))
     args = config["backbone_args"]
     # U-ViT-S/4: patch 4 (from the vit_l_4_in64 preset), width 512, 13 blocks, 8 heads.
     assert (args["hidden_size"], args["depth"], args["num_heads"]) == (512, 13, 8)
@@ -237,7 +238,7 @@ def test_train_encodes_the_source_once_then_reuses_the_cache(tmp_path, monkeypat
     _image_folder(folder)
     vae = _PoolingVAE()
     monkeypatch.setattr(training, "make_encoders", lambda encode, needs_text: vae)
-    config = training.resolve_config(_recipe("imagenet256_vit_xl2"), {
+    config = run_config.resolve_config(_recipe("imagenet256_vit_xl2"), {
         "data": cache, "encode.source": folder,
         "encode.source_args": {"image_size": 32}, **SHORT_RUN,
     })
@@ -348,5 +349,5 @@ def test_unprepared_data_says_where_to_place_the_files(tmp_path, capsys):
 def test_unknown_encode_key_lists_the_valid_ones(tmp_path):
     # Found when the config is resolved, before anything is written or encoded.
     with pytest.raises(ValueError, match="encode key.*'vae'.*image_encoder_weights"):
-        training.resolve_config(_recipe("imagenet256_vit_b2"),
+        run_config.resolve_config(_recipe("imagenet256_vit_b2"),
                                 {"data": str(tmp_path), "encode.vae": "x"})

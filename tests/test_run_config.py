@@ -7,7 +7,6 @@ import re
 import pytest
 
 from keras_minsnr import run_config
-from keras_minsnr import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,13 +31,34 @@ def test_resolve_config_layers_defaults_recipe_and_overrides():
             config["terminal_weight"]) == (None, 2, 1.0)
 
 
-def test_training_reexports_the_config_functions():
-    assert training.resolve_config is run_config.resolve_config
-    assert training.parse_overrides is run_config.parse_overrides
-    assert training.DEFAULTS is run_config.DEFAULTS
-    assert set(training.RESUMABLE_KEYS) == {
-        "steps", "sample_every_epochs", "num_samples", "sample_steps", "checkpoint_every",
-        "keep_checkpoints", "distribution", "mesh", "multihost"}
+class _ReadKeys(dict):
+    """A config that records which top-level keys were read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_resumable_keys_are_never_read_when_the_model_is_built():
+    """A key may change between sessions of a run only if the checkpointed model does not
+    depend on it: building the model (backbone, schedule, weighting, optimizer) reads none
+    of `RESUMABLE_KEYS`, and reads the keys that do shape it."""
+    from keras_minsnr import builders
+    from keras_minsnr.data.info import DatasetInfo
+
+    config = _ReadKeys(run_config.resolve_config(
+        {"backbone": "mlp_digits", "backbone_args": {"depth": 1, "hidden_size": 8}}))
+    builders.build_model(config, DatasetInfo("digits", (8, 8, 1), num_classes=10))
+    assert not config.read & set(run_config.RESUMABLE_KEYS)
+    assert {"backbone", "weighting", "gamma", "learning_rate", "schedule"} <= config.read
 
 
 @pytest.mark.parametrize("overrides, match", [

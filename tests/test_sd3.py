@@ -1,4 +1,4 @@
-"""KerasHub Stable Diffusion 3 behind the backbone contract (issue 16, item 1).
+"""KerasHub Stable Diffusion 3 behind the backbone contract.
 
 A tiny SD3 (2-layer MMDiT, 4-level VAE of 32 filters, 2-layer CLIP-L/G, no T5) is
 written as a KerasHub preset directory with `save_to_preset` and loaded back through the
@@ -16,6 +16,7 @@ from keras import ops
 
 import keras_minsnr as kms
 from keras_minsnr import builders
+from keras_minsnr import run_config
 from keras_minsnr import training
 from keras_minsnr.backbones import sd3
 from keras_minsnr.cli import main
@@ -129,7 +130,7 @@ def tiny_preset(tmp_path_factory):
 
 
 def _flow_weight_reference(t, strategy, gamma=5.0):
-    """Float64 velocity-space weights t²·w₀(SNR), SNR = (1 − t)²/t² (DESIGN.md §2)."""
+    """Float64 velocity-space weights t²·w₀(SNR), SNR = (1 − t)²/t²."""
     snr = (1.0 - t) ** 2 / t**2
     if strategy == "constant":
         return np.ones_like(t)
@@ -288,7 +289,7 @@ def test_latent_shape_and_bad_arguments_are_checked(tiny_preset, tmp_path):
 def test_sd3_recipe_resolves_with_flow_settings():
     from recipes.sd3_captions import RECIPE
 
-    config = training.resolve_config(RECIPE)
+    config = run_config.resolve_config(RECIPE)
     assert (config["schedule"], config["prediction_type"], config["flow_shift"]) == (
         "flow", "flow", 3.0)
     assert (config["weighting"], config["gamma"]) == ("min_snr", 5.0)
@@ -301,12 +302,12 @@ def test_sd3_run_builds_the_backbone_for_its_flow_schedule(tiny_preset):
     from recipes.sd3_captions import RECIPE
 
     info = DatasetInfo(name="cache", image_shape=(8, 8, 16))
-    config = training.resolve_config(RECIPE, {"backbone_args.preset": tiny_preset})
+    config = run_config.resolve_config(RECIPE, {"backbone_args.preset": tiny_preset})
     model = builders.build_model(config, info)
     assert model.backbone.image_shape == (8, 8, 16)
     assert (model.schedule.shift, model.backbone.shift) == (3.0, 3.0)
     # A backbone embedding other times than the run's schedule is refused.
-    config = training.resolve_config(
+    config = run_config.resolve_config(
         RECIPE, {"backbone_args.preset": tiny_preset, "backbone_args.shift": 2.0})
     with pytest.raises(ValueError, match="embeds the times of .*flow_shift=2.0"):
         builders.build_model(config, info)

@@ -1,4 +1,4 @@
-"""tf.distribute.MirroredStrategy over 2 logical CPUs trains as one device does (issue 10.2).
+"""tf.distribute.MirroredStrategy over 2 logical CPUs trains as one device does.
 
 Logical devices must be set before TensorFlow initialises, so the training runs in a
 fresh process (tests/tf_distribute_check.py), which writes a JSON report.

@@ -1,4 +1,4 @@
-"""loss_weight against the DESIGN.md §2 table, written out by hand for every target."""
+"""loss_weight against the table in `keras_minsnr.weighting`, written out by hand for every target."""
 
 import keras
 import numpy as np
@@ -125,30 +125,24 @@ def test_wrong_forms_differ_at_a_known_point():
     assert kms.loss_weight(1.0, "min_snr", "v_prediction", gamma=5.0) == 0.5
 
 
+# The limit of every weight as s -> 0+, derived by hand from the table above (inf where
+# the weight diverges; the code clamps those at max_weight).
 LIMITS_AT_ZERO = {
-    # (strategy, target): the limit as s -> 0+
-    ("min_snr", "epsilon"): 1.0,
-    ("soft_min_snr", "epsilon"): 1.0,
-    ("min_snr", "v_prediction"): 0.0,
-    ("min_snr", "sample"): 0.0,
-    ("snr", "epsilon"): 1.0,
-    ("snr", "v_prediction"): 0.0,
+    ("constant", "sample"): 1.0, ("constant", "epsilon"): 1.0,
+    ("constant", "v_prediction"): 1.0,
+    ("snr", "sample"): 0.0, ("snr", "epsilon"): 1.0, ("snr", "v_prediction"): 0.0,
+    ("trunc_snr", "sample"): 1.0, ("trunc_snr", "epsilon"): np.inf,
     ("trunc_snr", "v_prediction"): 1.0,
-    ("max_snr", "v_prediction"): G,
+    ("max_snr", "sample"): G, ("max_snr", "epsilon"): np.inf, ("max_snr", "v_prediction"): G,
+    ("min_snr", "sample"): 0.0, ("min_snr", "epsilon"): 1.0, ("min_snr", "v_prediction"): 0.0,
+    ("soft_min_snr", "sample"): 0.0, ("soft_min_snr", "epsilon"): 1.0,
     ("soft_min_snr", "v_prediction"): 0.0,
-    ("p2", "epsilon"): 1.0 / K**PG,
-    ("p2", "v_prediction"): 0.0,
+    ("inv_snr", "sample"): np.inf, ("inv_snr", "epsilon"): np.inf,
+    ("inv_snr", "v_prediction"): np.inf,
+    ("p2", "sample"): 0.0, ("p2", "epsilon"): 1.0 / K**PG, ("p2", "v_prediction"): 0.0,
+    ("debiased", "sample"): 0.0, ("debiased", "epsilon"): np.inf,
     ("debiased", "v_prediction"): 0.0,
-    ("constant", "epsilon"): 1.0,
 }
-DIVERGENT_AT_ZERO = [
-    ("trunc_snr", "epsilon"),
-    ("max_snr", "epsilon"),
-    ("inv_snr", "epsilon"),
-    ("inv_snr", "sample"),
-    ("inv_snr", "v_prediction"),
-    ("debiased", "epsilon"),
-]
 
 
 @pytest.mark.parametrize("strategy", kms.STRATEGIES)
@@ -161,10 +155,8 @@ def test_finite_at_zero_and_huge_snr(strategy, target, as_tensor):
         kms.loss_weight(x, strategy, target, gamma=G, terminal_weight="limit")
     )
     assert np.all(np.isfinite(w)) and np.all(w >= 0)
-    if (strategy, target) in LIMITS_AT_ZERO:
-        assert w[0] == pytest.approx(LIMITS_AT_ZERO[(strategy, target)], abs=1e-12)
-    if (strategy, target) in DIVERGENT_AT_ZERO:
-        assert w[0] == kms.weighting.DEFAULT_MAX_WEIGHT
+    limit = min(LIMITS_AT_ZERO[(strategy, target)], kms.weighting.DEFAULT_MAX_WEIGHT)
+    assert w[0] == pytest.approx(limit, abs=1e-12)
 
 
 def test_zero_terminal_schedule_gives_finite_weights():
@@ -179,20 +171,16 @@ def test_zero_terminal_schedule_gives_finite_weights():
 
 def reference_weights(snr, strategy, target, terminal_weight, gamma=G, max_weight=1e5):
     """float64: the table's weight for s > 0 clamped at max_weight; at s = 0 the official
-    code's 1 (or the given number), or the limit s → 0⁺ of the same formula."""
+    code's 1 (or the given number), or the hand-derived limit of `LIMITS_AT_ZERO`."""
     snr = np.asarray(snr, dtype=np.float64)
     expected = EXPECTED[strategy][target]
     if gamma != G:  # only the official-default check below uses another γ
         raise AssertionError("the EXPECTED table is written for γ = 5")
     out = np.empty_like(snr)
     pos = snr > 0
-    with np.errstate(over="ignore", divide="ignore"):
-        out[pos] = np.minimum(expected(snr[pos]), max_weight)
-        # The limit, taken numerically on the formula: s = 1e-300 is 0 to float64
-        # precision in every finite limit, and overflows to inf where the weight diverges.
-        limit = min(float(expected(np.array([1e-300]))[0]), max_weight)
+    out[pos] = np.minimum(expected(snr[pos]), max_weight)
     if terminal_weight == "limit":
-        out[~pos] = 0.0 if abs(limit) < 1e-100 else limit
+        out[~pos] = min(LIMITS_AT_ZERO[(strategy, target)], max_weight)
     else:
         out[~pos] = terminal_weight
     return out
@@ -298,7 +286,7 @@ def test_bad_input(call, match):
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_flow_target_is_min_snr_in_velocity_space(as_tensor):
     # Rectified flow: SNR(t) = (1 − t)²/t² and Min-SNR-γ on the velocity is
-    # min((1 − t)², γ·t²) (DESIGN.md §2); t = 1 (SNR 0) takes the terminal weight.
+    # min((1 − t)², γ·t²); t = 1 (SNR 0) takes the terminal weight.
     t = np.array([1e-6, 0.1, 0.3, 0.5, 0.9, 1 - 1e-6])
     snr = ((1 - t) / t) ** 2
     expected = np.minimum((1 - t) ** 2, 5.0 * t**2)
