@@ -36,11 +36,12 @@ class TokenMixer(keras.Model):
         self.num_classes = num_classes
         self.conditioning = "class" if num_classes else None
         self.width = width
-        self.time_table = TimestepEmbedding(width, frequency_dim=16)
-        self.label_table = (keras.layers.Embedding(num_classes + 1, width)
+        # Variable paths (what layout rules match) use these names.
+        self.time_table = TimestepEmbedding(width, frequency_dim=16, name="time_table")
+        self.label_table = (keras.layers.Embedding(num_classes + 1, width, name="label_table")
                             if num_classes else None)
-        self.mix_in = keras.layers.Dense(width, activation="silu")
-        self.mix_out = keras.layers.Dense(self.image_shape[-1])
+        self.mix_in = keras.layers.Dense(width, activation="silu", name="mix_in")
+        self.mix_out = keras.layers.Dense(self.image_shape[-1], name="mix_out")
         self.build()
 
     def build(self, input_shape=None):
@@ -148,9 +149,13 @@ def test_a_model_parallel_run_places_the_new_backbone_by_its_rules(preset):
     dist = distribution.configure("model_parallel", (1, 1), backbone_name=PRESET,
                                   set_global=False)
     with dist.scope():
-        model = builders.build_model(_config(), INFO)
-    placed = distribution.describe(model)
-    kernel = next(p for p in placed if p.endswith("mix_in/kernel"))
-    assert placed[kernel] == (None, "model")
-    assert all(axes == (None,) * len(axes) for path, axes in placed.items()
-               if "mix_" not in path)
+        model = builders.build_model(_config(ema_decay=0.9), INFO)
+    backbone = model.backbone
+    want = {id(backbone.mix_in.kernel): (None, "model"), id(backbone.mix_in.bias): ("model",),
+            id(backbone.mix_out.kernel): ("model", None)}
+    for weight in backbone.weights:
+        axes = tuple(dist.get_variable_layout(weight).axes)
+        assert axes == want.get(id(weight), (None,) * len(weight.shape)), weight.path
+        average = model.ema.average_of(weight)  # the EMA copy follows its weight
+        if average is not None:
+            assert tuple(dist.get_variable_layout(average).axes) == axes, average.path
