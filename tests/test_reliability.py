@@ -16,122 +16,121 @@ import keras
 import numpy as np
 import pytest
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-                       verbose=0, allow_config_change=["learning_rate"])
-               if h["key"] == "learning_rate"]
-              *model.optimizer.variables]
-        "state.json", "step-00000008.keras", "step-00000010.keras"]
-        # Same backend, same device, same program: the replay is bit-for-bit.
-        history = [json.loads(line) for line in f]
-        np.testing.assert_array_equal(a, e)
-        return json.load(f)
-        return list(csv.DictReader(f))
-        training.train(_config(**{**REFERENCE, "steps": 14, "learning_rate": 1e30}), run,
-        training.train(lower, run, verbose=0)
-    """An uninterrupted run: 10 steps, epochs of 4, a checkpoint every 2 steps."""
-    """Every variable of the model (weights, EMA, optimizer slots), as float64 numpy."""
-    "backbone_args.depth": 1,
-    "backbone_args.hidden_size": 16,
-    "batch_size": 8,
-    "num_samples": 2,
-    "sample_every_epochs": 1000,
-    "sample_steps": 2,
-    "warmup_steps": 0,
-    # A row per checkpoint interval; the third epoch is two steps short.
-    # The interval that hit the NaN (steps 11-12) left no trace: same checkpoint, no row.
-    # Without an explicit permission a changed rate is refused, naming the way out.
-    # keep_checkpoints=2: the last two step checkpoints, nothing half-written.
-    _assert_same_weights(_weights(training.load_checkpoint(run)), good_weights)
-    assert "learning_rate" in capsys.readouterr().out
-    assert [int(r["epoch"]) for r in rows] == [0, 0, 1, 1, 2]
-    assert [int(r["step"]) for r in _rows(run)] == [2, 4, 6, 8, 10, 12, 14]
-    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10]
-    assert _rows(run) == good_rows
-    assert _state(run)["step"] == 10
-    assert _state(run)["step"] == 10
-    assert all(np.all(np.isfinite(w)) for w in _weights(model))
-    assert all(np.isfinite(float(r["loss"])) for r in rows)
-    assert changes == [("learning_rate", 1e-3, 1e30, 10), ("learning_rate", 1e30, 5e-4, 10)]
-    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(5e-4)
-    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 10
-    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 14
-    assert len(actual) == len(expected)
-    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
-    capsys.readouterr()
-    changes = [(h["key"], h["old"], h["new"], h["step"]) for h in history
-    for a, e in zip(actual, expected):
-    from recipes.digits import RECIPE
-    good_weights, good_rows = reference[1], reference[2]
-    lower = _config(**{**REFERENCE, "steps": 14, "learning_rate": 5e-4})
-    model = training.load_checkpoint(run)
-    model = training.train(_config(**REFERENCE), run, verbose=0)
-    model = training.train(lower, run, verbose=0, allow_config_change=["learning_rate"])
-    return [np.asarray(keras.ops.convert_to_numpy(v), dtype="float64") for v in values]
-    return run
-    return run, _weights(model), _rows(run)
-    return run_config.resolve_config(RECIPE, {**TINY, **overrides})
-    run = _copy(reference, tmp_path)  # checkpointed at step 10, rows up to step 10
-    run = str(tmp_path / "run")
-    run = str(tmp_path_factory.mktemp("reference") / "run")
-    run, _, rows = reference
-    shutil.copytree(reference[0], run)
-    tmp_path, capsys, reference
-    values = [*model.trainable_variables, *model.non_trainable_variables,
-    with open(os.path.join(run, "checkpoints", "state.json")) as f:
-    with open(os.path.join(run, "history.jsonl")) as f:
-    with open(os.path.join(run, "metrics.csv")) as f:
-    with pytest.raises(FloatingPointError, match=r"step 10.*--allow-config-change learning_rate"):
-    with pytest.raises(ValueError, match="learning_rate.*--allow-config-change"):
-):
-@pytest.fixture(scope="module")
-REFERENCE = dict(steps=10, steps_per_epoch=4, checkpoint_every=2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
-_SWITCH_CHILD = """
-def _assert_same_weights(actual, expected):
-def _config(**overrides):
-def _copy(reference, tmp_path):
-def _rows(run):
-def _state(run):
-def _weights(model):
-def reference(tmp_path_factory):
-def test_a_nan_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_rate(
-def test_steps_trains_exactly_that_many_optimizer_steps(reference):
-from keras_minsnr import builders
-from keras_minsnr import builders
-from keras_minsnr import checkpointing
 from keras_minsnr import checkpointing
 from keras_minsnr import run_config
 from keras_minsnr import training
-from keras_minsnr import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "backbone_args.hidden_size": 16,
+    "backbone_args.depth": 1,
+    "batch_size": 8,
+    "num_samples": 2,
+    "sample_steps": 2,
+    "warmup_steps": 0,
+    "sample_every_epochs": 1000,
+}
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+
+
+def _config(**overrides):
+    from recipes.digits import RECIPE
+
+    return run_config.resolve_config(RECIPE, {**TINY, **overrides})
+
+
+def _weights(model):
+    """Every variable of the model (weights, EMA, optimizer slots), as float64 numpy."""
+    values = [*model.trainable_variables, *model.non_trainable_variables,
+              *model.optimizer.variables]
+    return [np.asarray(keras.ops.convert_to_numpy(v), dtype="float64") for v in values]
+
+
+def _rows(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _state(run):
+    with open(os.path.join(run, "checkpoints", "state.json")) as f:
+        return json.load(f)
+
+
+def _assert_same_weights(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        # Same backend, same device, same program: the replay is bit-for-bit.
+        np.testing.assert_array_equal(a, e)
+
+
+REFERENCE = dict(steps=10, steps_per_epoch=4, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: 10 steps, epochs of 4, a checkpoint every 2 steps."""
+    run = str(tmp_path_factory.mktemp("reference") / "run")
+    model = training.train(_config(**REFERENCE), run, verbose=0)
+    return run, _weights(model), _rows(run)
+
+
+def test_steps_trains_exactly_that_many_optimizer_steps(reference):
+    run, _, rows = reference
+    model = training.load_checkpoint(run)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 10
+    assert _state(run)["step"] == 10
+    # A row per checkpoint interval; the third epoch is two steps short.
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10]
+    assert [int(r["epoch"]) for r in rows] == [0, 0, 1, 1, 2]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    # keep_checkpoints=2: the last two step checkpoints, nothing half-written.
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
+        "state.json", "step-00000008.keras", "step-00000010.keras"]
+
+
+def _copy(reference, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(reference[0], run)
+    return run
+
+
+def test_a_nan_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_rate(
+    tmp_path, capsys, reference
+):
+    run = _copy(reference, tmp_path)  # checkpointed at step 10, rows up to step 10
+    good_weights, good_rows = reference[1], reference[2]
+    with pytest.raises(FloatingPointError, match=r"step 10.*--allow-config-change learning_rate"):
+        training.train(_config(**{**REFERENCE, "steps": 14, "learning_rate": 1e30}), run,
+                       verbose=0, allow_config_change=["learning_rate"])
+    # The interval that hit the NaN (steps 11-12) left no trace: same checkpoint, no row.
+    assert _state(run)["step"] == 10
+    assert _rows(run) == good_rows
+    _assert_same_weights(_weights(training.load_checkpoint(run)), good_weights)
+
+    # Without an explicit permission a changed rate is refused, naming the way out.
+    lower = _config(**{**REFERENCE, "steps": 14, "learning_rate": 5e-4})
+    with pytest.raises(ValueError, match="learning_rate.*--allow-config-change"):
+        training.train(lower, run, verbose=0)
+    capsys.readouterr()
+    model = training.train(lower, run, verbose=0, allow_config_change=["learning_rate"])
+    assert "learning_rate" in capsys.readouterr().out
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 14
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(5e-4)
+    assert all(np.all(np.isfinite(w)) for w in _weights(model))
+    assert [int(r["step"]) for r in _rows(run)] == [2, 4, 6, 8, 10, 12, 14]
+    with open(os.path.join(run, "history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    changes = [(h["key"], h["old"], h["new"], h["step"]) for h in history
+               if h["key"] == "learning_rate"]
+    assert changes == [("learning_rate", 1e-3, 1e30, 10), ("learning_rate", 1e30, 5e-4, 10)]
+
+
+_SWITCH_CHILD = """
 import json, sys
 import keras, numpy as np
-}
+from keras_minsnr import builders
+from keras_minsnr import checkpointing
+from keras_minsnr import training
 config, run, weights_file = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 model = training.load_checkpoint(run)
 fresh = builders.build_model(config, training.build_dataset(config)[1])
