@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_minsnr as kms
+from keras_minsnr.backbones import autoencoders
 from keras_minsnr.backbones import sd3
 from keras_minsnr.visualization import image_grid
 
@@ -85,16 +86,16 @@ images = np.stack(images)
 """
 ## Frozen encoders, encoded once
 
-`StableDiffusion3Encoders` wraps the preset's VAE and its CLIP-L/G (and T5) text encoders,
-which stay frozen. Images become SD3 latents (16 channels, the VAE's shift and scale
-applied). Captions become SD3's two text tensors, the token context and the pooled
+`autoencoders.StableDiffusion3Autoencoder` wraps the preset's VAE and its CLIP-L/G (and
+T5) text encoders, which stay frozen. Images become SD3 latents (16 channels, the VAE's
+shift and scale applied, once, by the autoencoder). Captions become SD3's two text tensors, the token context and the pooled
 projection, **packed** into one `(L + 1, W)` array so that label dropout and guidance swap
 them together. The empty caption's embedding is the null condition of classifier-free
 guidance. Encoding once and training on the cache is what the `sd3_captions` recipe does
 too.
 """
 
-encoders = sd3.StableDiffusion3Encoders(PRESET)
+encoders = autoencoders.StableDiffusion3Autoencoder(PRESET)
 latents = encoders.encode_images(images)
 context = encoders.encode_text(captions)
 null_context = encoders.encode_text([""])[0]

@@ -153,7 +153,25 @@ def _config_from_args(args):
             overrides[key] = getattr(args, key)
     recipe = load_recipe(args.recipe)
     with _quiet_native_logs():  # checking `backbone` loads the presets (and Keras)
-        return run_config.resolve_config(recipe, overrides)
+        config = run_config.resolve_config(recipe, overrides)
+        if getattr(args, "allow_download", False):
+            _allow_downloads(config)
+    return config
+
+
+def _allow_downloads(config):
+    """``--allow-download``: ``allow_download=True`` wherever the run loads pretrained
+    files, as in Python: the ``encode`` autoencoder's (VAE, text encoder, decoder) and
+    the backbone's, when its class takes one (the Stable Diffusion presets)."""
+    import inspect
+
+    if config.get("encode"):
+        config["encode"]["allow_download"] = True
+    from keras_minsnr import backbones
+
+    preset = backbones.PRESETS.get(config.get("backbone"))
+    if preset and "allow_download" in inspect.signature(preset["class"].__init__).parameters:
+        config["backbone_args"]["allow_download"] = True
 
 
 # === Commands ===
@@ -176,6 +194,11 @@ def _train(args):
     training = _load_training()
     if keras_minsnr.XLA_FLAGS_ADDED:
         print(xla_flags.announcement(), file=sys.stderr)
+    from keras_minsnr.data import preparation
+
+    # An old-format cache, one of another VAE, or an image size the VAE cannot encode
+    # fails here: before the run directory exists.
+    preparation.check_data(config)
 
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
     training.train(config, args.output_dir, **kwargs)
@@ -193,6 +216,8 @@ def _sample(args):
         )
     training = _load_training()
     config, model = training.load_run(args.run_dir)
+    if args.allow_download:
+        _allow_downloads(config)
     overrides = {
         key: value
         for key, value in dict(
@@ -316,6 +341,12 @@ def add_train_arguments(parser, recipe=None):
         help="resume a run although these keys changed (e.g. learning_rate after a NaN); "
         "recorded in the run's history",
     )
+    config.add_argument(
+        "--allow-download", action="store_true",
+        help="let the run download pretrained weights it does not find locally (KerasCV's "
+        "Stable Diffusion files, KerasHub presets): sets allow_download=True in `encode` "
+        "and `backbone_args`; repeat it when resuming",
+    )
     parser.epilog = (
         f"Config keys for --set (default, allowed values, meaning; `{PROG} recipes` lists "
         f"the recipes, `{PROG} show RECIPE` a recipe's values):\n\n" + run_config.keys_help()
@@ -356,6 +387,9 @@ def build_parser():
                         "run's)")
     sample.add_argument("--guidance-scale", type=_at_least(0, float), help="default: the run's")
     sample.add_argument("--seed", type=int, default=0, help="sampling noise seed")
+    sample.add_argument("--allow-download", action="store_true",
+                        help="let the decoder download its weights (KerasCV's VAE decoder, "
+                        "a KerasHub preset) when they are not found locally")
     sample.add_argument("--output", help="image path; its extension (" +
                         ", ".join(IMAGE_EXTENSIONS) + ") names the format (default: "
                         "RUN_DIR/samples_cli.png)")

@@ -46,134 +46,9 @@ from keras_minsnr.run_config import RESUMABLE_KEYS
 from keras_minsnr.visualization import save_image_grid
 
 
-def make_encoders(encode, needs_text):
-    """The frozen Stable Diffusion VAE encoder (and text encoder) named by ``encode``.
-
-    Missing weight files raise `FileNotFoundError` naming the file and KerasCV's URL
-    before anything is built; ``None`` paths give random weights (tests only).
-    """
-    from keras_minsnr.backbones import stable_diffusion as sd
-
-    version = encode.get("version", "v1")
-    if version == "sd3":
-        # One preset holds the VAE and the text encoders; text needs no extra files.
-        return backbones.sd3.StableDiffusion3Encoders(
-            encode.get("preset"),
-            allow_download=bool(encode.get("allow_download", False)),
-            sample_posterior=bool(encode.get("sample_posterior", False)),
-            seed=0,
-        )
-    sd.resolve_weights(encode.get("image_encoder_weights"), version, "image_encoder")
-    kwargs = dict(
-        version=version,
-        image_encoder_weights=encode.get("image_encoder_weights"),
-        sample_posterior=bool(encode.get("sample_posterior", False)),
-        seed=0,
-    )
-    if needs_text:
-        sd.resolve_weights(encode.get("text_encoder_weights"), version, "text_encoder")
-        return sd.StableDiffusionEncoders(
-            vocabulary=encode.get("vocabulary"),
-            text_encoder_weights=encode.get("text_encoder_weights"),
-            **kwargs,
-        )
-
-    class ImageOnlyEncoders(sd.StableDiffusionEncoders):
-        def _make_tokenizer(self, vocabulary):
-            return None  # no captions: no BPE vocabulary needed
-
-    return ImageOnlyEncoders(**kwargs)
-
-
-def prepare_data(config):
-    """Encodes ``encode.source`` into the latent cache ``config["data"]`` once.
-
-    A no-op unless ``config["encode"]`` is set. When ``data`` already holds a complete
-    cache it is reused; otherwise the raw data ``encode.source`` (a TFDS name or a
-    folder, loaded with ``encode.source_args``) is encoded with the Stable Diffusion VAE
-    (latents x 0.18215) and, for caption folders, the text encoder (``"context"``).
-    """
-    encode = config.get("encode") or {}
-    if not encode:
-        return None
-    unknown = sorted(set(encode) - set(ENCODE_KEYS))
-    if unknown:
-        raise ValueError(
-            f"Unknown encode key(s) {unknown}. Valid keys: {', '.join(ENCODE_KEYS)}."
-        )
-    if encode.get("version") == "sd3":
-        encode = _sd3_encode(config)
-    if encode.get("decoder_weights"):  # a typo should fail now, not at the first samples
-        backbones.stable_diffusion.resolve_weights(
-            encode["decoder_weights"], encode.get("version", "v1"), "decoder"
-        )
-    from keras_minsnr.data import latents
-    from keras_minsnr.data import make_dataset
-
-    cache_dir = os.path.expanduser(str(config["data"]))
-    manifest = latents.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
-    if manifest is not None:
-        return manifest
-    if not encode.get("source"):
-        raise FileNotFoundError(
-            f"No latent cache in data={cache_dir!r}. Encode one first: name the raw "
-            "data with --set encode.source=DATA (a TFDS name such as imagenet2012, an "
-            "image folder, or a caption folder with metadata.jsonl) and the VAE weights "
-            "with --set encode.image_encoder_weights=vae_encoder.h5; or write the cache "
-            "with keras_minsnr.data.cache_latents and pass --set data=CACHE_DIR."
-        )
-    if config["backbone"] in backbones.stable_diffusion.PRESETS:
-        # Fail on a missing UNet file before spending time on encoding.
-        version = backbones.PRESETS[config["backbone"]]["config"]["version"]
-        version = config["backbone_args"].get("version", version)
-        backbones.stable_diffusion.resolve_weights(
-            config["backbone_args"].get("weights"), version, "diffusion_model"
-        )
-    source_args = dict(encode.get("source_args") or {})
-    dataset, info = make_dataset(
-        encode["source"],
-        batch_size=int(encode.get("batch_size", 16)),
-        shuffle=False,
-        repeat=False,
-        drop_remainder=False,
-        **source_args,
-    )
-    encoders = make_encoders(encode, needs_text=info.has_text)
-    print(f"Encoding {encode['source']} into the latent cache {cache_dir} (once).")
-    return latents.cache_latents(
-        dataset,
-        encoders.encode_images,
-        cache_dir,
-        # SD3's encoder already applies the VAE's shift and scale.
-        scale=1.0 if encode.get("version") == "sd3" else latents.SD_LATENT_SCALE,
-        text_encode_fn=encoders.encode_text if info.has_text else None,
-        info=info,
-        verbose=1 if sys.stdout.isatty() else 0,
-    )
-
-
-def _sd3_encode(config):
-    """``config["encode"]`` for SD3, its preset defaulting to the backbone's, checked.
-
-    The preset is resolved now (no network unless ``allow_download``), so a preset that
-    is not available fails before anything is encoded.
-    """
-    encode = dict(config["encode"])
-    args = config.get("backbone_args") or {}
-    preset_config = backbones.PRESETS.get(config["backbone"], {}).get("config", {})
-    encode.setdefault("preset", args.get("preset", preset_config.get("preset")))
-    encode.setdefault("allow_download", args.get("allow_download", False))
-    if not encode["preset"]:
-        raise ValueError(
-            "encode.version 'sd3' needs a KerasHub preset: --set backbone_args.preset=DIR "
-            "(or encode.preset=DIR)."
-        )
-    backbones.sd3.resolve_preset(encode["preset"], bool(encode["allow_download"]))
-    return encode
-
-
 def build_dataset(config):
     from keras_minsnr.data import make_dataset
+    from keras_minsnr.data.preparation import prepare_data
 
     prepare_data(config)
     kwargs = dict(config["data_args"])
@@ -339,26 +214,11 @@ def sample_labels(model, num_samples):
     return np.repeat(np.arange(model.num_classes), per_class)[:num_samples]
 
 
-def sample_context(config, num_samples):
-    """Text contexts for samples of a text-conditional model: the first captions of the
-    run's latent cache (``config["data"]``), repeated as needed."""
-    from keras_minsnr.data import latents
-
-    cache_dir = os.path.expanduser(str(config["data"]))
-    manifest = latents.read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
-    if manifest is None or not manifest.get("context_shape"):
-        raise ValueError(
-            f"This model is text-conditional but data={cache_dir!r} holds no latent "
-            "cache with text embeddings to sample from."
-        )
-    shard = manifest["shards"][0]
-    context = np.load(os.path.join(cache_dir, shard["context"]), mmap_mode="r")
-    context = np.asarray(context[:num_samples], dtype="float32")
-    return np.resize(context, (num_samples,) + context.shape[1:])
-
-
 def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
     """Generates ``num_samples`` images with the config's sampler and saves a grid."""
+    from keras_minsnr.data.preparation import decode_for_display
+    from keras_minsnr.data.preparation import sample_context
+
     num_samples = num_samples or config["num_samples"]
     labels = sample_labels(model, num_samples)
     if model.conditioning == "context":
@@ -380,41 +240,6 @@ def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
     columns = per_class if per_class > 1 else int(np.ceil(np.sqrt(len(images))))
     save_image_grid(decode_for_display(images, config), path, columns=columns)
     return images
-
-
-_DECODERS = {}
-
-
-def decode_for_display(images, config):
-    """Latent samples decoded to pictures with the VAE named by ``encode.decoder_weights``
-    (SD 1.x/2.x) or with the VAE of the SD3 preset (``encode.version`` ``"sd3"``).
-
-    Anything else (pixel samples, or latents without a decoder file, which the grid shows
-    as their first three channels) is returned as is.
-    """
-    encode = config.get("encode") or {}
-    images = np.asarray(ops.convert_to_numpy(images))
-    if encode.get("version") == "sd3" and images.ndim == 4 and images.shape[-1] == 16:
-        # The preset holds the VAE (already loaded for the run, see sd3.load_preset).
-        encode = _sd3_encode(config)
-        decoder = backbones.sd3.StableDiffusion3Encoders(
-            encode["preset"], allow_download=bool(encode["allow_download"])
-        )
-        return np.concatenate(
-            [decoder.decode(images[i : i + 4]) for i in range(0, len(images), 4)]
-        )
-    if not encode.get("decoder_weights") or images.shape[-1] != 4:
-        return images
-    version = encode.get("version", "v1")
-    height, width = images.shape[1] * 8, images.shape[2] * 8
-    key = (version, encode["decoder_weights"], height, width)
-    if key not in _DECODERS:
-        _DECODERS[key] = backbones.stable_diffusion.latent_decoder(
-            version, encode["decoder_weights"], height, width
-        )
-    decoder = _DECODERS[key]
-    decoded = [decoder.predict_on_batch(images[i : i + 4]) for i in range(0, len(images), 4)]
-    return np.concatenate([ops.convert_to_numpy(d) for d in decoded])
 
 
 # Keys whose change would not reach a checkpointed model (they are part of the saved one).

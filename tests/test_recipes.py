@@ -14,6 +14,7 @@ from PIL import Image
 from keras_minsnr import builders
 from keras_minsnr import run_config
 from keras_minsnr import training
+from keras_minsnr.backbones import autoencoders
 from keras_minsnr.cli import available_recipes
 from keras_minsnr.cli import main
 from keras_minsnr.data import DatasetInfo
@@ -208,57 +209,6 @@ def test_latent_recipe_trains_on_a_latent_cache(tmp_path, capsys):
     assert model.backbone.num_classes == 10 and model.prediction_type == "sample"
 
 
-class _PoolingVAE:
-    """Stands in for the SD VAE: 8x8 average pooling, channels (r, g, b, mean)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def encode_images(self, images):
-        self.calls += 1
-        images = np.asarray(images, "float64")
-        b, h, w, _ = images.shape
-        pooled = images.reshape(b, h // 8, 8, w // 8, 8, 3).mean(axis=(2, 4))
-        return np.concatenate([pooled, pooled.mean(-1, keepdims=True)], -1)
-
-
-def _image_folder(root, count=4, side=32):
-    rng = np.random.default_rng(1)
-    for label in ("a", "b"):
-        os.makedirs(os.path.join(root, label))
-        for i in range(count // 2):
-            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, label, f"{i}.png"))
-
-
-def test_train_encodes_the_source_once_then_reuses_the_cache(tmp_path, monkeypatch, capsys):
-    from keras_minsnr.data import load_latent_cache
-
-    folder, cache = str(tmp_path / "images"), str(tmp_path / "cache")
-    _image_folder(folder)
-    vae = _PoolingVAE()
-    monkeypatch.setattr(training, "make_encoders", lambda encode, needs_text: vae)
-    config = run_config.resolve_config(_recipe("imagenet256_vit_xl2"), {
-        "data": cache, "encode.source": folder,
-        "encode.source_args": {"image_size": 32}, **SHORT_RUN,
-    })
-    training.prepare_data(config)
-    training.prepare_data(config)
-    assert vae.calls == 1  # batch_size 32 > 4 images: one batch, and no second encoding
-    ds, info = load_latent_cache(cache, batch_size=4, shuffle=False)
-    got = next(iter(ds.as_numpy_iterator()))
-    assert info.image_shape == (4, 4, 4) and info.num_classes == 2
-    # Independent reference: PIL-read pixels in [-1, 1], 8x8 means, times 0.18215.
-    files = sorted(os.path.join(folder, c, f) for c in ("a", "b")
-                   for f in sorted(os.listdir(os.path.join(folder, c))))
-    pixels = np.stack([np.asarray(Image.open(f), "float64") / 127.5 - 1 for f in files])
-    pooled = pixels.reshape(4, 4, 8, 4, 8, 3).mean(axis=(2, 4))
-    want = np.concatenate([pooled, pooled.mean(-1, keepdims=True)], -1) * 0.18215
-    order = [np.argmin(np.abs(want - g).sum(axis=(1, 2, 3))) for g in got["images"]]
-    assert sorted(order) == [0, 1, 2, 3]
-    np.testing.assert_allclose(got["images"], want[order], rtol=1e-5, atol=1e-6)
-
-
 def _caption_folder(root, count=4, side=64):
     os.makedirs(root)
     rng = np.random.default_rng(2)
@@ -269,21 +219,24 @@ def _caption_folder(root, count=4, side=64):
             f.write(json.dumps({"file_name": f"{i}.png", "text": "hello " * (i + 1)}) + "\n")
 
 
-def _tiny_sd_encoders(tmp_path):
-    from keras_minsnr.backbones.stable_diffusion import StableDiffusionEncoders
+def _tiny_sd_autoencoder(tmp_path):
+    """KerasCV's real SD VAE encoder (random weights, from a file as a run names it) with
+    a small stand-in text encoder (the VAE's scale is what this pairing is about)."""
+    from keras_cv.src.models.stable_diffusion.image_encoder import ImageEncoder
+
+    from keras_minsnr.backbones.autoencoders import StableDiffusionAutoencoder
 
     vocabulary = str(tmp_path / "tiny_bpe.txt.gz")
     with gzip.open(vocabulary, "wt", encoding="utf-8") as f:
         f.write("#version: tiny\nh e\nl l\nhe ll\nhell o</w>")
-    images = keras.Input((None, None, 3))
-    moments = keras.layers.Conv2D(8, 8, strides=8)(images)  # mean and log-variance
+    weights = str(tmp_path / "vae_encoder.weights.h5")
+    ImageEncoder(download_weights=False).save_weights(weights)
     tokens = keras.Input((77,), dtype="int32", name="tokens")
     positions = keras.Input((77,), dtype="int32", name="positions")
     text = keras.layers.Add()([keras.layers.Embedding(600, 768)(tokens),
                                keras.layers.Embedding(77, 768)(positions)])
-    return StableDiffusionEncoders(
-        "v1", vocabulary=vocabulary,
-        image_encoder=keras.Model(images, moments),
+    return StableDiffusionAutoencoder(
+        "v1", vocabulary=vocabulary, image_encoder_weights=weights,
         text_encoder=keras.Model([tokens, positions], text),
     )
 
@@ -292,8 +245,8 @@ def _tiny_sd_encoders(tmp_path):
 def test_sd15_captions_fine_tunes_a_tiny_sd_through_the_cli(tmp_path, monkeypatch, capsys):
     folder, cache, run = (str(tmp_path / n) for n in ("captions", "cache", "run"))
     _caption_folder(folder)
-    encoders = _tiny_sd_encoders(tmp_path)
-    monkeypatch.setattr(training, "make_encoders", lambda encode, needs_text: encoders)
+    encoders = _tiny_sd_autoencoder(tmp_path)
+    monkeypatch.setattr(autoencoders, "from_encode_config", lambda *args, **kw: encoders)
     tiny = {"data": cache, "encode": {"source": folder, "source_args": {"image_size": 64}},
             "backbone_args": TINY["sd15_unet"], **SHORT_RUN}
     code = main(["train", "sd15_captions", "--output-dir", run, *_sets(tiny)])

@@ -19,6 +19,7 @@ from keras_minsnr import builders
 from keras_minsnr import run_config
 from keras_minsnr import training
 from keras_minsnr.backbones import sd3
+from keras_minsnr.backbones.autoencoders import StableDiffusion3Autoencoder
 from keras_minsnr.cli import main
 from tests.test_recipes import _caption_folder as caption_folder
 
@@ -96,7 +97,7 @@ def test_uncached_preset_names_itself_and_how_to_place_it(offline_kaggle, tmp_pa
     with pytest.raises(FileNotFoundError, match="stable_diffusion_3.5_medium"):
         sd3.StableDiffusion3MMDiT("stable_diffusion_3.5_medium")
     with pytest.raises(FileNotFoundError, match="not in the local cache"):
-        sd3.StableDiffusion3Encoders("kaggle://keras/stablediffusion3/keras/x/1")
+        StableDiffusion3Autoencoder("kaggle://keras/stablediffusion3/keras/x/1")
     with pytest.raises(ValueError, match="not_a_preset.*stable_diffusion_3_medium"):
         sd3.resolve_preset("not_a_preset")
     missing = str(tmp_path / "no" / "preset")
@@ -157,7 +158,7 @@ def test_tiny_preset_trains_one_min_snr_step_and_samples(tiny_preset, tmp_path):
     import keras_hub
 
     backbone = sd3.StableDiffusion3MMDiT(tiny_preset)
-    encoders = sd3.StableDiffusion3Encoders(tiny_preset)
+    encoders = StableDiffusion3Autoencoder(tiny_preset)
     hub = keras_hub.models.StableDiffusion3Backbone.from_preset(tiny_preset)
     assert backbone.image_shape == (4, 4, 16) and backbone.shift == 3.0
     assert backbone.context_shape == (2 * SEQUENCE_LENGTH + 1, 4096)
@@ -339,14 +340,16 @@ def test_sd3_recipe_fine_tunes_the_tiny_preset_through_the_cli(tiny_preset, tmp_
     assert code == 0, capsys.readouterr().err
     with open(os.path.join(cache, "manifest.json")) as f:
         manifest = json.load(f)
-    assert manifest["latent_shape"] == [4, 4, 16] and manifest["scale"] == 1.0
+    assert manifest["latent_shape"] == [4, 4, 16] and manifest["vae"] == "sd3_vae"
+    vae = sd3.load_preset(tiny_preset)[0].vae  # the preset's convention, recorded
+    assert (manifest["scale"], manifest["shift"]) == pytest.approx((vae.scale, vae.shift))
     assert manifest["context_shape"] == [2 * SEQUENCE_LENGTH + 1, 4096]
     with open(os.path.join(run, "checkpoints", "state.json")) as f:
         assert json.load(f)["step"] == 2
     _, model = training.load_run(run)
     assert isinstance(model.backbone, sd3.StableDiffusion3MMDiT)
     assert model.schedule.shift == 3.0 and model.prediction_type == "flow"
-    empty = sd3.StableDiffusion3Encoders(tiny_preset).encode_text([""])[0]
+    empty = StableDiffusion3Autoencoder(tiny_preset).encode_text([""])[0]
     np.testing.assert_allclose(ops.convert_to_numpy(model.null_context), empty, atol=1e-6)
     assert os.path.exists(os.path.join(run, "samples.png"))
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from keras_minsnr.backbones import stable_diffusion as sd
-from keras_minsnr.backbones.stable_diffusion import StableDiffusionEncoders
+from keras_minsnr.backbones import autoencoders
+from keras_minsnr.backbones.autoencoders import StableDiffusionAutoencoder
 from keras_minsnr.backbones.stable_diffusion import StableDiffusionUNet
 from tests import backbone_contract as contract
 
@@ -258,7 +259,7 @@ class _Counting:
 
 
 def test_tokenizer_pads_like_kerascv(vocabulary):
-    enc = StableDiffusionEncoders("v1", vocabulary=vocabulary, text_encoder=object())
+    enc = StableDiffusionAutoencoder("v1", vocabulary=vocabulary, text_encoder=object())
     # CLIP's byte alphabet starts at '!': 'a' is id 64, 'b</w>' is 256 + 65; merge i is
     # id 512 + i; then <|startoftext|>, <|endoftext|>.
     start, end = 512 + len(MERGES), 513 + len(MERGES)
@@ -275,7 +276,7 @@ def test_tokenizer_pads_like_kerascv(vocabulary):
 def test_encode_text_values_and_cache(vocabulary):
     model = _tiny_text_encoder()
     counting = _Counting(model)
-    enc = StableDiffusionEncoders("v1", vocabulary=vocabulary, text_encoder=counting)
+    enc = StableDiffusionAutoencoder("v1", vocabulary=vocabulary, text_encoder=counting)
     out = enc.encode_text(["hello", "ab", "hello"])
     assert out.shape == (3, 77, 8) and out.dtype == np.float32
     assert counting.rows == 2  # duplicates encoded once
@@ -292,7 +293,7 @@ def test_encode_text_values_and_cache(vocabulary):
 def test_missing_vocabulary_names_url(tmp_path):
     missing = str(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
     with pytest.raises(FileNotFoundError) as err:
-        StableDiffusionEncoders("v1", vocabulary=missing)
+        StableDiffusionAutoencoder("v1", vocabulary=missing)
     assert missing in str(err.value) and sd.VOCABULARY_URL[0] in str(err.value)
     with pytest.raises(FileNotFoundError, match="kcv_encoder.h5"):
         sd.resolve_weights(missing, "v1", "text_encoder")
@@ -303,7 +304,7 @@ def test_encode_images_is_kerascv_posterior_mean_scaled(vocabulary):
 
     reference = ImageEncoder(download_weights=False)  # ends with x[..., :4] * 0.18215
     moments = keras.Model(reference.inputs, reference.layers[-2].output)
-    enc = StableDiffusionEncoders(
+    enc = StableDiffusionAutoencoder(
         "v1", vocabulary=vocabulary, image_encoder=moments, text_encoder=object()
     )
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
@@ -326,9 +327,9 @@ def test_posterior_sample_statistics(vocabulary):
         )
     )(images)
     encoder = keras.Model(images, const)
-    enc = StableDiffusionEncoders("v1", vocabulary=vocabulary, image_encoder=encoder,
+    enc = StableDiffusionAutoencoder("v1", vocabulary=vocabulary, image_encoder=encoder,
                                   text_encoder=object(), sample_posterior=True, seed=3)
-    z = enc.encode_images(np.zeros((4, 32, 32, 3), "float32")) / sd.LATENT_SCALE
+    z = enc.encode_images(np.zeros((4, 32, 32, 3), "float32")) / autoencoders.SD_LATENT_SCALE
     assert abs(z.mean() - 1.0) < 0.03 and abs(z.std() - 0.5) < 0.03
 
 
@@ -393,7 +394,7 @@ def test_full_sd_unet_min_snr_training_step():
 def test_latent_samples_are_decoded_with_the_named_vae_decoder(tmp_path):
     from keras_cv.src.models.stable_diffusion.decoder import Decoder
 
-    from keras_minsnr import training
+    from keras_minsnr.data import preparation
 
     # A decoder file as KerasCV's would be, with random weights saved by the test.
     path = str(tmp_path / "kcv_decoder.weights.h5")
@@ -403,18 +404,18 @@ def test_latent_samples_are_decoded_with_the_named_vae_decoder(tmp_path):
     latents = np.random.default_rng(0).normal(size=(5, 8, 8, 4)).astype("float32")
     config = {"encode": {"version": "v1", "decoder_weights": path}}
     # 5 latents: decoded in chunks of 4, all kept in order.
-    decoded = training.decode_for_display(latents, config)
+    decoded = preparation.decode_for_display(latents, config)
     expected = keras.ops.convert_to_numpy(reference(latents))
     assert decoded.shape == (5, 64, 64, 3)
     np.testing.assert_allclose(decoded, expected, rtol=1e-4, atol=1e-4)
     # Pixels, or latents without a decoder file, pass through for the grid.
-    np.testing.assert_array_equal(training.decode_for_display(latents, {}), latents)
+    np.testing.assert_array_equal(preparation.decode_for_display(latents, {}), latents)
     pixels = latents[..., :3]
-    np.testing.assert_array_equal(training.decode_for_display(pixels, config), pixels)
+    np.testing.assert_array_equal(preparation.decode_for_display(pixels, config), pixels)
     # A missing decoder file fails before any encoding or training, naming KerasCV's URL.
     missing = str(tmp_path / "nowhere" / "kcv_decoder.h5")
     with pytest.raises(FileNotFoundError) as err:
-        training.prepare_data({"encode": {"decoder_weights": missing}, "data": "x"})
+        preparation.prepare_data({"encode": {"decoder_weights": missing}, "data": "x"})
     assert missing in str(err.value) and "kcv_decoder.h5" in sd.WEIGHT_URLS["v1"]["decoder"][0]
     assert sd.WEIGHT_URLS["v1"]["decoder"][0] in str(err.value)
     with pytest.raises(ValueError, match="multiple of 8, got 60"):

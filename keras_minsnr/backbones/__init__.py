@@ -38,6 +38,7 @@ from keras_minsnr.backbones import sd3
 from keras_minsnr.backbones import stable_diffusion
 from keras_minsnr.backbones import unet
 from keras_minsnr.backbones import vit
+from keras_minsnr.backbones import autoencoders  # noqa: E402  (after sd3, stable_diffusion)
 
 PRESETS = {
     **dit.PRESETS, **vit.PRESETS, **unet.PRESETS, **stable_diffusion.PRESETS, **sd3.PRESETS,
@@ -69,4 +70,4 @@ def get(name, **overrides):
     return preset["class"](**kwargs)
 
 
-__all__ = ["PRESETS", "get"]
+__all__ = ["PRESETS", "autoencoders", "get"]

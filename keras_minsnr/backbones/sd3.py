@@ -1,10 +1,10 @@
-"""KerasHub Stable Diffusion 3: its MMDiT as a backbone, its frozen VAE and text encoders.
+"""KerasHub Stable Diffusion 3: its MMDiT as a backbone, its presets.
 
 KerasHub (>= 0.32) ships SD3 with `from_preset` but no training loop. This module puts
 the MMDiT of a `keras_hub.models.StableDiffusion3Backbone` behind the
 `keras_minsnr.backbones` contract so `DiffusionModel` trains it with the rectified-flow
-target and any loss weighting, and wraps the VAE and the CLIP (and T5) encoders, which
-stay frozen, for latent and text-embedding caches.
+target and any loss weighting. The VAE and the CLIP (and T5) encoders of a preset stay
+frozen in `autoencoders.StableDiffusion3Autoencoder`.
 
 The text condition of SD3 is two tensors: the token context ``(L, D)`` (CLIP-L and
 CLIP-G hidden states, zero-padded to the T5 width D = 4096, then T5 or zero rows) and the
@@ -66,8 +66,8 @@ def _not_cached_message(preset, handle, folder):
         f"(or `kagglehub.model_download({(handle or preset).removeprefix(KAGGLE_PREFIX)!r}"
         ", output_dir='sd3_preset')`), copy the folder here and pass its path as the "
         "preset (e.g. --set backbone_args.preset=/path/sd3_preset); or copy it into the "
-        "kagglehub cache (KAGGLEHUB_CACHE); or pass allow_download=True where the "
-        "network is reachable."
+        "kagglehub cache (KAGGLEHUB_CACHE); or pass allow_download=True (command line: "
+        "--allow-download) where the network is reachable."
     )
 
 
@@ -260,7 +260,7 @@ class StableDiffusion3MMDiT(keras.Model):
     ``i`` of that schedule is fed to the MMDiT as SD3's timestep
     ``1000 · shift_time((i + 1)/1000)`` (`flow_timestep`), the training grid of KerasHub's
     scheduler. Only the MMDiT's weights belong to this model; the VAE and text encoders
-    stay frozen outside it (`StableDiffusion3Encoders`).
+    stay frozen outside it (`autoencoders.StableDiffusion3Autoencoder`).
 
     Args:
         preset: a local KerasHub preset directory, a KerasHub SD3 preset name or a
@@ -445,86 +445,6 @@ def _copy_mmdit(mmdit, latent_shape=None, dtype=None):
         # buffer, which fit() then donates out from under the shared preset.
         target.assign(ops.cast(ops.convert_to_numpy(source), target.dtype))
     return copy
-
-
-# -- the frozen encoders --------------------------------------------------------------
-
-
-class StableDiffusion3Encoders:
-    """The frozen parts of SD3 fine-tuning: VAE, CLIP (and T5) text encoders, tokenizers.
-
-    Latents are SD3's: ``(mean − shift) · scale`` of the VAE posterior (KerasHub's
-    `encode_image_step` with the mean, or a posterior sample with
-    ``sample_posterior=True``), so cache them with ``scale=1``. Text becomes the packed
-    condition of `pack_context`, cached in memory per caption.
-
-    Args:
-        preset: a preset directory, name or handle (`resolve_preset`).
-        allow_download: let KerasHub download a preset that is not cached.
-        sample_posterior: latents are a sample of the posterior instead of its mean.
-        seed: seed of posterior sampling.
-        backbone, preprocessor: a loaded `StableDiffusion3Backbone` and
-            `StableDiffusion3TextToImagePreprocessor` instead of a preset.
-
-    Example:
-    ```python
-    enc = StableDiffusion3Encoders("sd3_preset/")
-    latents = enc.encode_images(images)           # images in [-1, 1] → (B, H/8, W/8, 16)
-    y = enc.encode_text(["a red bird", ""])       # (2, L + 1, W)
-    pictures = enc.decode(latents)                # back to [-1, 1]
-    ```
-    """
-
-    def __init__(self, preset=None, allow_download=False, sample_posterior=False, seed=None,
-                 backbone=None, preprocessor=None):
-        if backbone is None:
-            backbone, preprocessor = load_preset(preset, allow_download)
-        self.backbone = backbone
-        self.preprocessor = preprocessor
-        self.sample_posterior = bool(sample_posterior)
-        self._seed = keras.random.SeedGenerator(seed)
-        self.context_length = text_context_length(backbone, preprocessor)
-        self.text_cache = {}
-
-    def encode_images(self, images):
-        """Images ``(B, H, W, 3)`` in [-1, 1] → SD3 latents ``(B, H/8, W/8, 16)``."""
-        images = np.asarray(images, dtype="float32")
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"encode_images expects (batch, height, width, 3) images, got {images.shape}."
-            )
-        vae = self.backbone.vae
-        moments = vae.encoder(images, training=False)
-        mean, logvar = ops.split(moments, 2, axis=-1)
-        if self.sample_posterior:
-            logvar = ops.clip(logvar, -30.0, 20.0)
-            mean = mean + ops.exp(0.5 * logvar) * keras.random.normal(
-                ops.shape(mean), seed=self._seed
-            )
-        latents = (mean - vae.shift) * vae.scale
-        return np.asarray(ops.convert_to_numpy(latents), dtype="float32")
-
-    def encode_text(self, captions):
-        """Captions → packed conditions ``(B, L + 1, W)`` float32, cached per caption."""
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions]
-        missing = list(dict.fromkeys(c for c in captions if c not in self.text_cache))
-        if missing:
-            ids = self.preprocessor.generate_preprocess(missing)
-            # encode_text_step also encodes a negative prompt; one empty row is enough.
-            negative = self.preprocessor.generate_preprocess([""])
-            context, _, pooled, _ = self.backbone.encode_text_step(ids, negative)
-            packed = pack_context(ops.convert_to_numpy(context), ops.convert_to_numpy(pooled))
-            for caption, row in zip(missing, packed):
-                self.text_cache[caption] = row
-        return np.stack([self.text_cache[c] for c in captions])
-
-    def decode(self, latents):
-        """SD3 latents ``(B, h, w, 16)`` → images ``(B, 8h, 8w, 3)``, about [-1, 1]."""
-        latents = np.asarray(latents, dtype="float32")
-        images = self.backbone.decode_step(ops.convert_to_tensor(latents))
-        return np.asarray(ops.convert_to_numpy(images), dtype="float32")
 
 
 # -- a tiny random preset (tests, guides, offline demos) ------------------------------

@@ -1,9 +1,10 @@
-"""KerasCV Stable Diffusion (v1 / v2) UNet as a backbone, plus its frozen encoders.
+"""KerasCV Stable Diffusion (v1 / v2) UNet as a backbone, and the loading of KerasCV's files.
+
+The frozen VAE and text encoder are `autoencoders.StableDiffusionAutoencoder`.
 
 KerasCV (0.9) is imported lazily so that `import keras_minsnr` stays light.
 """
 
-import gzip
 import os
 
 import keras
@@ -12,7 +13,6 @@ from keras import ops
 
 from keras_minsnr.backbones.layers import sinusoidal_embedding
 
-LATENT_SCALE = 0.18215  # SD v1/v2 VAE latent scaling factor
 MAX_TEXT_LENGTH = 77
 TIMESTEP_FEATURES = 320  # KerasCV feeds 320 sinusoidal features to the UNet
 CONTEXT_DIMS = {"v1": 768, "v2": 1024}
@@ -91,7 +91,7 @@ def resolve_weights(path, version, component, allow_download=False):
         raise FileNotFoundError(
             f"Stable Diffusion {version} {component} weights file {path!r} not found. "
             f"KerasCV downloads it from {origin} (sha256 {file_hash}); put that file at "
-            f"this path, or pass allow_download=True."
+            "this path, or pass allow_download=True (command line: --allow-download)."
         )
     fname = os.path.abspath(path) if path is not None else origin.rsplit("/", 1)[-1]
     return keras.utils.get_file(fname=fname, origin=origin, file_hash=file_hash)
@@ -431,171 +431,6 @@ class StableDiffusionUNet(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-class StableDiffusionEncoders:
-    """The frozen parts of Stable Diffusion fine-tuning: VAE encoder, text encoder, tokenizer.
-
-    Builds KerasCV's `ImageEncoder` and `TextEncoder` (v1) / `TextEncoderV2` (v2) lazily,
-    with weights from local KerasCV `.h5` files, and KerasCV's `SimpleTokenizer` on a
-    local CLIP BPE vocabulary (`bpe_simple_vocab_16e6.txt.gz`). Text embeddings are cached
-    in memory per caption.
-
-    Args:
-        version: ``"v1"`` or ``"v2"`` (picks the text encoder and context width).
-        vocabulary: path of the BPE merges file (gzip, as CLIP ships it).
-        image_encoder_weights, text_encoder_weights: local `.h5` paths; ``None`` gives
-            random weights (tests and benchmarks only).
-        allow_download: let KerasCV's `keras.utils.get_file` fetch missing files.
-        sample_posterior: latents are a sample of the VAE posterior instead of its mean.
-        seed: seed for posterior sampling.
-        image_encoder: optional Keras model from images to the VAE's 8 posterior
-            channels (mean, log-variance), replacing KerasCV's encoder.
-        text_encoder: optional Keras model from ``{"tokens", "positions"}`` to
-            ``(B, 77, D)``, replacing KerasCV's encoder.
-
-    Example:
-    ```python
-    enc = StableDiffusionEncoders("v1", vocabulary="bpe_simple_vocab_16e6.txt.gz",
-                                  image_encoder_weights="vae_encoder.h5",
-                                  text_encoder_weights="kcv_encoder.h5")
-    latents = enc.encode_images(images)              # images in [-1, 1]
-    context = enc.encode_text(["a red pokemon", ""])  # (2, 77, 768)
-    ```
-
-    Reference:
-        Rombach et al. 2022; Radford et al., "Learning Transferable Visual Models From
-        Natural Language Supervision" (CLIP), 2021; KerasCV `StableDiffusion`.
-    """
-
-    def __init__(
-        self,
-        version="v1",
-        vocabulary=None,
-        image_encoder_weights=None,
-        text_encoder_weights=None,
-        allow_download=False,
-        sample_posterior=False,
-        seed=None,
-        image_encoder=None,
-        text_encoder=None,
-    ):
-        _check_version(version)
-        self.version = version
-        self.context_dim = CONTEXT_DIMS[version]
-        self.allow_download = allow_download
-        self.sample_posterior = sample_posterior
-        self.image_encoder_weights = image_encoder_weights
-        self.text_encoder_weights = text_encoder_weights
-        self._image_encoder = image_encoder
-        self._text_encoder = text_encoder
-        self._seed = keras.random.SeedGenerator(seed)
-        self.tokenizer = self._make_tokenizer(vocabulary)
-        self.text_cache = {}
-
-    def _make_tokenizer(self, vocabulary):
-        from keras_cv.src.models.stable_diffusion.clip_tokenizer import SimpleTokenizer
-
-        if vocabulary is not None and os.path.exists(vocabulary):
-            with gzip.open(vocabulary) as f:  # fail early on a file that is not gzip
-                f.read(1)
-            return SimpleTokenizer(vocabulary)
-        if self.allow_download:
-            return SimpleTokenizer(
-                keras.utils.get_file(
-                    fname=os.path.abspath(vocabulary) if vocabulary
-                    else "bpe_simple_vocab_16e6.txt.gz",
-                    origin=VOCABULARY_URL[0],
-                    file_hash=VOCABULARY_URL[1],
-                )
-            )
-        raise FileNotFoundError(
-            f"CLIP BPE vocabulary {vocabulary!r} not found. KerasCV downloads "
-            f"bpe_simple_vocab_16e6.txt.gz from {VOCABULARY_URL[0]}; put it at a local "
-            f"path and pass vocabulary=PATH, or pass allow_download=True."
-        )
-
-    @property
-    def image_encoder(self):
-        """Model from images in [-1, 1] to the 8 posterior channels (mean, log-variance)."""
-        if self._image_encoder is None:
-            from keras_cv.src.models.stable_diffusion.image_encoder import ImageEncoder
-
-            path = resolve_weights(
-                self.image_encoder_weights, self.version, "image_encoder",
-                self.allow_download,
-            )
-            full = ImageEncoder(download_weights=False)
-            if path is not None:
-                _load_legacy_h5(full, path)
-            # Drop KerasCV's last layer (keep the mean, scale by 0.18215) to keep the
-            # log-variance for posterior sampling.
-            self._image_encoder = keras.Model(full.inputs, full.layers[-2].output)
-        return self._image_encoder
-
-    @property
-    def text_encoder(self):
-        if self._text_encoder is None:
-            from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoder
-            from keras_cv.src.models.stable_diffusion.text_encoder import TextEncoderV2
-
-            path = resolve_weights(
-                self.text_encoder_weights, self.version, "text_encoder",
-                self.allow_download,
-            )
-            cls = TextEncoder if self.version == "v1" else TextEncoderV2
-            self._text_encoder = cls(MAX_TEXT_LENGTH, download_weights=False)
-            if path is not None:
-                _load_legacy_h5(self._text_encoder, path)
-        return self._text_encoder
-
-    def encode_images(self, images):
-        """Images ``(B, H, W, 3)`` in [-1, 1] → latents ``(B, H/8, W/8, 4)``, × 0.18215."""
-        images = np.asarray(images, dtype="float32")
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"encode_images expects (batch, height, width, 3) images, got shape "
-                f"{images.shape}."
-            )
-        moments = self.image_encoder.predict_on_batch(images)
-        mean, logvar = moments[..., :4], moments[..., 4:]
-        if self.sample_posterior:
-            logvar = ops.clip(logvar, -30.0, 20.0)
-            noise = keras.random.normal(ops.shape(mean), seed=self._seed)
-            mean = mean + ops.exp(0.5 * logvar) * noise
-        return np.asarray(ops.convert_to_numpy(mean), dtype="float32") * LATENT_SCALE
-
-    def tokenize(self, captions):
-        """Captions → int32 ``(B, 77)``: start, BPE ids, end, then end-token padding
-        (KerasCV's convention). Longer captions are truncated to 77 tokens, the last one
-        the end token."""
-        if isinstance(captions, str):
-            captions = [captions]
-        end = self.tokenizer.end_of_text
-        rows = []
-        for caption in captions:
-            ids = self.tokenizer.encode(caption)
-            if len(ids) > MAX_TEXT_LENGTH:
-                ids = ids[: MAX_TEXT_LENGTH - 1] + [end]
-            rows.append(ids + [end] * (MAX_TEXT_LENGTH - len(ids)))
-        return np.asarray(rows, dtype="int32")
-
-    def encode_text(self, captions):
-        """Captions (list of str) → text context ``(B, 77, D)`` float32, cached per caption."""
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions]
-        missing = list(dict.fromkeys(c for c in captions if c not in self.text_cache))
-        if missing:
-            tokens = self.tokenize(missing)
-            positions = np.tile(np.arange(MAX_TEXT_LENGTH, dtype="int32"), (len(missing), 1))
-            context = self.text_encoder.predict_on_batch(
-                {"tokens": tokens, "positions": positions}
-            )
-            context = np.asarray(ops.convert_to_numpy(context), dtype="float32")
-            for caption, row in zip(missing, context):
-                self.text_cache[caption] = row
-        return np.stack([self.text_cache[c] for c in captions])
 
 
 def latent_decoder(version="v1", weights=None, img_height=512, img_width=512,

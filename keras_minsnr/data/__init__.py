@@ -17,7 +17,8 @@ Every loader returns `(dataset, info)`: `dataset` yields batch dicts
 * `{"images": float32 (B, H, W, C) in [-1, 1], "labels": int32 (B,)}` for labelled data,
 * `{"images": ...}` for unlabelled data,
 * `{"images": ..., "text": tf.string (B,)}` for caption folders,
-* `{"images": float32 latents * scale (B, h, w, c), ...}` from a latent cache, plus
+* `{"images": float32 latents (B, h, w, c), ...}` from a latent cache (as the VAE's
+  autoencoder returned them, see `keras_minsnr.backbones.autoencoders`), plus
   `"context"` float32 (B, L, D) when text embeddings were cached,
 
 and `info` is a `DatasetInfo` (image shape, num_classes, class_names, size, skipped files).
@@ -37,7 +38,6 @@ from keras_minsnr.data.factory import make_dataset
 from keras_minsnr.data.folders import IMAGE_EXTENSIONS
 from keras_minsnr.data.folders import image_folder_dataset
 from keras_minsnr.data.info import DatasetInfo
-from keras_minsnr.data.latents import SD_LATENT_SCALE
 from keras_minsnr.data.latents import cache_latents
 from keras_minsnr.data.latents import load_latent_cache
 from keras_minsnr.data.tfds import DatasetNotPreparedError

@@ -19,7 +19,10 @@ class DatasetInfo:
             `None` when unknown.
         num_skipped: corrupt or unreadable files that were skipped.
         has_text: whether batches carry `"text"` (`tf.string`, shape `(B,)`).
-        latent_scale: the factor latents were multiplied by (latent caches only).
+        latent_scale: the scale of the VAE's latent convention (latent caches only).
+        latent_shift: the shift of the VAE's latent convention (latent caches only).
+        vae: the name of the VAE that encoded a latent cache (see
+            `keras_minsnr.backbones.autoencoders`), or `None`.
         context_shape: `(L, D)` of cached text embeddings in `batch["context"]`, or `None`.
         null_context_file: `.npy` file with the empty caption's embedding `(L, D)`, the
             null condition of a text-conditional model (latent caches with text only).
@@ -40,3 +43,5 @@ class DatasetInfo:
     latent_scale: Optional[float] = None
     context_shape: Optional[Tuple[int, int]] = None
     null_context_file: Optional[str] = None
+    latent_shift: Optional[float] = None
+    vae: Optional[str] = None

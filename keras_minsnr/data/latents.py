@@ -1,16 +1,21 @@
-"""Latent caching: encode a dataset once (e.g. with the Stable Diffusion VAE), train on files.
+"""Latent caching: encode a dataset once with a frozen VAE, train on files.
 
-The Min-SNR paper trains ImageNet-256 models on 32x32x4 VAE latents multiplied by
-0.18215. Encoding every step is wasteful, so `cache_latents` runs the encoder once over a
-finite dataset and writes shards of `.npy` files plus `manifest.json` to `cache_dir`;
-`load_latent_cache` turns them back into a pipeline of batch dicts
-`{"images": latents * scale, "labels"?, "text"?, "context"?}`.
+The Min-SNR paper trains ImageNet-256 models on 32x32x4 SD-VAE latents (0.18215 times the
+posterior mean). Encoding every step is wasteful, so `cache_latents` runs the encoder once
+over a finite dataset and writes shards of `.npy` files plus `manifest.json` to
+`cache_dir`; `load_latent_cache` turns them back into a pipeline of batch dicts
+`{"images": latents, "labels"?, "text"?, "context"?}`.
+
+With an autoencoder of `keras_minsnr.backbones.autoencoders` the cache holds exactly what
+its `encode_images` returns (the space the diffusion model trains in; the autoencoder
+applies its scale and shift, once) and the manifest records which VAE, its scale and its
+shift. A cache of an older format is refused with a line saying how to re-encode it.
 
 Files in `cache_dir` (each written to a temporary name and renamed, the manifest last, so
 a killed run never leaves a cache that looks complete)::
 
-    manifest.json            {"format", "version", "count", "latent_shape", "scale", ...}
-    latents-00000.npy        float32 (n, h, w, c), already multiplied by `scale`
+    manifest.json            {"format", "version", "vae", "scale", "shift", "count", ...}
+    latents-00000.npy        float32 (n, h, w, c), in the diffusion model's space
     labels-00000.npy         int32 (n,)                       when the data has labels
     text-00000.json          list of n captions               when the data has text
     context-00000.npy        float32 (n, L, D)                with `text_encode_fn`
@@ -29,8 +34,9 @@ from keras_minsnr.data.info import DatasetInfo
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "keras_minsnr.latent_cache"
-CACHE_VERSION = 1
-SD_LATENT_SCALE = 0.18215
+# 2: the latents are what the autoencoder returns, and the manifest names the VAE, its
+# scale and shift. Version 1 caches of the SD VAE held 0.18215² · μ (the factor twice).
+CACHE_VERSION = 2
 # load_latent_cache keeps caches up to this size in memory (see its `in_memory`).
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 _SHARD_PATTERNS = ("latents-*.npy", "labels-*.npy", "context-*.npy", "text-*.json")
@@ -65,16 +71,39 @@ def read_manifest(cache_dir):
     if manifest.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path!r} is not a keras_minsnr latent cache manifest.")
     if manifest.get("version") != CACHE_VERSION:
-        raise ValueError(
-            f"{path!r} has cache version {manifest.get('version')!r}; this library "
-            f"reads version {CACHE_VERSION}. Re-create it with overwrite=True."
-        )
+        raise ValueError(stale_cache_message(cache_dir, manifest.get("version")))
     for shard in manifest["shards"]:
         for key in ("latents", "labels", "context", "text"):
             name = shard.get(key)
             if name and not os.path.isfile(os.path.join(os.fspath(cache_dir), name)):
                 return None  # a shard went missing: treat as incomplete
     return manifest
+
+
+def stale_cache_message(cache_dir, version):
+    """One line: the cache in ``cache_dir`` has another format version; how to re-encode."""
+    why = (" (its SD-VAE latents may carry the 0.18215 scale twice, and it does not record "
+           "its VAE)" if version == 1 else "")
+    return (
+        f"The latent cache in {os.fspath(cache_dir)!r} has format version {version!r}, "
+        f"this library reads version {CACHE_VERSION}{why}: re-encode it (remove the folder, "
+        "or pass another data= folder, and run again with encode.source; in Python "
+        "cache_latents(..., overwrite=True))."
+    )
+
+
+def same_convention(manifest, convention):
+    """Whether a manifest's VAE, scale and shift are ``convention``'s."""
+    return manifest.get("vae") == convention["vae"] and all(
+        np.isclose(manifest.get(key, 0.0), convention[key], rtol=0, atol=1e-12)
+        for key in ("scale", "shift")
+    )
+
+
+def describe_convention(convention):
+    """``"VAE 'sd_vae' (scale 0.18215, shift 0.0)"`` (``"no named VAE"`` for callables)."""
+    name = f"VAE {convention.get('vae')!r}" if convention.get("vae") else "no named VAE"
+    return f"{name} (scale {convention.get('scale')}, shift {convention.get('shift', 0.0)})"
 
 
 def _split_batch(batch):
@@ -96,9 +125,9 @@ def _to_numpy(x):
 
 def cache_latents(
     dataset,
-    encode_fn,
+    encoder,
     cache_dir,
-    scale=SD_LATENT_SCALE,
+    scale=None,
     text_encode_fn=None,
     *,
     info=None,
@@ -106,18 +135,21 @@ def cache_latents(
     overwrite=False,
     verbose=1,
 ):
-    """Encodes a finite dataset once and writes the scaled latents to `cache_dir`.
+    """Encodes a finite dataset once and writes the latents to `cache_dir`.
 
     Args:
         dataset: a finite iterable of batches (a `tf.data.Dataset` from this package,
             built with `shuffle=False, repeat=False, drop_remainder=False` to keep every
             example once): dicts with `"images"` in [-1, 1] and optional `"labels"` /
             `"text"`, `(images, labels)` tuples, or image arrays.
-        encode_fn: any callable or Keras model mapping an image batch (numpy float32
-            `(B, H, W, C)` in [-1, 1]) to latents `(B, h, w, c)`, e.g. the Stable
-            Diffusion VAE encoder (returning the mean or a sample of the posterior).
+        encoder: an autoencoder of `keras_minsnr.backbones.autoencoders` (its
+            `encode_images` output is stored as is, and its VAE, scale and shift are
+            recorded), or any callable or Keras model mapping an image batch (numpy
+            float32 `(B, H, W, C)` in [-1, 1]) to latents `(B, h, w, c)`.
         cache_dir: folder for the cache (created if needed).
-        scale: latents are stored multiplied by `scale` (SD VAE: 0.18215).
+        scale: callables only: the stored latents are `scale` times the callable's
+            output (default 1), and the manifest records `scale` with no VAE name. An
+            autoencoder declares its own scale; passing one with it is an error.
         text_encode_fn: optional callable mapping a list of captions (python str) to text
             embeddings `(B, L, D)`, stored as `"context"`.
         info: optional `DatasetInfo` of `dataset`, to keep `num_classes`/`class_names`.
@@ -127,22 +159,38 @@ def cache_latents(
         verbose: 1 shows a `keras.utils.Progbar`, 0 is silent.
 
     Returns:
-        The manifest dict. A complete cache with the same `scale` and the same kind of
-        content is reused without calling `encode_fn`; a different one raises a
+        The manifest dict. A complete cache with the same VAE, scale and shift and the
+        same kind of content is reused without encoding; a different one raises a
         `ValueError` unless `overwrite=True`.
 
     Example:
         >>> ds, info = image_folder_dataset("imgs/", 256, shuffle=False,
         ...                                 drop_remainder=False, batch_size=32)
-        >>> cache_latents(ds, vae_encoder, "cache/", info=info)
+        >>> vae = StableDiffusionAutoencoder("v1", image_encoder_weights="vae_encoder.h5",
+        ...                                  text=False)
+        >>> cache_latents(ds, vae, "cache/", info=info)  # 0.18215 · μ, recorded
         >>> train_ds, latent_info = load_latent_cache("cache/", batch_size=256)
     """
+    convention = getattr(encoder, "convention", None)
+    if convention is not None:
+        if scale is not None:
+            raise ValueError(
+                f"scale={scale!r} was given with the autoencoder {convention['vae']!r}, "
+                f"which applies its own scale {convention['scale']}; leave scale out."
+            )
+        encode_fn = encoder.encode_images
+        scale = 1.0  # nothing more: the autoencoder's latents are stored as they are
+    else:
+        encode_fn = encoder
+        if scale is None:
+            scale = 1.0
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+            raise ValueError(f"scale must be a positive number, got {scale!r}.")
+        convention = {"vae": None, "scale": float(scale), "shift": 0.0}
     if not callable(encode_fn):
         raise ValueError(f"encode_fn must be callable, got {encode_fn!r}.")
     if text_encode_fn is not None and not callable(text_encode_fn):
         raise ValueError(f"text_encode_fn must be callable, got {text_encode_fn!r}.")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}.")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}.")
     cache_dir = os.fspath(cache_dir)
@@ -159,11 +207,11 @@ def cache_latents(
     if not overwrite:
         existing = read_manifest(cache_dir)
         if existing is not None:
-            if not np.isclose(existing["scale"], scale, rtol=0, atol=1e-12):
+            if not same_convention(existing, convention):
                 raise ValueError(
-                    f"The cache in {cache_dir!r} was written with scale "
-                    f"{existing['scale']}, not {scale}; pass overwrite=True or use "
-                    "another cache_dir."
+                    f"The cache in {cache_dir!r} was written with "
+                    f"{describe_convention(existing)}, not {describe_convention(convention)}; "
+                    "pass overwrite=True or use another cache_dir."
                 )
             if (existing["context_shape"] is not None) != (text_encode_fn is not None):
                 raise ValueError(
@@ -278,7 +326,9 @@ def cache_latents(
         "count": int(state["count"]),
         "latent_shape": state["latent_shape"],
         "dtype": "float32",
-        "scale": float(scale),
+        "vae": convention["vae"],
+        "scale": float(convention["scale"]),
+        "shift": float(convention["shift"]),
         "has_labels": bool(state["has_labels"]),
         "has_text": bool(state["has_text"]),
         "context_shape": state["context_shape"],
@@ -323,10 +373,10 @@ def load_latent_cache(
             `"context"` the captions are not needed for training).
 
     Returns:
-        `(dataset, info)`: batches `{"images": float32 (B, h, w, c)}` (latents already
-        multiplied by the cache's scale), plus `"labels"` int32 (B,), `"text"` tf.string
-        (B,) and `"context"` float32 (B, L, D) when cached; `info.latent_scale` holds the
-        scale (divide by it before decoding).
+        `(dataset, info)`: batches `{"images": float32 (B, h, w, c)}` (the latents as
+        the autoencoder returned them), plus `"labels"` int32 (B,), `"text"` tf.string
+        (B,) and `"context"` float32 (B, L, D) when cached; `info.vae`, `info.latent_scale` and
+        `info.latent_shift` name the VAE and its convention (decode with its `decode`).
 
     Example:
         >>> ds, info = load_latent_cache("cache/", batch_size=256, repeat=True, seed=0)
@@ -372,6 +422,8 @@ def load_latent_cache(
         size=count,
         has_text=texts is not None,
         latent_scale=manifest["scale"],
+        latent_shift=manifest["shift"],
+        vae=manifest["vae"],
         context_shape=None if manifest["context_shape"] is None
         else tuple(manifest["context_shape"]),
         null_context_file=os.path.join(cache_dir, manifest["null_context"])
