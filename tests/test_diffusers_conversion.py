@@ -180,3 +180,37 @@ def test_weights_dir_is_converted_once_and_cached(converted, tmp_path, monkeypat
         sd.resolve_weights(FOLDER, "v2", "diffusion_model")
     with pytest.raises(dc.DiffusersFolderError, match="not a diffusers"):
         sd.resolve_weights(str(tmp_path), "v1", "decoder")
+
+
+def _diffusers_sd3_layout(root):
+    """The top of a diffusers SD3 folder (as stabilityai/stable-diffusion-3-medium-diffusers
+    lays it out): model_index.json at the root, one config.json per component."""
+    import json
+
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"]}))
+    for sub, cls in (("transformer", "SD3Transformer2DModel"), ("vae", "AutoencoderKL")):
+        (root / sub).mkdir()
+        (root / sub / "config.json").write_text(json.dumps({"_class_name": cls}))
+    return root
+
+
+def test_kerashub_does_not_load_a_diffusers_sd3_folder(tmp_path):
+    """What docs/sd3.md says: KerasHub 0.32's from_preset reads KerasHub presets
+    (config.json with registered_name), transformers checkpoints of the model types it
+    converts, and timm; a diffusers SD3 folder is none of these, at its root or per part."""
+    import keras_hub
+
+    from keras_minsnr.backbones import sd3
+
+    folder = _diffusers_sd3_layout(tmp_path / "sd3_diffusers")
+    with pytest.raises(ValueError, match="has no config.json"):
+        keras_hub.models.StableDiffusion3Backbone.from_preset(str(folder))
+    with pytest.raises(ValueError, match="Unrecognized format for config.json"):
+        keras_hub.models.StableDiffusion3Backbone.from_preset(str(folder / "transformer"))
+    with pytest.raises(FileNotFoundError, match="not a KerasHub preset directory"):
+        sd3.resolve_preset(str(folder))
