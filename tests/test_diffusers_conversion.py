@@ -89,6 +89,35 @@ def test_text_encoder_matches_transformers_clip(converted, ref):
     assert _gap(hidden, ref["text_hidden"]) < TOLERANCE
 
 
+def test_sd2_layout_linear_projections(tmp_path, ref):
+    """SD 2.x UNets project in and out of their transformers with nn.Linear (2-D weights,
+    `use_linear_projection`), which KerasCV's v2 blocks take as Dense layers. The fixture's
+    1x1 convolutions stored as 2-D weights are that layout, computing the same function
+    (a 1x1 convolution is a linear map over channels), so diffusers' outputs still hold."""
+    from safetensors.numpy import load_file
+
+    folder = tmp_path / "sd2"
+    shutil.copytree(FOLDER, folder, ignore=shutil.ignore_patterns("vae", "text_encoder"))
+    config_path = folder / "unet" / "config.json"
+    config_path.write_text(config_path.read_text().replace(
+        '"use_linear_projection": false', '"use_linear_projection": true'))
+
+    def to_linear(tensors):
+        for key in [k for k in tensors if k.endswith(("proj_in.weight", "proj_out.weight"))]:
+            tensors[key] = tensors[key][:, :, 0, 0]
+
+    _rewrite(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), to_linear)
+    assert load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))[
+        "mid_block.attentions.0.proj_in.weight"].ndim == 2
+    paths = dc.convert_diffusers(folder, tmp_path / "out", components=("diffusion_model",))
+    assert os.path.basename(paths["diffusion_model"]) == "diffusion_model_v2_1.h5"
+    core = sd._SDUNetCore((32, 32, 32), 2, "v2", 32)
+    core.load_weights(paths["diffusion_model"])
+    t_features = sinusoidal_embedding(ref["unet_t"], sd.TIMESTEP_FEATURES)
+    out = core([ref["unet_x"], t_features, ref["unet_context"]])
+    assert _gap(out, ref["unet_out"]) < TOLERANCE
+
+
 def _legacy_shapes(model):
     return [[tuple(w.shape) for w in layer.trainable_weights + layer.non_trainable_weights]
             for layer in model.layers if layer.weights]
