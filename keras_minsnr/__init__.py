@@ -22,6 +22,7 @@ _EXPORTS = {
     "official": ("keras_minsnr.official", None),
     "weighting": ("keras_minsnr.weighting", None),
     "DiffusionModel": ("keras_minsnr.diffusion_model", "DiffusionModel"),
+    "convert_diffusers": ("keras_minsnr.backbones.diffusers_conversion", "convert_diffusers"),
     "FlowMatchingSchedule": ("keras_minsnr.flow", "FlowMatchingSchedule"),
     "SAMPLERS": ("keras_minsnr.samplers", "SAMPLERS"),
     "PREDICTION_TYPES": ("keras_minsnr.schedules", "PREDICTION_TYPES"),

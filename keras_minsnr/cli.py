@@ -1,5 +1,5 @@
 """The ``keras-minsnr`` command line: ``train``, ``sample``, ``evaluate``, ``recipes``, ``show``,
-``convert-official``.
+``convert-official``, ``convert-diffusers``.
 
 Every expected failure (a bad flag or config value, an unusable output folder, missing
 data) ends in one line ``keras-minsnr: error: ...`` and exit code 2, before anything is
@@ -271,6 +271,19 @@ def _convert_official(args):
     )
 
 
+def _convert_diffusers(args):
+    with _quiet_native_logs():
+        from keras_minsnr.backbones import diffusers_conversion
+
+        paths = diffusers_conversion.convert_diffusers(
+            args.folder, args.out_dir, overwrite=args.overwrite
+        )
+    version = diffusers_conversion.folder_version(args.folder)
+    print(f"Converted {args.folder} (Stable Diffusion {version}) to:")
+    for component, path in paths.items():
+        print(f"  {component:<16} {path}")
+
+
 def _recipes(args):
     names = available_recipes()
     width = max(len(n) for n in names)
@@ -445,6 +458,23 @@ def build_parser():
                          help="override an architecture argument of the DiT (repeatable), "
                          "e.g. --set depth=12 --set image_shape=[32,32,4]")
     convert.set_defaults(func=_convert_official)
+
+    diffusers = commands.add_parser(
+        "convert-diffusers",
+        help="convert a diffusers-format Stable Diffusion 1.x/2.x folder to KerasCV weight "
+        "files",
+        description="Convert a diffusers Stable Diffusion 1.x/2.x folder (unet/, vae/, "
+        "text_encoder/: config.json + *.safetensors; read with numpy, no torch) into the "
+        "KerasCV .h5 files the sd15/sd2 recipes load: kcv_diffusion_model.h5, kcv_encoder.h5, "
+        "vae_encoder.h5, kcv_decoder.h5 (v2: diffusion_model_v2_1.h5, text_encoder_v2_1.h5). "
+        "Every missing or mis-shaped tensor is listed before anything is written.",
+        formatter_class=formatter,
+    )
+    diffusers.add_argument("folder", metavar="DIR", help="the diffusers folder")
+    diffusers.add_argument("out_dir", metavar="OUT_DIR", help="where the .h5 files go")
+    diffusers.add_argument("--overwrite", action="store_true",
+                           help="replace .h5 files already in OUT_DIR")
+    diffusers.set_defaults(func=_convert_diffusers)
     return parser
 
 

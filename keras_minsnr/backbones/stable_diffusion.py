@@ -79,9 +79,15 @@ def resolve_weights(path, version, component, allow_download=False):
     ``path`` None: random init, unless ``allow_download`` (then KerasCV's file is fetched
     into the Keras cache). An existing ``path`` is used as is; a missing one raises
     `FileNotFoundError` naming it and KerasCV's URL, or is downloaded there when
-    ``allow_download`` is set.
+    ``allow_download`` is set. A diffusers-format folder (``unet/``, ``vae/``,
+    ``text_encoder/``) is converted on first use into a cached KerasCV file
+    (`diffusers_conversion.converted_weights_file`).
     """
     _check_version(version)
+    if path is not None and os.path.isdir(path):
+        from keras_minsnr.backbones.diffusers_conversion import converted_weights_file
+
+        return converted_weights_file(path, version, component)
     origin, file_hash = WEIGHT_URLS[version][component]
     if path is None and not allow_download:
         return None
