@@ -38,7 +38,9 @@ def test_training_reexports_the_config_functions():
     assert training.DEFAULTS is run_config.DEFAULTS
     assert set(training.RESUMABLE_KEYS) == {
         "steps", "sample_every_epochs", "num_samples", "sample_steps", "checkpoint_every",
-        "keep_checkpoints", "distribution", "mesh", "multihost"}
+        "keep_checkpoints", "distribution", "mesh", "multihost", "validation_every",
+        "validation_prompts", "validation_labels", "validation_seed", "log_every",
+        "report_to"}
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -107,6 +109,8 @@ def test_choices_match_the_library():
     assert set(run_config.TIMESTEP_SAMPLING_PARAMS) == params
     for name in backbones.PRESETS:
         assert run_config.resolve_config({"backbone": name})["backbone"] == name
+    # Written out so that checking a config imports no Keras (`show` answers at once).
+    assert run_config.BACKBONE_PRESETS == tuple(sorted(backbones.PRESETS))
 
 
 def test_config_json_round_trips_through_the_schema():
