@@ -1,0 +1,154 @@
+"""Watching a run (issue 24, items 3-5): per-step TensorBoard scalars at the global step
+across a resume, validation grids, W&B offline, a fresh samples.png, `--resume-from` and
+`sample --num-samples N`. The runs are the digits recipe with a one-block MLP of width 16
+(tests/test_reliability.py), so a run's time is its start-up."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_minsnr import cli
+from keras_minsnr import training
+from tests.test_reliability import _config
+from tests.test_reliability import _rows
+
+# Epochs of 3 steps with a checkpoint at each; points every 3 steps; grids at 3, 6, ...
+MONITORED = dict(steps=6, steps_per_epoch=3, checkpoint_every=3, log_every=3,
+                 validation_every=3, validation_labels=[1, 2, 3], keep_checkpoints=3)
+
+
+def read_events(run_dir):
+    """``{tag: {step: value}}`` of every TensorBoard event file under ``logs/``, read back
+    with TensorFlow's own event reader (images as their encoded PNG bytes)."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "logs", "**", "events.out.tfevents.*"),
+                                 recursive=True)):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                found.setdefault(value.tag, {})
+                found[value.tag].setdefault(event.step, []).append(array)
+    return found
+
+
+def _grid_side(count, tile=8):
+    """The side of `image_grid`'s square picture of ``count`` 8x8 tiles (closed form)."""
+    columns = int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / columns))
+    zoom = int(np.ceil(256 / (columns * tile)))
+    return rows * (tile * zoom + 1) + 1, columns * (tile * zoom + 1) + 1
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """Six steps, then the same run resumed to twelve; the samples.png of each session."""
+    run = str(tmp_path_factory.mktemp("monitored"))
+    training.train(_config(**MONITORED), run, verbose=0)
+    with open(os.path.join(run, "samples.png"), "rb") as f:
+        first_samples = f.read()
+    model = training.train(_config(**{**MONITORED, "steps": 12}), run, verbose=0)
+    return run, first_samples, model
+
+
+def test_scalars_every_log_every_steps_continue_across_the_resume(resumed_run):
+    run, _, _ = resumed_run
+    events = read_events(run)
+    for tag in ("loss", "mse_q1", "mse_q4", "learning_rate"):
+        assert sorted(events[tag]) == [3, 6, 9, 12], tag
+        assert all(len(values) == 1 for values in events[tag].values()), tag  # no repeats
+    # Points fall on epoch ends here: each is the mean over its epoch, like metrics.csv.
+    rows = {int(r["step"]): r for r in _rows(run)}
+    for step, (value,) in events["loss"].items():
+        assert float(value) == pytest.approx(float(rows[step]["loss"]), rel=1e-5)
+        assert float(events["mse_q2"][step][0]) == pytest.approx(
+            float(rows[step]["mse_q2"]), rel=1e-5)
+    # The digits recipe: 1e-3 after a warm-up of 0 steps (TINY), constant.
+    assert [float(events["learning_rate"][s][0]) for s in (3, 6, 9, 12)] == pytest.approx(
+        [1e-3] * 4)
+    # Throughput from the second point of a session on (the first includes compiling).
+    assert sorted(events["images_per_second"]) == [6, 12]
+    assert all(float(v[0]) > 0 for v in events["images_per_second"].values())
+
+
+def test_validation_grids_are_files_and_tensorboard_images(resumed_run):
+    run, _, _ = resumed_run
+    names = sorted(os.listdir(os.path.join(run, "samples")))
+    assert names == [f"step-{s:08d}.png" for s in (3, 6, 9, 12)]
+    with Image.open(os.path.join(run, "samples", names[0])) as image:
+        assert image.size[::-1] == _grid_side(3)  # the three validation labels
+    images = read_events(run)["validation"]
+    assert sorted(images) == [3, 6, 9, 12]
+    # A TensorBoard image is [width, height, PNG bytes].
+    width, height, png = images[3][0]
+    assert (int(height), int(width)) == _grid_side(3) and png.startswith(b"\x89PNG")
+
+
+def test_samples_png_shows_the_final_model_after_a_resume(resumed_run):
+    run, first_samples, model = resumed_run
+    with open(os.path.join(run, "samples.png"), "rb") as f:
+        assert f.read() != first_samples  # today: the grid of step 6 stayed
+    again = os.path.join(run, "again.png")
+    training.write_samples(model, again, _config(**MONITORED))
+    with Image.open(again) as a, Image.open(os.path.join(run, "samples.png")) as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_from_an_older_checkpoint(resumed_run, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "copy")
+    shutil.copytree(resumed_run[0], run)
+    before = open(os.path.join(run, "checkpoints", "state.json")).read()
+    with pytest.raises(ValueError, match=r"step-00000004.keras.*Available: step-00000006"):
+        training.train(_config(**{**MONITORED, "steps": 12}), run, verbose=0,
+                       resume_from="step-00000004.keras")
+    assert open(os.path.join(run, "checkpoints", "state.json")).read() == before
+    training.train(_config(**{**MONITORED, "steps": 9}), run, verbose=0,
+                   resume_from=os.path.join(run, "checkpoints", "step-00000006.keras"),
+                   allow_config_change=["steps"])
+    with open(os.path.join(run, "checkpoints", "state.json")) as f:
+        assert json.load(f)["step"] == 9
+    assert [int(r["step"]) for r in _rows(run)] == [3, 6, 9]
+    with open(os.path.join(run, "history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    rewinds = [(h["step"], h["old"], h["new"]) for h in history if h["key"] == "resume_from"]
+    assert rewinds == [(6, "step-00000012.keras", "step-00000006.keras")]
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"validation_prompts": ["a cat"], "validation_labels": None},
+     ["validation_prompts", "not text-conditional",
+                                         "validation_labels"]),
+    ({"validation_labels": [3, 12]}, ["validation_labels", "12", "0 ... 9"]),
+])
+def test_validation_keys_that_do_not_fit_the_model(tmp_path, override, words):
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError) as info:
+        training.train(_config(**{**MONITORED, **override}), run, verbose=0)
+    for word in words:
+        assert word in str(info.value)
+    assert not os.path.exists(os.path.join(run, "config.json"))
+
+
+def test_sample_writes_as_many_images_as_asked(tmp_path, capsys):
+    from keras_minsnr.data import DatasetInfo
+
+    config = training.resolve_config(cli.load_recipe("digits"), {
+        "backbone_args": {"hidden_size": 16, "depth": 1}})
+    model = training.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
+                                                     num_classes=10))
+    model.save(os.path.join(tmp_path, "model.keras"))
+    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+        json.dump(config, f)
+    out = str(tmp_path / "s.png")
+    assert cli.main(["sample", str(tmp_path), "--num-samples", "16", "--steps", "2",
+                     "--output", out]) == 0
+    with Image.open(out) as image:
+        assert image.size[::-1] == _grid_side(16)  # 4 x 4 tiles; today 10 tiles, 3 rows
+    assert "Wrote 16 samples" in capsys.readouterr().out
