@@ -10,6 +10,7 @@ seed and logs that grid as a TensorBoard image.
 
 import os
 import time
+import uuid
 
 import keras
 import numpy as np
@@ -366,7 +367,7 @@ def _start_wandb(run_dir, config):
         with open(id_path) as f:
             run_id = f.read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         checkpointing.atomic_write_text(id_path, run_id)
     return wandb.init(
         project=os.environ.get("WANDB_PROJECT", "keras-minsnr"),

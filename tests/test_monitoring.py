@@ -4,8 +4,10 @@ across a resume, validation grids, W&B offline, a fresh samples.png, `--resume-f
 (tests/test_reliability.py), so a run's time is its start-up."""
 
 import glob
+import importlib.util
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -16,9 +18,11 @@ from keras_minsnr import training
 from tests.test_reliability import _config
 from tests.test_reliability import _rows
 
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
 # Epochs of 3 steps with a checkpoint at each; points every 3 steps; grids at 3, 6, ...
 MONITORED = dict(steps=6, steps_per_epoch=3, checkpoint_every=3, log_every=3,
-                 validation_every=3, validation_labels=[1, 2, 3], keep_checkpoints=3)
+                 validation_every=3, validation_labels=[1, 2, 3], keep_checkpoints=3,
+                 report_to="all" if HAS_WANDB else "tensorboard")
 
 
 def read_events(run_dir):
@@ -37,6 +41,39 @@ def read_events(run_dir):
     return found
 
 
+def wandb_history(run_dir):
+    """``[(run id, {key: value})]`` of every history record W&B wrote offline under
+    ``logs/wandb``. A ``.wandb`` file is a LevelDB-format log (a 7-byte header, then
+    32 KiB blocks of records with a 7-byte header each: CRC, length, type) of
+    `wandb_internal_pb2.Record` messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    pattern = os.path.join(run_dir, "logs", "wandb", "offline-run-*", "run-*.wandb")
+    for path in sorted(glob.glob(pattern)):
+        with open(path, "rb") as f:
+            data = f.read()
+        assert data[:4] == b":W&B", path
+        position, pending = 7, b""
+        while position + 7 <= len(data):
+            left = 32768 - position % 32768
+            if left < 7:  # a block's tail too short for a header is padding
+                position += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+            pending += data[position + 7:position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    found.append((os.path.basename(path)[4:-6], {
+                        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                        for item in record.history.item}))
+    return found
+
+
 def _grid_side(count, tile=8):
     """The side of `image_grid`'s square picture of ``count`` 8x8 tiles (closed form)."""
     columns = int(np.ceil(np.sqrt(count)))
@@ -49,6 +86,19 @@ def _grid_side(count, tile=8):
 def resumed_run(tmp_path_factory):
     """Six steps, then the same run resumed to twelve; when samples.png was first written."""
     run = str(tmp_path_factory.mktemp("monitored"))
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")  # never the network
+    try:
+        return _train_twice(run)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _train_twice(run):
     training.train(_config(**MONITORED), run, verbose=0)
     first_samples = os.stat(os.path.join(run, "samples.png")).st_mtime_ns
     model = training.train(_config(**{**MONITORED, "steps": 12}), run, verbose=0)
@@ -73,6 +123,25 @@ def test_scalars_every_log_every_steps_continue_across_the_resume(resumed_run):
     # Throughput from the second point of a session on (the first includes compiling).
     assert sorted(events["images_per_second"]) == [6, 12]
     assert all(float(v[0]) > 0 for v in events["images_per_second"].values())
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="the wandb extra is not installed")
+def test_wandb_offline_gets_the_same_points_in_one_run(resumed_run):
+    run, _, _ = resumed_run
+    history = wandb_history(run)
+    with open(os.path.join(run, "logs", "wandb_run_id.txt")) as f:
+        run_id = f.read().strip()
+    assert {rid for rid, _ in history} == {run_id}  # the resumed session continues it
+    points = {item["_step"]: item for _, item in history if "loss" in item}
+    assert sorted(points) == [3, 6, 9, 12]
+    tensorboard = read_events(run)
+    for step, item in points.items():
+        assert item["loss"] == pytest.approx(float(tensorboard["loss"][step][0]), rel=1e-6)
+        assert item["learning_rate"] == pytest.approx(1e-3)
+    images = [item for _, item in history if "validation/_type" in item]
+    assert [i["_step"] for i in images] == [3, 6, 9, 12]
+    assert all(i["validation/_type"] == "image-file" for i in images)
+    assert all((i["validation/height"], i["validation/width"]) == _grid_side(3) for i in images)
 
 
 def test_validation_grids_are_files_and_tensorboard_images(resumed_run):
