@@ -205,19 +205,40 @@ def test_validation_keys_that_do_not_fit_the_model(tmp_path, override, words):
     assert not os.path.exists(os.path.join(run, "config.json"))
 
 
-def test_sample_writes_as_many_images_as_asked(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory):
+    """A run directory holding an untrained tiny digits model (sampling needs no training)."""
     from keras_minsnr.data import DatasetInfo
 
+    run = tmp_path_factory.mktemp("untrained")
     config = training.resolve_config(cli.load_recipe("digits"), {
         "backbone_args": {"hidden_size": 16, "depth": 1}})
     model = training.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
                                                      num_classes=10))
-    model.save(os.path.join(tmp_path, "model.keras"))
-    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+    model.save(os.path.join(run, "model.keras"))
+    with open(os.path.join(run, "config.json"), "w") as f:
         json.dump(config, f)
+    return run
+
+
+def test_sample_writes_as_many_images_as_asked(untrained_run, tmp_path, capsys):
     out = str(tmp_path / "s.png")
-    assert cli.main(["sample", str(tmp_path), "--num-samples", "16", "--steps", "2",
+    assert cli.main(["sample", str(untrained_run), "--num-samples", "16", "--steps", "2",
                      "--output", out]) == 0
     with Image.open(out) as image:
         assert image.size[::-1] == _grid_side(16)  # 4 x 4 tiles; today 10 tiles, 3 rows
     assert "Wrote 16 samples" in capsys.readouterr().out
+
+
+def test_evaluate_names_its_features_and_uses_smaller_kid_subsets(untrained_run, capsys):
+    from keras_minsnr import evaluation
+
+    # Subsets of all 1000 samples (the old size) are the same set each time: std 0.
+    assert [evaluation.kid_subset_size(n) for n in (2, 20, 1000, 5000)] == [2, 10, 500, 1000]
+    assert cli.main(["evaluate", str(untrained_run), "--num-samples", "20",
+                     "--steps", "2"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # no progress bars off a terminal: stdout is the JSON
+    assert result["kid_subset_size"] == 10 and result["kid_std"] > 0
+    assert result["extractor"] == "digits" and "not with published" in result["features"]
+    assert "FID/KID with digits features" in captured.err
