@@ -63,8 +63,8 @@ def write_samples(model, path, config, num_samples=None, seed=0, labels=None, **
     num_samples = num_samples or config["num_samples"]
     if labels is None:
         labels = sample_labels(model, num_samples)
-    if model.conditioning == "context":
-        overrides.setdefault("context", sample_context(config, num_samples))
+    if model.conditioning == "context" and "context" not in overrides:
+        overrides["context"] = sample_context(config, num_samples)
     kwargs = dict(
         num_steps=config["sample_steps"],
         sampler=config["sampler"],
@@ -263,7 +263,7 @@ class StepLogger:
 
             self._writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
         self._previous = None
-        self._mark = None
+        self._mark = (time.time(), None)
         self._first_epoch = True
 
     def on_epoch_begin(self, step):

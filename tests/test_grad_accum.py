@@ -20,6 +20,7 @@ from keras import ops
 import keras_minsnr as kms
 from keras_minsnr import checkpointing
 from keras_minsnr import cli
+from keras_minsnr import optimizers
 from keras_minsnr import training
 from tests import test_reliability
 from tests.test_diffusion_model import fixed_batch
@@ -201,7 +202,7 @@ def test_show_prints_grad_accum(capsys):
 def test_learning_rate_warmup_counts_real_updates():
     """The warm-up of update k (1-based) uses rate · min(k − 1, W) / W, whatever N is."""
     config = _config(grad_accum=4, warmup_steps=3, learning_rate=0.1)
-    optimizer = training.make_optimizer(config)
+    optimizer = optimizers.make_optimizer(config)
     variable = keras.Variable(np.zeros(2, "float32"))
     optimizer.build([variable])
     rates = []

@@ -242,3 +242,40 @@ def test_evaluate_names_its_features_and_uses_smaller_kid_subsets(untrained_run,
     assert result["kid_subset_size"] == 10 and result["kid_std"] > 0
     assert result["extractor"] == "digits" and "not with published" in result["features"]
     assert "FID/KID with digits features" in captured.err
+
+
+def test_validation_prompts_go_through_the_runs_text_encoder(tmp_path, monkeypatch):
+    """A text model's validation grid: the prompts encoded by the run's encoders (the real
+    `StableDiffusionEncoders` with its BPE tokenizer, on a tiny text model)."""
+    import keras_minsnr as kms
+    from keras_minsnr import monitoring
+    from tests.test_recipes import _tiny_sd_encoders
+    from tests.tiny_backbones import TinyContextBackbone
+
+    encoders = _tiny_sd_encoders(tmp_path)
+    asked = []
+    monkeypatch.setattr(training, "make_encoders",
+                        lambda encode, needs_text: asked.append(needs_text) or encoders)
+    model = kms.DiffusionModel(TinyContextBackbone(image_shape=(8, 8, 3),
+                                                   context_shape=(77, 768)),
+                               "cosine", ema_decay=0.0)
+    model.compile(optimizer="adamw")
+    prompts = ["hello", "hell", "o"]
+    config = training.resolve_config({}, {"validation_every": 5, "validation_prompts": prompts,
+                                          "log_every": 1000, "sample_steps": 2,
+                                          "batch_size": 2})
+    logger = monitoring.StepLogger(str(tmp_path), config, model)
+    assert asked == [True]
+    context = logger.validation["context"]
+    np.testing.assert_array_equal(context, encoders.encode_text(prompts))
+    assert context.shape == (3, 77, 768) and not np.allclose(context[0], context[2])
+    logger.on_epoch_begin(0)
+    assert not logger.due(4) and logger.due(5)
+    logger.after_update(5, model)
+    logger.close()
+    with Image.open(monitoring.validation_path(str(tmp_path), 5)) as image:
+        assert image.size[::-1] == _grid_side(3)
+    assert sorted(read_events(str(tmp_path))["validation"]) == [5]
+    with pytest.raises(ValueError, match="validation_labels=.*no classes.*validation_prompts"):
+        monitoring.StepLogger(str(tmp_path), {**config, "validation_prompts": None,
+                                              "validation_labels": [1]}, model)
