@@ -6,9 +6,12 @@ A run directory holds::
     metrics.csv      one row per logged step (epoch ends and checkpoints): loss and the
                      per-SNR-quarter MSE
     history.jsonl    every configuration change between sessions
-    logs/            TensorBoard logs
+    logs/            TensorBoard logs: per-step scalars every log_every steps at the global
+                     step, validation grids (keras_minsnr.monitoring); W&B's offline files
+    samples/         step-NNNNNNNN.png validation grids (validation_every)
     checkpoints/     step-NNNNNNNN.keras (model, optimizer, EMA) + state.json
-    samples.png      a grid of samples, refreshed during training
+    samples.png      a grid of samples, refreshed during training; the final model's at
+                     the end
     model.keras      the final model
     lora.weights.h5  the LoRA adapters alone (runs with lora_rank; docs/lora.md)
 
