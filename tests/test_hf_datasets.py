@@ -1,7 +1,6 @@
 """Local Hugging Face datasets as `data=` (issue 24, item 7): a `save_to_disk` folder and
 a parquet file written by the real `datasets` library, read back pixel for pixel."""
 
-
 import numpy as np
 import pytest
 
