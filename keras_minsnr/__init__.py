@@ -29,6 +29,7 @@ _EXPORTS = {
     "SCHEDULES": ("keras_minsnr.schedules", "SCHEDULES"),
     "NoiseSchedule": ("keras_minsnr.schedules", "NoiseSchedule"),
     "PerUpdateSchedule": ("keras_minsnr.lr_schedules", "PerUpdateSchedule"),
+    "WarmupDecaySchedule": ("keras_minsnr.lr_schedules", "WarmupDecaySchedule"),
     "TimestepSampling": ("keras_minsnr.timestep_sampling", "TimestepSampling"),
     "STRATEGIES": ("keras_minsnr.weighting", "STRATEGIES"),
     "LossWeighting": ("keras_minsnr.weighting", "LossWeighting"),

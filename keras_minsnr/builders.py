@@ -91,6 +91,8 @@ def build_model(config, info):
             prediction_type=config["prediction_type"],
             weighting=weighting,
             timestep_sampling=density,
+            noise_offset=config.get("noise_offset", 0.0),
+            input_perturbation=config.get("input_perturbation", 0.0),
             label_dropout=config["label_dropout"] if conditional else 0.0,
             ema_decay=config["ema_decay"],
             seed=config["seed"],

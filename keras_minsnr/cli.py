@@ -20,6 +20,7 @@ import pkgutil  # noqa: E402
 import sys  # noqa: E402
 
 import keras_minsnr  # noqa: E402
+from keras_minsnr import diffusers_flags  # noqa: E402
 from keras_minsnr import run_config  # noqa: E402
 from keras_minsnr import xla_flags  # noqa: E402
 
@@ -201,6 +202,8 @@ def _train(args):
     preparation.check_data(config)
 
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
+    if args.resume_from:
+        kwargs["resume_from"] = args.resume_from
     training.train(config, args.output_dir, **kwargs)
     print(f"Run directory: {os.path.abspath(args.output_dir)}")
     for name in ("samples.png", "metrics.csv", "model.keras"):
@@ -245,6 +248,9 @@ def _evaluate(args):
         num_steps=args.steps,
         seed=args.seed,
     )
+    if "features" in result:
+        print(f"FID/KID with {result['extractor']} features: {result['features']}.",
+              file=sys.stderr)
     print(json.dumps(result, indent=2))
 
 
@@ -324,7 +330,8 @@ def add_train_arguments(parser, recipe=None):
     """The options of `train`; ``recipe`` given (``python -m recipes.NAME``): no positional,
     and ``--output-dir`` defaults to ``runs/NAME``."""
     if recipe is None:
-        parser.add_argument("recipe", help=f"recipe name (see `{PROG} recipes`)")
+        parser.add_argument("recipe", action=_RecipeAction,
+                            help=f"recipe name (see `{PROG} recipes`)")
     else:
         parser.set_defaults(recipe=recipe)
     where = parser.add_argument_group("run directory")
@@ -360,11 +367,35 @@ def add_train_arguments(parser, recipe=None):
         "Stable Diffusion files, KerasHub presets): sets allow_download=True in `encode` "
         "and `backbone_args`; repeat it when resuming",
     )
-    parser.epilog = (
-        f"Config keys for --set (default, allowed values, meaning; `{PROG} recipes` lists "
-        f"the recipes, `{PROG} show RECIPE` a recipe's values):\n\n" + run_config.keys_help()
-    )
+    length.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="resume from this checkpoint of the run (e.g. "
+                        "step-00002000.keras) instead of the newest")
+    parser.epilog = _keys_epilog(recipe)
     parser.set_defaults(func=_train)
+
+
+def _keys_epilog(recipe=None):
+    """The key list of `train --help`: a recipe's values when it names a valid one."""
+    values = None
+    if recipe is not None:
+        try:
+            values = run_config.resolve_config(load_recipe(recipe))
+        except (ValueError, ImportError):
+            recipe = None  # the error comes when the command runs
+    source = f"the {recipe} recipe's value" if recipe else "default"
+    return (
+        f"Config keys for --set ({source}, allowed values, meaning; `{PROG} recipes` lists "
+        f"the recipes, `{PROG} show RECIPE` a recipe's values):\n\n"
+        + run_config.keys_help(values)
+    )
+
+
+class _RecipeAction(argparse.Action):
+    """Stores the recipe name; `--help` after it then lists that recipe's values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        parser.epilog = _keys_epilog(values)
 
 
 def build_parser():
@@ -377,6 +408,8 @@ def build_parser():
         f"config with the meaning of each key; `{PROG} COMMAND --help` gives a command's "
         "options.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"{PROG} {keras_minsnr.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser(
@@ -480,6 +513,13 @@ def build_parser():
 
 def _run(parser, argv):
     try:
+        foreign = diffusers_flags.hint_for(sys.argv[1:] if argv is None else argv)
+        if foreign is not None:
+            flag, use = foreign
+            raise UsageError(
+                f"{flag} is a diffusers / sd-scripts flag; here use {use} (the full "
+                "mapping: docs/coming_from_diffusers.md)"
+            )
         args = parser.parse_args(argv)
         args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly

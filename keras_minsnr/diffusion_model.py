@@ -66,6 +66,14 @@ class DiffusionModel(keras.Model):
             ``"logit_normal"``, ``"mode"``, ``"laplace"``), a config dict such as
             ``{"kind": "laplace", "laplace_b": 0.5}`` or a `TimestepSampling`. ``"uniform"``
             draws exactly as before (`keras.random.randint`).
+        noise_offset: ``c`` of the offset noise: each training step's ``ε`` becomes
+            ``ε + c·δ`` with ``δ ~ N(0, 1)`` drawn once per image and channel (shared by
+            its pixels), so the model learns to change an image's mean brightness; the
+            target uses the offset noise too. 0 (default) is off. diffusers uses 0.1.
+        input_perturbation: ``λ`` of input perturbation: the model's input is made with
+            ``ε + λ·ξ`` (``ξ ~ N(0, I)``) while the target keeps ``ε``, which reduces the
+            exposure bias between training and sampling. 0 (default) is off; the paper
+            uses 0.1.
         label_dropout: probability of replacing a label (or text context) by the null
             condition during training, for classifier-free guidance (paper: 0.15).
         ema_decay: decay of the exponential moving average of the backbone's trainable
@@ -115,7 +123,9 @@ class DiffusionModel(keras.Model):
     Reference:
         Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
         ICCV 2023 (arXiv 2303.09556); Esser et al. 2024 (SD3: rectified flow,
-        logit-normal timesteps); Hang et al. 2024 (Laplace timesteps).
+        logit-normal timesteps); Hang et al. 2024 (Laplace timesteps); Guttenberg,
+        "Diffusion with Offset Noise" (2023); Ning et al., "Input Perturbation Reduces
+        Exposure Bias in Diffusion Models", ICML 2023 (arXiv 2301.11706).
     """
 
     def __init__(
@@ -126,6 +136,8 @@ class DiffusionModel(keras.Model):
         weighting="min_snr",
         gamma=5.0,
         timestep_sampling="uniform",
+        noise_offset=0.0,
+        input_perturbation=0.0,
         label_dropout=0.0,
         ema_decay=0.9999,
         ema_warmup=True,
@@ -159,6 +171,12 @@ class DiffusionModel(keras.Model):
         if isinstance(weighting, str):
             weighting = weighting_lib.get(weighting, gamma=gamma)
         self.weighting = weighting_lib.get(weighting)
+        for name, value in (("noise_offset", noise_offset),
+                            ("input_perturbation", input_perturbation)):
+            if not (isinstance(value, (int, float)) and 0.0 <= value < math.inf):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+        self.noise_offset = float(noise_offset)
+        self.input_perturbation = float(input_perturbation)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout!r}.")
         self.label_dropout = float(label_dropout)
@@ -265,18 +283,21 @@ class DiffusionModel(keras.Model):
         """Runs the backbone on a ``{"x", "t", "y"}`` dict."""
         return self.backbone(inputs, training=training)
 
-    def diffusion_loss_terms(self, images, condition, timesteps, noise, training=False):
+    def diffusion_loss_terms(self, images, condition, timesteps, noise, training=False,
+                             input_noise=None):
         """Weighted loss for given timesteps and noise, and the per-sample MSE.
 
         This is the deterministic core shared by training, evaluation and the tests; the
         timestep density enters through which ``timesteps`` are given, so the expected
-        loss is density × weight × target error. Returns ``(loss, per_sample_mse)``, both
-        float32.
+        loss is density × weight × target error. ``input_noise`` (default ``noise``)
+        makes the model's input, ``noise`` the target (input perturbation). Returns
+        ``(loss, per_sample_mse)``, both float32.
         """
         x0 = ops.cast(images, "float32")
         noise = ops.cast(noise, "float32")
+        input_noise = noise if input_noise is None else ops.cast(input_noise, "float32")
         timesteps = ops.cast(timesteps, "int32")
-        x_t = self.schedule.add_noise(x0, noise, timesteps)
+        x_t = self.schedule.add_noise(x0, input_noise, timesteps)
         target = self.schedule.target(x0, noise, timesteps, self.prediction_type)
         inputs = {"x": x_t, "t": timesteps}
         if condition is not None:
@@ -302,6 +323,22 @@ class DiffusionModel(keras.Model):
                 lambda shape: keras.random.normal(shape, seed=self.seed_generator),
                 ops.shape(images),
             )
+            noise = ops.cast(noise, "float32")
+            if self.noise_offset > 0:
+                channels = ops.shape(images)[-1]
+                offset_shape = (batch_size,) + (1,) * (len(images.shape) - 2) + (channels,)
+                offset = self._draw_per_example(
+                    lambda shape: keras.random.normal(shape, seed=self.seed_generator),
+                    offset_shape,
+                )
+                noise = noise + self.noise_offset * offset
+        input_noise = None
+        if training and self.input_perturbation > 0:
+            perturbation = self._draw_per_example(
+                lambda shape: keras.random.normal(shape, seed=self.seed_generator),
+                ops.shape(images),
+            )
+            input_noise = ops.cast(noise, "float32") + self.input_perturbation * perturbation
         if training and self.label_dropout > 0:
             drop = self._draw_per_example(
                 lambda shape: keras.random.uniform(shape, seed=self.seed_generator),
@@ -311,7 +348,8 @@ class DiffusionModel(keras.Model):
             null = self.null_condition(batch_size)
             mask = ops.reshape(drop, (-1,) + (1,) * (len(condition.shape) - 1))
             condition = ops.where(mask, null, condition)
-        loss, mse = self.diffusion_loss_terms(images, condition, timesteps, noise, training)
+        loss, mse = self.diffusion_loss_terms(images, condition, timesteps, noise, training,
+                                              input_noise)
         return loss, (mse, timesteps)
 
     def _draw_per_example(self, draw, shape):
@@ -625,6 +663,8 @@ class DiffusionModel(keras.Model):
                 "prediction_type": self.prediction_type,
                 "weighting": keras.saving.serialize_keras_object(self.weighting),
                 "timestep_sampling": self.timestep_sampling.get_config(),
+                "noise_offset": self.noise_offset,
+                "input_perturbation": self.input_perturbation,
                 "label_dropout": self.label_dropout,
                 "ema_decay": self.ema_decay,
                 "ema_warmup": self.ema_warmup,

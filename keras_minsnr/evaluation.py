@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -34,6 +35,20 @@ def default_extractor(config):
     return "digits" if config.get("data") == "digits" else "inception"
 
 
+# What the numbers of each extractor can be compared with.
+EXTRACTOR_DESCRIPTIONS = {
+    "digits": "features of this library's 8x8 digits classifier: comparable only with other "
+              "digits-classifier FID/KID, not with published (Inception) FIDs",
+    "inception": "Inception-v3 pool features (the standard FID/KID features)",
+}
+
+
+def kid_subset_size(num_samples):
+    """KID's subset size for ``num_samples`` generated images: half of them (at most the
+    usual 1000), so the subsets differ and the reported spread means something."""
+    return int(max(2, min(1000, num_samples // 2)))
+
+
 def balanced_labels(model, num_samples):
     if model.conditioning != "class":
         return None
@@ -41,8 +56,10 @@ def balanced_labels(model, num_samples):
 
 
 def evaluate_model(model, real_images, num_samples, extractor, sampler="ddim", num_steps=50,
-                   guidance_scale=1.0, clip_denoised=True, seed=0, verbose=False):
-    """Generates ``num_samples`` images and compares them with ``real_images``."""
+                   guidance_scale=1.0, clip_denoised=True, seed=0, verbose=False,
+                   subset_size=None):
+    """Generates ``num_samples`` images and compares them with ``real_images``; KID uses
+    subsets of ``subset_size`` (default `kid_subset_size`)."""
     labels = balanced_labels(model, num_samples)
     kwargs = dict(num_steps=num_steps, sampler=sampler, guidance_scale=guidance_scale,
                   clip_denoised=clip_denoised, seed=seed, batch_size=500, verbose=verbose)
@@ -50,7 +67,13 @@ def evaluate_model(model, real_images, num_samples, extractor, sampler="ddim", n
         fake = model.generate(num_samples, **kwargs)
     else:
         fake = model.generate(labels=labels, **kwargs)
-    return evaluate_samples(real_images, fake, extractor=extractor, progress=verbose)
+    subset_size = subset_size or kid_subset_size(num_samples)
+    result = evaluate_samples(real_images, fake, extractor=extractor, progress=verbose,
+                              subset_size=subset_size)
+    result["kid_subset_size"] = subset_size
+    if isinstance(extractor, str) and extractor in EXTRACTOR_DESCRIPTIONS:
+        result["features"] = EXTRACTOR_DESCRIPTIONS[extractor]
+    return result
 
 
 def evaluate_run(run_dir, num_samples=1000, extractor=None, sampler=None, num_steps=None,
@@ -73,7 +96,7 @@ def evaluate_run(run_dir, num_samples=1000, extractor=None, sampler=None, num_st
         guidance_scale=config["guidance_scale"],
         clip_denoised=config["clip_denoised"],
         seed=seed,
-        verbose=True,
+        verbose=sys.stdout.isatty(),  # progress bars (on stdout) only on a terminal
     )
     result.update(sampler=sampler or config["sampler"], num_steps=num_steps or config["sample_steps"],
                   step=int(keras.ops.convert_to_numpy(model.optimizer.iterations))

@@ -39,18 +39,28 @@ GROUPS = {
     "model": "Model and loss",
     "optimizer": "Optimizer",
     "run": "Length of the run and checkpoints",
-    "samples": "Sample grids",
+    "samples": "Sample grids and validation",
+    "logging": "Monitoring (TensorBoard, Weights & Biases)",
     "scale": "Devices (keras.distribution on JAX, tf.distribute on TensorFlow)",
     "about": "Documentation only",
 }
 DISTRIBUTIONS = ("none", "data_parallel", "model_parallel")
+# keras_minsnr.lr_schedules.LR_SCHEDULES (a test keeps them equal).
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 LORA_TARGET_GROUPS = ("attention", "mlp", "modulation", "conv", "embedding", "all")
 
 
-def _backbone_presets():
-    from keras_minsnr import backbones  # imports Keras: only when a config is checked
+# keras_minsnr.backbones.PRESETS, written out so that checking a config imports no Keras
+# (tests/test_run_config.py keeps them equal).
+BACKBONE_PRESETS = (
+    "dit_b_2", "dit_l_2", "dit_s_2", "dit_xl_2", "mlp_digits", "sd15_unet", "sd2_unet",
+    "sd3_mmdit", "unet_64", "unet_cifar10", "vit_b_2_in256", "vit_l_4_in64", "vit_xl_2_in256",
+)
 
-    return tuple(sorted(backbones.PRESETS))
+
+def _backbone_presets():
+    return BACKBONE_PRESETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +155,12 @@ class RunConfig:
     terminal_weight: float | str = _key(
         1.0, "weight at SNR = 0 where the limit is 0 (x0/v targets); `limit`: the limit",
         "model", low=0, choices=("limit",))
+    noise_offset: float = _key(
+        0.0, "add c·N(0,1) per image and channel to the noise (Guttenberg 2023; 0: off)",
+        "model", low=0)
+    input_perturbation: float = _key(
+        0.0, "the model input uses ε + λ·ξ, the target keeps ε (Ning et al. 2023; 0: off)",
+        "model", low=0)
     label_dropout: float = _key(0.15, "chance of dropping the condition (classifier-free "
                                 "guidance)", "model", low=0, high=1)
     ema_decay: float = _key(0.9999, "decay of the weights' moving average (0: none)", "model",
@@ -169,6 +185,13 @@ class RunConfig:
     clipnorm: float | None = _key(None, "clip gradients to this norm (null: no clipping)",
                                   "optimizer", low=0, low_open=True)
     warmup_steps: int = _key(0, "linear learning-rate warm-up steps", "optimizer", low=0)
+    lr_schedule: str = _key(
+        "constant", "learning-rate decay after the warm-up, over `steps`", "optimizer",
+        choices=LR_SCHEDULES)
+    lr_num_cycles: int = _key(1, "hard restarts of lr_schedule cosine_with_restarts",
+                              "optimizer", low=1)
+    lr_power: float = _key(1.0, "exponent of lr_schedule polynomial", "optimizer", low=0,
+                           low_open=True)
     mixed_precision: str | None = _key(
         None, "Keras dtype policy (null: float32)", "optimizer",
         choices=MIXED_PRECISION_POLICIES)
@@ -195,6 +218,23 @@ class RunConfig:
                                  low=0)
     clip_denoised: bool | None = _key(
         True, "clip predicted images to [-1, 1] (null: the model's default)", "samples")
+    validation_every: int | None = _key(
+        None, "steps between validation grids samples/step-NNNNNNNN.png (null: none)",
+        "samples", low=1, resumable=True)
+    validation_prompts: list | None = _key(
+        None, "captions of the validation grid (text models; null: the data's first)",
+        "samples", resumable=True)
+    validation_labels: list | None = _key(
+        None, "class ids of the validation grid (class models; null: every class)",
+        "samples", resumable=True)
+    validation_seed: int = _key(0, "noise seed of every validation grid", "samples", low=0,
+                                resumable=True)
+    # === Monitoring ===
+    log_every: int = _key(10, "steps between TensorBoard / W&B points", "logging", low=1,
+                          resumable=True)
+    report_to: str = _key(
+        "tensorboard", "where per-step scalars go (wandb needs the wandb extra)", "logging",
+        choices=REPORT_TO, resumable=True)
     # === Devices === (a run may resume on another device count: all resumable)
     distribution: str = _key(
         "none", "none: one device; data_parallel: the batch split over every device (JAX: "
@@ -224,6 +264,30 @@ class RunConfig:
                                                   field.metadata["rules"]))
         self._check_flow_keys()
         self._check_lora_keys()
+        self._check_validation_keys()
+
+    def _check_validation_keys(self):
+        """Prompts are strings, labels integers >= 0; only one of the two."""
+        if self.validation_prompts is not None and self.validation_labels is not None:
+            raise ValueError(
+                "validation_prompts and validation_labels were both given; a model has "
+                "either text (prompts) or class (labels) conditioning."
+            )
+        for name, ok, allowed in (
+            ("validation_prompts", lambda v: isinstance(v, str) and v.strip(),
+             "non-empty strings"),
+            ("validation_labels", lambda v: _number(v, int) is not None and v >= 0,
+             "integers >= 0"),
+        ):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            bad = [v for v in values if not ok(v)]
+            if not values or bad:
+                raise ValueError(
+                    f"Invalid value for {name}: {(bad or [values])[0]!r}. Allowed: a "
+                    f"non-empty list of {allowed}."
+                )
 
     def _check_lora_keys(self):
         """`lora_alpha` / `lora_targets` need `lora_rank`; targets are groups or regexes."""
@@ -354,6 +418,8 @@ def allowed_text(annotation, rules, resolve_choices=True):
             parts.append("a number" + _range_text(rules))
         elif kind is bool:
             parts.append("true or false")
+        elif kind is list:
+            parts.append("a list")
         elif kind is dict:
             parts.append("a dict" + (f" with keys {', '.join(rules.subkeys)}"
                                      if rules.subkeys else ""))
@@ -387,6 +453,8 @@ def check_value(name, value, annotation, rules):
                 return number
         elif kind is bool and isinstance(value, bool):
             return value
+        elif kind is list and isinstance(value, (list, tuple)):
+            return list(value)
         elif kind is dict and isinstance(value, dict):
             unknown = sorted(set(value) - set(rules.subkeys or value))
             if not unknown:
@@ -479,11 +547,13 @@ def _grouped_lines(title_line, key_line):
     return lines
 
 
-def keys_help():
-    """The keys grouped, one line each, for `keras-minsnr train --help` (no Keras import)."""
+def keys_help(values=None):
+    """The keys grouped, one line each, for `keras-minsnr train --help` (no Keras import):
+    ``values`` (a resolved config, e.g. a recipe's) or the defaults."""
+    values = values or DEFAULTS
     return "\n".join(_grouped_lines(
         lambda title: f"{title}:",
-        lambda name, allowed, rules: f"  {name} = {_json(DEFAULTS[name])}  ({allowed}) "
+        lambda name, allowed, rules: f"  {name} = {_json(values[name])}  ({allowed}) "
                                      f"{rules.doc}",
     ))
 

@@ -6,9 +6,12 @@ A run directory holds::
     metrics.csv      one row per logged step (epoch ends and checkpoints): loss and the
                      per-SNR-quarter MSE
     history.jsonl    every configuration change between sessions
-    logs/            TensorBoard logs
+    logs/            TensorBoard logs: per-step scalars every log_every steps at the global
+                     step, validation grids (keras_minsnr.monitoring); W&B's offline files
+    samples/         step-NNNNNNNN.png validation grids (validation_every)
     checkpoints/     step-NNNNNNNN.keras (model, optimizer, EMA) + state.json
-    samples.png      a grid of samples, refreshed during training
+    samples.png      a grid of samples, refreshed during training; the final model's at
+                     the end
     model.keras      the final model
     lora.weights.h5  the LoRA adapters alone (runs with lora_rank; docs/lora.md)
 
@@ -28,22 +31,22 @@ a resumed run continues reading the data.
 import json
 import math
 import os
+import re
 import sys
 import time
 
 import keras
-import numpy as np
 from keras import ops
 
-from keras_minsnr import backbones
 from keras_minsnr import checkpointing
 from keras_minsnr.builders import build_model
 from keras_minsnr.builders import distribution_scope
+from keras_minsnr.monitoring import RunLogger
+from keras_minsnr.monitoring import StepLogger
+from keras_minsnr.monitoring import write_samples
 from keras_minsnr.optimizers import grad_accum
 from keras_minsnr.optimizers import make_optimizer
-from keras_minsnr.run_config import ENCODE_KEYS
 from keras_minsnr.run_config import RESUMABLE_KEYS
-from keras_minsnr.visualization import save_image_grid
 
 
 def build_dataset(config):
@@ -64,79 +67,6 @@ def build_dataset(config):
     )
 
 
-class RunLogger(keras.callbacks.Callback):
-    """Ends each logged interval of a run: a metrics row, a checkpoint, a sample grid.
-
-    `train` runs `fit` with Keras epochs of ``segment`` optimizer steps, a divisor of both
-    ``steps_per_epoch`` and ``checkpoint_every``, so every row, checkpoint and grid falls on
-    an epoch end. An interval that stopped early (a non-finite loss, whose update was
-    skipped) writes nothing: the last checkpoint stays the latest. Steps are optimizer
-    updates; `fit` sees ``grad_accum`` micro-batches per step.
-
-    Args:
-        run: the `checkpointing.RunDirectory`.
-        config: the run's config.
-        start_step: the optimizer step `fit` starts from.
-        end_step: the step to stop after (the run's ``steps``).
-        initial_epoch: the ``initial_epoch`` passed to `fit`.
-        epoch_steps: optimizer steps per `fit` epoch (``grad_accum`` times fewer than the
-            ``steps_per_epoch`` passed to `fit`).
-        start_batches: micro-batches consumed before ``start_step`` (default:
-            ``start_step * grad_accum``).
-    """
-
-    def __init__(self, run, config, start_step, end_step, initial_epoch, epoch_steps,
-                 start_batches=None):
-        super().__init__()
-        self.run = run
-        self.config = config
-        self.start_step = start_step
-        self.end_step = end_step
-        self.initial_epoch = initial_epoch
-        self.epoch_steps = epoch_steps
-        self.accumulation = grad_accum(config)
-        self.start_batches = (start_step * self.accumulation if start_batches is None
-                              else start_batches)
-        self.steps_per_epoch = config["steps_per_epoch"]
-        self.checkpoint_every = checkpoint_interval(config)
-        self.sample_every = self.steps_per_epoch * max(int(config["sample_every_epochs"]), 1)
-        self.samples_path = os.path.join(run.run_dir, "samples.png")
-        self.last_step = start_step
-
-    def _micro_batches_at(self, epoch, batch):
-        """Micro-batches this session has trained on after `fit`'s ``batch`` of ``epoch``."""
-        return (epoch - self.initial_epoch) * self.epoch_steps * self.accumulation + batch + 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        # Counted here rather than read from the optimizer: on JAX reading a variable
-        # syncs the whole training state back from the device after every step.
-        micro = self._micro_batches_at(self._epoch, batch)
-        if micro % self.accumulation:
-            return  # gradients accumulated, no update yet
-        self.last_step = self.start_step + micro // self.accumulation
-        checkpointing.inject_fault("step", self.last_step)
-        if self.last_step >= self.end_step:
-            self.model.stop_training = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
-        logs = {k: float(ops.convert_to_numpy(v)) for k, v in (logs or {}).items()}
-        if step != self.last_step or not all(np.isfinite(v) for v in logs.values()):
-            return  # stopped on a non-finite loss: this interval is not kept
-        row = {"epoch": (step - 1) // self.steps_per_epoch, "step": step}
-        row.update({k: repr(v) for k, v in logs.items()})
-        self.run.append_metrics(row)
-        if step % self.checkpoint_every == 0 or step == self.end_step:
-            batches = self.start_batches + (step - self.start_step) * self.accumulation
-            self.run.save_checkpoint(self.model, step, epoch=step // self.steps_per_epoch,
-                                     extra={"batches": int(batches)})
-        if step % self.sample_every == 0:
-            write_samples(self.model, self.samples_path, self.config)
-
-
 def checkpoint_interval(config):
     """Optimizer steps between checkpoints (``checkpoint_every``, default one epoch)."""
     every = config.get("checkpoint_every") or config["steps_per_epoch"]
@@ -145,7 +75,7 @@ def checkpoint_interval(config):
     return int(every)
 
 
-def load_checkpoint(run_dir, config=None):
+def load_checkpoint(run_dir, config=None, state=None):
     """The model of a run directory's newest checkpoint, ready to train on this backend.
 
     Returns None before the first checkpoint. The `.keras` file's compile settings are not
@@ -154,10 +84,10 @@ def load_checkpoint(run_dir, config=None):
     default. With ``config``, the optimizer is rebuilt from it (so an allowed change of the
     learning rate or betas takes effect) and the saved optimizer state is carried over.
     The random-generator states, which `.keras` files do not restore, come from
-    ``state.json``.
+    ``state.json``. ``state`` picks another checkpoint (`rewind_state`).
     """
     run = checkpointing.RunDirectory(run_dir)
-    state = run.read_state()
+    state = state or run.read_state()
     if state is None:
         return None
     model = keras.models.load_model(run.checkpoint_path(state))
@@ -170,6 +100,34 @@ def load_checkpoint(run_dir, config=None):
         _copy_optimizer_state(model.optimizer, optimizer)
     model.compile(optimizer=optimizer)  # jit_compile="auto": this backend's default
     return model
+
+
+def rewind_state(run, state, resume_from, config):
+    """The state to resume ``run`` from its checkpoint ``resume_from`` (a path or file
+    name in ``checkpoints/``) instead of the newest, ``state``.
+
+    An older checkpoint's data position is its step times ``grad_accum``; its random
+    generators are not stored (only the newest's are), so they continue from the
+    checkpointed model's own. Nothing is written here: `train` commits the rewind
+    (``state.json`` then names the checkpoint, so the newer ones are replaced as the run
+    passes their steps; ``history.jsonl`` records it) once the config is checked.
+    """
+    name = os.path.basename(str(resume_from))
+    match = re.fullmatch(r"step-(\d+)\.keras", name)
+    available = sorted(n for n in os.listdir(run.checkpoint_dir)
+                       if re.fullmatch(r"step-\d+\.keras", n)) \
+        if os.path.isdir(run.checkpoint_dir) else []
+    if state is None or match is None or name not in available:
+        raise ValueError(
+            f"--resume-from {resume_from!r} is not a checkpoint of {run.run_dir}. "
+            f"Available: {', '.join(available) if state else 'none'}."
+        )
+    if state is not None and state["checkpoint"] == name:
+        return state
+    step = int(match.group(1))
+    rewound = {"step": step, "epoch": step // config["steps_per_epoch"], "checkpoint": name,
+               "backend": keras.backend.backend(), "batches": step * grad_accum(config)}
+    return rewound
 
 
 def _copy_optimizer_state(source, target):
@@ -204,42 +162,6 @@ def _copy_optimizer_state(source, target):
                 f"{tuple(variable.shape)}; the optimizer cannot be rebuilt from the config."
             )
         variable.assign(old[name])
-
-
-def sample_labels(model, num_samples):
-    if model.conditioning != "class":
-        return None
-    # Rows of one class each when the grid is square-ish.
-    per_class = max(num_samples // model.num_classes, 1)
-    return np.repeat(np.arange(model.num_classes), per_class)[:num_samples]
-
-
-def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
-    """Generates ``num_samples`` images with the config's sampler and saves a grid."""
-    from keras_minsnr.data.preparation import decode_for_display
-    from keras_minsnr.data.preparation import sample_context
-
-    num_samples = num_samples or config["num_samples"]
-    labels = sample_labels(model, num_samples)
-    if model.conditioning == "context":
-        overrides.setdefault("context", sample_context(config, num_samples))
-    kwargs = dict(
-        num_steps=config["sample_steps"],
-        sampler=config["sampler"],
-        guidance_scale=config["guidance_scale"],
-        clip_denoised=config["clip_denoised"],
-        seed=seed,
-    )
-    kwargs.update(overrides)
-    if labels is None:
-        images = model.generate(num_samples, **kwargs)
-    else:
-        images = model.generate(labels=labels, **kwargs)
-    per_class = 0 if labels is None else len(labels) // model.num_classes
-    # One row per class when every class gets a full row; otherwise a square-ish grid.
-    columns = per_class if per_class > 1 else int(np.ceil(np.sqrt(len(images))))
-    save_image_grid(decode_for_display(images, config), path, columns=columns)
-    return images
 
 
 # Keys whose change would not reach a checkpointed model (they are part of the saved one).
@@ -292,7 +214,7 @@ def config_changes(run_dir, config, allow_config_change=(), has_checkpoint=False
     return changes
 
 
-def train(config, run_dir, verbose=None, allow_config_change=()):
+def train(config, run_dir, verbose=None, allow_config_change=(), resume_from=None):
     """Trains (or resumes) a run for exactly ``config["steps"]`` optimizer steps.
 
     With ``grad_accum`` N each step averages N micro-batches of ``batch_size`` (printed
@@ -310,6 +232,8 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
             per epoch otherwise (logs, CI).
         allow_config_change: top-level config keys that may differ from the run's stored
             config; each change is printed and appended to ``history.jsonl``.
+        resume_from: a checkpoint of this run to continue from instead of the newest
+            (its path or file name, e.g. ``step-00002000.keras``); see `rewind_state`.
 
     Raises:
         FloatingPointError: the loss became NaN or Inf. Nothing of the interval it
@@ -323,8 +247,16 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     os.makedirs(run_dir, exist_ok=True)
     run = checkpointing.RunDirectory(run_dir, config.get("keep_checkpoints", 2))
     run.remove_partial_files()
-    state = run.read_state()
+    newest = run.read_state()
+    state = newest if resume_from is None else rewind_state(run, newest, resume_from, config)
     changes = config_changes(run_dir, config, allow_config_change, state is not None)
+    if state is not newest:
+        print(f"Resuming from {state['checkpoint']} instead of the newest checkpoint "
+              f"({newest['checkpoint']}); older checkpoints keep no random-generator "
+              "states, so the noise after it differs from the first pass.")
+        run.record_change(state["step"], "resume_from", newest["checkpoint"],
+                          state["checkpoint"])
+        checkpointing.atomic_write_json(run.state_path, state)
     step = state["step"] if state else 0
     # Micro-batches read so far: the data continues there (runs before `batches` was
     # recorded had no accumulation).
@@ -341,9 +273,11 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
 
     dataset, info = build_dataset(config)
     with scope():  # variables get their device layout when they are made
-        model = load_checkpoint(run_dir, config) if state else None
+        model = load_checkpoint(run_dir, config, state) if state else None
         if model is None:
             model = build_model(config, info)
+    # A validation key that does not fit the model fails before config.json is written.
+    step_logger = StepLogger(run_dir, config, model)
     # Written once the data and the model exist, so a start that fails on them leaves no
     # config behind that would hold the directory to the failed settings.
     checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
@@ -358,7 +292,7 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     start = time.time()
     try:
         with scope():
-            _fit(model, dataset, run, config, step, total, verbose, batches)
+            _fit(model, dataset, run, config, step, total, verbose, batches, step_logger)
     except FloatingPointError as error:
         state = run.read_state()
         kept = state["step"] if state else 0
@@ -368,6 +302,8 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
             "with a lower learning rate, repeat the command with --set learning_rate=... "
             "--allow-config-change learning_rate."
         ) from None
+    finally:
+        step_logger.close()
     final = int(ops.convert_to_numpy(model.optimizer.iterations))
     if final < total:
         raise RuntimeError(f"Training stopped at step {final} of {total}.")
@@ -375,13 +311,17 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     if model.lora is not None:
         size = model.save_lora(os.path.join(run_dir, LORA_FILE))
         print(f"LoRA adapters: {os.path.join(run_dir, LORA_FILE)} ({size / 1024:.1f} KiB)")
-    if not os.path.exists(os.path.join(run_dir, "samples.png")):
-        write_samples(model, os.path.join(run_dir, "samples.png"), config)
+    # samples.png shows the final model: RunLogger drew it at the last step only when that
+    # step is a multiple of the sampling period.
+    samples_path = os.path.join(run_dir, "samples.png")
+    sample_every = config["steps_per_epoch"] * max(int(config["sample_every_epochs"]), 1)
+    if total % sample_every or not os.path.exists(samples_path):
+        write_samples(model, samples_path, config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
     return model
 
 
-def _fit(model, dataset, run, config, step, total, verbose, batches=None):
+def _fit(model, dataset, run, config, step, total, verbose, batches=None, step_logger=None):
     """`fit` from optimizer step ``step`` to ``total`` on the data from micro-batch
     ``batches`` on (default ``step * grad_accum``).
 
@@ -397,7 +337,8 @@ def _fit(model, dataset, run, config, step, total, verbose, batches=None):
         epoch_steps = min(segment - step % segment, total - step)
         initial_epoch = step // segment
         num_epochs = 1 if step % segment else -(-(total - step) // segment)
-        logger = RunLogger(run, config, step, total, initial_epoch, epoch_steps, batches)
+        logger = RunLogger(run, config, step, total, initial_epoch, epoch_steps, batches,
+                           step_logger)
         model.fit(
             # The data order continues where the checkpoint stopped (micro-batch
             # `batches` of the seeded, repeated pipeline).
@@ -405,10 +346,7 @@ def _fit(model, dataset, run, config, step, total, verbose, batches=None):
             initial_epoch=initial_epoch,
             epochs=initial_epoch + num_epochs,
             steps_per_epoch=epoch_steps * accumulation,
-            callbacks=[
-                keras.callbacks.TensorBoard(os.path.join(run.run_dir, "logs"), write_graph=False),
-                logger,
-            ],
+            callbacks=[logger],
             verbose=verbose,
             shuffle=False,  # the tf.data pipeline shuffles with its own seed
         )

@@ -127,6 +127,8 @@ def test_choices_match_the_library():
     assert set(run_config.TIMESTEP_SAMPLING_PARAMS) == params
     for name in backbones.PRESETS:
         assert run_config.resolve_config({"backbone": name})["backbone"] == name
+    # Written out so that checking a config imports no Keras (`show` answers at once).
+    assert run_config.BACKBONE_PRESETS == tuple(sorted(backbones.PRESETS))
 
 
 def test_config_json_round_trips_through_the_schema():

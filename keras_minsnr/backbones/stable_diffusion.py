@@ -8,7 +8,6 @@ KerasCV (0.9) is imported lazily so that `import keras_minsnr` stays light.
 import os
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_minsnr.backbones.layers import sinusoidal_embedding

@@ -5,6 +5,7 @@ import os
 from keras_minsnr.data import captions
 from keras_minsnr.data import digits
 from keras_minsnr.data import folders
+from keras_minsnr.data import hf_datasets
 from keras_minsnr.data import latents
 from keras_minsnr.data import tfds as tfds_source
 
@@ -30,7 +31,12 @@ def _folder_kind(path):
 
 
 def _load_folder(path, kwargs):
-    path = folders.check_folder(os.path.expanduser(path))
+    path = os.path.expanduser(path)
+    if hf_datasets.is_hf_dataset(path):
+        if "image_size" not in kwargs:
+            raise ValueError(f"Loading the Hugging Face dataset {path!r} needs image_size=...")
+        return hf_datasets.hf_dataset(path, kwargs.pop("image_size"), **kwargs)
+    path = folders.check_folder(path)
     kind = _folder_kind(path)
     if kind == "latents":
         kwargs.pop("split", None)
@@ -56,7 +62,9 @@ def make_dataset(source, **kwargs):
             * a folder path (anything with a path separator, starting with "." or "~",
               an existing folder, or a `"folder:"` prefix): a latent cache if it holds
               `manifest.json` (`load_latent_cache`), a caption folder if it holds
-              `metadata.jsonl` (`caption_folder_dataset`), else an image folder
+              `metadata.jsonl` (`caption_folder_dataset`), a local Hugging Face
+              dataset if it was written by `save_to_disk` or holds parquet files, or
+              is a ``.parquet`` file (`hf_dataset`), else an image folder
               (`image_folder_dataset`).
         **kwargs: passed on to the loader (`image_size`, `split`, `batch_size`,
             `shuffle`, `repeat`, `seed`, `random_flip`, `data_dir`, ...).
@@ -80,7 +88,7 @@ def make_dataset(source, **kwargs):
         return tfds_source.tfds_dataset(source[len(TFDS_PREFIX):], **kwargs)
     if source.startswith(FOLDER_PREFIX):
         return _load_folder(source[len(FOLDER_PREFIX):], kwargs)
-    if _looks_like_path(source):
+    if _looks_like_path(source) or hf_datasets.is_hf_dataset(source):
         return _load_folder(source, kwargs)
     # A bare name: a TFDS dataset first, else an existing folder of that name.
     import tensorflow_datasets as tfds
