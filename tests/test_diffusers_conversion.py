@@ -16,6 +16,7 @@ import pytest
 
 from keras_minsnr import cli
 from keras_minsnr.backbones import diffusers_conversion as dc
+from keras_minsnr.backbones import kerascv_sd
 from keras_minsnr.backbones import stable_diffusion as sd
 from keras_minsnr.backbones.layers import sinusoidal_embedding
 
@@ -52,10 +53,10 @@ def test_cli_writes_kerascvs_file_names(converted):
 
 
 def test_unet_matches_diffusers(converted, ref):
-    core = sd._SDUNetCore((32, 32, 32), 2, "v1", 32)
+    core = kerascv_sd._SDUNetCore((32, 32, 32), 2, "v1", 32)
     core.load_weights(converted["diffusion_model"])
     # The timestep features as StableDiffusionUNet computes them (KerasCV's 320).
-    t_features = sinusoidal_embedding(ref["unet_t"], sd.TIMESTEP_FEATURES)
+    t_features = sinusoidal_embedding(ref["unet_t"], kerascv_sd.TIMESTEP_FEATURES)
     out = core([ref["unet_x"], t_features, ref["unet_context"]])
     assert _gap(out, ref["unet_out"]) < TOLERANCE
     assert _gap(out, ref["unet_out_as_shipped"]) < SHIPPED_TOLERANCE
@@ -111,9 +112,9 @@ def test_sd2_layout_linear_projections(tmp_path, ref):
         "mid_block.attentions.0.proj_in.weight"].ndim == 2
     paths = dc.convert_diffusers(folder, tmp_path / "out", components=("diffusion_model",))
     assert os.path.basename(paths["diffusion_model"]) == "diffusion_model_v2_1.h5"
-    core = sd._SDUNetCore((32, 32, 32), 2, "v2", 32)
+    core = kerascv_sd._SDUNetCore((32, 32, 32), 2, "v2", 32)
     core.load_weights(paths["diffusion_model"])
-    t_features = sinusoidal_embedding(ref["unet_t"], sd.TIMESTEP_FEATURES)
+    t_features = sinusoidal_embedding(ref["unet_t"], kerascv_sd.TIMESTEP_FEATURES)
     out = core([ref["unet_x"], t_features, ref["unet_context"]])
     assert _gap(out, ref["unet_out"]) < TOLERANCE
 

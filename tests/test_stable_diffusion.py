@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from keras_minsnr.backbones import stable_diffusion as sd
+from keras_minsnr.backbones import kerascv_sd
 from keras_minsnr.backbones import autoencoders
 from keras_minsnr.backbones.autoencoders import StableDiffusionAutoencoder
 from keras_minsnr.backbones.stable_diffusion import StableDiffusionUNet
@@ -40,7 +41,7 @@ def test_timestep_features_match_kerascv():
 
     t = np.array([0, 1, 250, 999], "int32")
     ours = keras.ops.convert_to_numpy(
-        sd.sinusoidal_embedding(keras.ops.convert_to_tensor(t), sd.TIMESTEP_FEATURES)
+        sd.sinusoidal_embedding(keras.ops.convert_to_tensor(t), kerascv_sd.TIMESTEP_FEATURES)
     )
     for i, step in enumerate(t):
         ref = StableDiffusionBase._get_timestep_embedding(None, int(step), 1)
@@ -95,7 +96,7 @@ def test_missing_weights_name_file_and_kerascv_url(tmp_path, version):
     missing = str(tmp_path / "nowhere" / "kcv_diffusion_model.h5")
     with pytest.raises(FileNotFoundError) as err:
         StableDiffusionUNet(version, img_height=64, img_width=64, tiny=True, weights=missing)
-    url = sd.WEIGHT_URLS[version]["diffusion_model"][0]
+    url = kerascv_sd.WEIGHT_URLS[version]["diffusion_model"][0]
     assert missing in str(err.value) and url in str(err.value)
     with pytest.raises(FileNotFoundError, match="vae_encoder.h5"):
         sd.resolve_weights(missing, version, "image_encoder")
@@ -109,11 +110,11 @@ def test_urls_are_the_ones_in_kerascv_source():
         "decoder": _kcv_source("decoder.py"),
     }
     for version in ("v1", "v2"):
-        for component, (url, file_hash) in sd.WEIGHT_URLS[version].items():
+        for component, (url, file_hash) in kerascv_sd.WEIGHT_URLS[version].items():
             assert url in sources[component] and file_hash in sources[component]
     tokenizer_source = _kcv_source("clip_tokenizer.py")
-    assert sd.VOCABULARY_URL[0] in tokenizer_source
-    assert sd.VOCABULARY_URL[1] in tokenizer_source
+    assert kerascv_sd.VOCABULARY_URL[0] in tokenizer_source
+    assert kerascv_sd.VOCABULARY_URL[1] in tokenizer_source
 
 
 @pytest.mark.parametrize(
@@ -294,7 +295,7 @@ def test_missing_vocabulary_names_url(tmp_path):
     missing = str(tmp_path / "bpe_simple_vocab_16e6.txt.gz")
     with pytest.raises(FileNotFoundError) as err:
         StableDiffusionAutoencoder("v1", vocabulary=missing)
-    assert missing in str(err.value) and sd.VOCABULARY_URL[0] in str(err.value)
+    assert missing in str(err.value) and kerascv_sd.VOCABULARY_URL[0] in str(err.value)
     with pytest.raises(FileNotFoundError, match="kcv_encoder.h5"):
         sd.resolve_weights(missing, "v1", "text_encoder")
 
@@ -416,7 +417,7 @@ def test_latent_samples_are_decoded_with_the_named_vae_decoder(tmp_path):
     missing = str(tmp_path / "nowhere" / "kcv_decoder.h5")
     with pytest.raises(FileNotFoundError) as err:
         preparation.prepare_data({"encode": {"decoder_weights": missing}, "data": "x"})
-    assert missing in str(err.value) and "kcv_decoder.h5" in sd.WEIGHT_URLS["v1"]["decoder"][0]
-    assert sd.WEIGHT_URLS["v1"]["decoder"][0] in str(err.value)
+    assert missing in str(err.value) and "kcv_decoder.h5" in kerascv_sd.WEIGHT_URLS["v1"]["decoder"][0]
+    assert kerascv_sd.WEIGHT_URLS["v1"]["decoder"][0] in str(err.value)
     with pytest.raises(ValueError, match="multiple of 8, got 60"):
         sd.latent_decoder("v1", None, 60, 64)

@@ -29,6 +29,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr.backbones import sd3
+from keras_minsnr.backbones import kerascv_sd
 from keras_minsnr.backbones import stable_diffusion as sd
 
 SD_VAE = "sd_vae"  # KerasCV's SD 1.x/2.x VAE (v2 reuses v1's)
@@ -173,9 +174,9 @@ class StableDiffusionAutoencoder(LatentAutoencoder):
         text_encoder=None,
     ):
         super().__init__(sample_posterior, seed)
-        sd._check_version(version)
+        kerascv_sd.check_version(version)
         self.version = version
-        self.context_dim = sd.CONTEXT_DIMS[version]
+        self.context_dim = kerascv_sd.CONTEXT_DIMS[version]
         self.allow_download = bool(allow_download)
         self.image_encoder_weights = image_encoder_weights
         self.text_encoder_weights = text_encoder_weights
@@ -202,13 +203,13 @@ class StableDiffusionAutoencoder(LatentAutoencoder):
                 keras.utils.get_file(
                     fname=os.path.abspath(vocabulary) if vocabulary
                     else "bpe_simple_vocab_16e6.txt.gz",
-                    origin=sd.VOCABULARY_URL[0],
-                    file_hash=sd.VOCABULARY_URL[1],
+                    origin=kerascv_sd.VOCABULARY_URL[0],
+                    file_hash=kerascv_sd.VOCABULARY_URL[1],
                 )
             )
         raise FileNotFoundError(
             f"CLIP BPE vocabulary {vocabulary!r} not found. KerasCV downloads "
-            f"bpe_simple_vocab_16e6.txt.gz from {sd.VOCABULARY_URL[0]}; put it at a local "
+            f"bpe_simple_vocab_16e6.txt.gz from {kerascv_sd.VOCABULARY_URL[0]}; put it at a local "
             f"path and pass vocabulary=PATH, or pass {DOWNLOAD_HINT}."
         )
 
@@ -222,7 +223,7 @@ class StableDiffusionAutoencoder(LatentAutoencoder):
                                       "image_encoder", self.allow_download)
             full = ImageEncoder(download_weights=False)
             if path is not None:
-                sd._load_legacy_h5(full, path)
+                kerascv_sd.load_legacy_h5(full, path)
             # KerasCV's last layer keeps the mean and multiplies by 0.18215; `_latents`
             # applies this class's scale instead, and keeps the log-variance for sampling.
             self._image_encoder = keras.Model(full.inputs, full.layers[-2].output)
@@ -237,9 +238,9 @@ class StableDiffusionAutoencoder(LatentAutoencoder):
             path = sd.resolve_weights(self.text_encoder_weights, self.version,
                                       "text_encoder", self.allow_download)
             cls = TextEncoder if self.version == "v1" else TextEncoderV2
-            self._text_encoder = cls(sd.MAX_TEXT_LENGTH, download_weights=False)
+            self._text_encoder = cls(kerascv_sd.MAX_TEXT_LENGTH, download_weights=False)
             if path is not None:
-                sd._load_legacy_h5(self._text_encoder, path)
+                kerascv_sd.load_legacy_h5(self._text_encoder, path)
         return self._text_encoder
 
     def encode_images(self, images):
@@ -259,14 +260,14 @@ class StableDiffusionAutoencoder(LatentAutoencoder):
         rows = []
         for caption in captions:
             ids = self.tokenizer.encode(caption)
-            if len(ids) > sd.MAX_TEXT_LENGTH:
-                ids = ids[: sd.MAX_TEXT_LENGTH - 1] + [end]
-            rows.append(ids + [end] * (sd.MAX_TEXT_LENGTH - len(ids)))
+            if len(ids) > kerascv_sd.MAX_TEXT_LENGTH:
+                ids = ids[: kerascv_sd.MAX_TEXT_LENGTH - 1] + [end]
+            rows.append(ids + [end] * (kerascv_sd.MAX_TEXT_LENGTH - len(ids)))
         return np.asarray(rows, dtype="int32")
 
     def _encode_new_text(self, captions):
         tokens = self.tokenize(captions)
-        positions = np.tile(np.arange(sd.MAX_TEXT_LENGTH, dtype="int32"), (len(captions), 1))
+        positions = np.tile(np.arange(kerascv_sd.MAX_TEXT_LENGTH, dtype="int32"), (len(captions), 1))
         context = self.text_encoder.predict_on_batch({"tokens": tokens, "positions": positions})
         return np.asarray(ops.convert_to_numpy(context), dtype="float32")
 

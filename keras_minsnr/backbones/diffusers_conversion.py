@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from keras_minsnr.backbones import stable_diffusion as sd
+from keras_minsnr.backbones import kerascv_sd
 
 SUBFOLDERS = {
     "diffusion_model": "unet",
@@ -40,7 +40,7 @@ class DiffusersFolderError(ValueError):
 
 def output_filename(version, component):
     """The file name KerasCV uses for ``component`` (e.g. ``kcv_diffusion_model.h5``)."""
-    return sd.WEIGHT_URLS[version][component][0].rsplit("/", 1)[-1]
+    return kerascv_sd.WEIGHT_URLS[version][component][0].rsplit("/", 1)[-1]
 
 
 def is_diffusers_folder(path):
@@ -172,7 +172,7 @@ def kerascv_decoder(img_height, img_width, widths=(128, 256, 512, 512)):
 
 
 def kerascv_text_encoder(vocab_size=49408, width=768, num_layers=12, num_heads=12,
-                         activation="quick_gelu", max_length=sd.MAX_TEXT_LENGTH):
+                         activation="quick_gelu", max_length=kerascv_sd.MAX_TEXT_LENGTH):
     """KerasCV's CLIP `TextEncoder` (v1 defaults) / `TextEncoderV2` (``width=1024,
     num_layers=23, num_heads=16, activation="gelu"``) with configurable sizes; called
     with ``{"tokens", "positions"}``, returns the final-layer-normed hidden states."""
@@ -249,11 +249,11 @@ def unet_layout(config):
             f"unet/config.json: attention heads {heads} per level; KerasCV's blocks take "
             f"one head count for all levels or its own ({kerascv})"
         )
-    if (sd.TIMESTEP_FEATURES // 2) % (widths[0] // 2):
+    if (kerascv_sd.TIMESTEP_FEATURES // 2) % (widths[0] // 2):
         raise DiffusersFolderError(
             f"unet/config.json: block_out_channels[0]={widths[0]}: its {widths[0]} timestep "
-            f"features are a subset of KerasCV's {sd.TIMESTEP_FEATURES} only when "
-            f"{widths[0] // 2} divides {sd.TIMESTEP_FEATURES // 2} (e.g. 32, 64, 160, 320)"
+            f"features are a subset of KerasCV's {kerascv_sd.TIMESTEP_FEATURES} only when "
+            f"{widths[0] // 2} divides {kerascv_sd.TIMESTEP_FEATURES // 2} (e.g. 32, 64, 160, 320)"
         )
     return version, widths[:3], num_heads, int(config.get("cross_attention_dim", 768))
 
@@ -298,10 +298,10 @@ def text_encoder_args(config):
     if config.get("intermediate_size") != 4 * (width or 0):
         problems.append(f"text_encoder/config.json: intermediate_size="
                         f"{config.get('intermediate_size')}, KerasCV uses 4 x hidden_size")
-    if config.get("max_position_embeddings") != sd.MAX_TEXT_LENGTH:
+    if config.get("max_position_embeddings") != kerascv_sd.MAX_TEXT_LENGTH:
         problems.append(f"text_encoder/config.json: max_position_embeddings="
                         f"{config.get('max_position_embeddings')}, needs "
-                        f"{sd.MAX_TEXT_LENGTH}")
+                        f"{kerascv_sd.MAX_TEXT_LENGTH}")
     if problems:
         raise DiffusersFolderError("; ".join(problems))
     return dict(vocab_size=config["vocab_size"], width=width,
@@ -322,7 +322,7 @@ def build_target(component, config):
     layout = _layout(component, config)
     if component == "diffusion_model":
         version, widths, num_heads, context_dim = layout
-        return sd._SDUNetCore(widths, num_heads, version, context_dim)
+        return kerascv_sd._SDUNetCore(widths, num_heads, version, context_dim)
     if component == "image_encoder":
         return kerascv_image_encoder(layout)
     if component == "decoder":
