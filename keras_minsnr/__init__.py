@@ -16,6 +16,7 @@ from keras_minsnr import xla_flags
 # public name -> (module, attribute or None for the module itself)
 _EXPORTS = {
     "backbones": ("keras_minsnr.backbones", None),
+    "builders": ("keras_minsnr.builders", None),
     "distribution": ("keras_minsnr.distribution", None),
     "lora": ("keras_minsnr.lora", None),
     "samplers": ("keras_minsnr.samplers", None),
