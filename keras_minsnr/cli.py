@@ -230,7 +230,9 @@ def _sample(args):
         ).items()
         if value is not None
     }
-    training.write_samples(
+    from keras_minsnr import monitoring
+
+    monitoring.write_samples(
         model, path, config, num_samples=args.num_samples, seed=args.seed, **overrides
     )
     print(f"Wrote {args.num_samples} samples to {path}")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import keras_minsnr as kms
-from keras_minsnr import training
+from keras_minsnr import run_config
+from keras_minsnr import builders
 from tests.test_diffusion_model import min_snr_weight
 from tests.test_diffusion_model import reference_alphas_cumprod_cosine
 from tests.tiny_backbones import PixelLinearBackbone
@@ -102,10 +103,10 @@ def test_knobs_are_run_keys_and_survive_saving(tmp_path):
     from keras_minsnr.data import DatasetInfo
     from recipes.digits import RECIPE
 
-    config = training.resolve_config(RECIPE, {"noise_offset": 0.1, "input_perturbation": 0.05,
+    config = run_config.resolve_config(RECIPE, {"noise_offset": 0.1, "input_perturbation": 0.05,
                                               "backbone_args.hidden_size": 16,
                                               "backbone_args.depth": 1})
-    model = training.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
+    model = builders.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
                                                      num_classes=10))
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)
@@ -113,13 +114,13 @@ def test_knobs_are_run_keys_and_survive_saving(tmp_path):
 
     again = keras.models.load_model(path)
     assert (again.noise_offset, again.input_perturbation) == (0.1, 0.05)
-    defaults = training.resolve_config({}, {})
+    defaults = run_config.resolve_config({}, {})
     assert (defaults["noise_offset"], defaults["input_perturbation"]) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("key", ["noise_offset", "input_perturbation"])
 def test_negative_knobs_are_refused(key):
     with pytest.raises(ValueError, match=f"{key}: -0.1. Allowed: a number >= 0"):
-        training.resolve_config({}, {key: -0.1})
+        run_config.resolve_config({}, {key: -0.1})
     with pytest.raises(ValueError, match=f"{key} must be a number >= 0"):
         kms.DiffusionModel(PixelLinearBackbone(), "cosine", **{key: -0.1})

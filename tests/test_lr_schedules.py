@@ -11,7 +11,6 @@ from keras import ops
 from keras_minsnr import lr_schedules
 from keras_minsnr import optimizers
 from keras_minsnr import run_config
-from keras_minsnr import training
 
 PEAK, TOTAL, WARMUP = 0.2, 20, 4
 
@@ -39,7 +38,7 @@ CASES = [("constant", {}), ("linear", {}), ("cosine", {}),
 
 
 def _config(**overrides):
-    return training.resolve_config({}, {"learning_rate": PEAK, "steps": TOTAL,
+    return run_config.resolve_config({}, {"learning_rate": PEAK, "steps": TOTAL,
                                         "warmup_steps": WARMUP, **overrides})
 
 

@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 from keras_minsnr import cli
+from keras_minsnr import monitoring
 from keras_minsnr import training
+from keras_minsnr import run_config
+from keras_minsnr import builders
 from tests.test_reliability import _config
 from tests.test_reliability import _rows
 
@@ -163,7 +166,7 @@ def test_samples_png_shows_the_final_model_after_a_resume(resumed_run):
     # tiny model's grids may look alike, so the file's time tells).
     assert os.stat(os.path.join(run, "samples.png")).st_mtime_ns > first_samples
     again = os.path.join(run, "again.png")
-    training.write_samples(model, again, _config(**MONITORED))
+    monitoring.write_samples(model, again, _config(**MONITORED))
     with Image.open(again) as a, Image.open(os.path.join(run, "samples.png")) as b:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -211,9 +214,9 @@ def untrained_run(tmp_path_factory):
     from keras_minsnr.data import DatasetInfo
 
     run = tmp_path_factory.mktemp("untrained")
-    config = training.resolve_config(cli.load_recipe("digits"), {
+    config = run_config.resolve_config(cli.load_recipe("digits"), {
         "backbone_args": {"hidden_size": 16, "depth": 1}})
-    model = training.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
+    model = builders.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
                                                      num_classes=10))
     model.save(os.path.join(run, "model.keras"))
     with open(os.path.join(run, "config.json"), "w") as f:
@@ -261,7 +264,7 @@ def test_validation_prompts_go_through_the_runs_text_encoder(tmp_path, monkeypat
                                "cosine", ema_decay=0.0)
     model.compile(optimizer="adamw")
     prompts = ["hello", "hell", "o"]
-    config = training.resolve_config({}, {"validation_every": 5, "validation_prompts": prompts,
+    config = run_config.resolve_config({}, {"validation_every": 5, "validation_prompts": prompts,
                                           "log_every": 1000, "sample_steps": 2,
                                           "batch_size": 2})
     logger = monitoring.StepLogger(str(tmp_path), config, model)
