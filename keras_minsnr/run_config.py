@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 import typing
 
 # Names the library accepts. They are written out here so that `--help` needs no Keras
@@ -60,7 +61,11 @@ BACKBONE_PRESETS = (
 
 
 def _backbone_presets():
-    return BACKBONE_PRESETS
+    """The preset names: `keras_minsnr.backbones.PRESETS` once that package is loaded (so a
+    preset registered by user code counts), else the written-out list (no Keras import)."""
+    loaded = sys.modules.get("keras_minsnr.backbones")
+    presets = getattr(loaded, "PRESETS", None)
+    return tuple(sorted(presets)) if presets is not None else BACKBONE_PRESETS
 
 
 @dataclasses.dataclass(frozen=True)

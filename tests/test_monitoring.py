@@ -247,18 +247,37 @@ def test_evaluate_names_its_features_and_uses_smaller_kid_subsets(untrained_run,
     assert "FID/KID with digits features" in captured.err
 
 
+def _tiny_text_autoencoder(tmp_path):
+    """`StableDiffusionAutoencoder` with its real BPE tokenizer on a tiny vocabulary and a
+    small text model (768-wide, as SD 1.x's context)."""
+    import gzip
+
+    import keras
+
+    from keras_minsnr.backbones.autoencoders import StableDiffusionAutoencoder
+
+    vocabulary = str(tmp_path / "tiny_bpe.txt.gz")
+    with gzip.open(vocabulary, "wt", encoding="utf-8") as f:
+        f.write("#version: tiny\nh e\nl l\nhe ll\nhell o</w>")
+    tokens = keras.Input((77,), dtype="int32", name="tokens")
+    positions = keras.Input((77,), dtype="int32", name="positions")
+    text = keras.layers.Add()([keras.layers.Embedding(600, 768)(tokens),
+                               keras.layers.Embedding(77, 768)(positions)])
+    return StableDiffusionAutoencoder("v1", vocabulary=vocabulary,
+                                      text_encoder=keras.Model([tokens, positions], text))
+
+
 def test_validation_prompts_go_through_the_runs_text_encoder(tmp_path, monkeypatch):
-    """A text model's validation grid: the prompts encoded by the run's encoders (the real
-    `StableDiffusionEncoders` with its BPE tokenizer, on a tiny text model)."""
+    """A text model's validation grid: the prompts encoded by the run's autoencoder (the
+    real `StableDiffusionAutoencoder` with its BPE tokenizer, on a tiny text model)."""
     import keras_minsnr as kms
-    from keras_minsnr import monitoring
-    from tests.test_recipes import _tiny_sd_encoders
+    from keras_minsnr.backbones import autoencoders
     from tests.tiny_backbones import TinyContextBackbone
 
-    encoders = _tiny_sd_encoders(tmp_path)
+    encoders = _tiny_text_autoencoder(tmp_path)
     asked = []
-    monkeypatch.setattr(training, "make_encoders",
-                        lambda encode, needs_text: asked.append(needs_text) or encoders)
+    monkeypatch.setattr(autoencoders, "from_encode_config",
+                        lambda encode, text=False, check=True: asked.append(text) or encoders)
     model = kms.DiffusionModel(TinyContextBackbone(image_shape=(8, 8, 3),
                                                    context_shape=(77, 768)),
                                "cosine", ema_decay=0.0)
