@@ -26,7 +26,6 @@ a resumed run continues reading the data.
 """
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -37,7 +36,11 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr import backbones
+from keras_minsnr import backend as backend_lib
 from keras_minsnr import checkpointing
+from keras_minsnr import interrupts
+from keras_minsnr import resume
+from keras_minsnr import run_lock
 from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.flow import FlowMatchingSchedule
@@ -357,7 +360,7 @@ class RunLogger(keras.callbacks.Callback):
         self.start_batches = (start_step * self.accumulation if start_batches is None
                               else start_batches)
         self.steps_per_epoch = config["steps_per_epoch"]
-        self.checkpoint_every = checkpoint_interval(config)
+        self.checkpoint_every = resume.checkpoint_interval(config)
         self.sample_every = self.steps_per_epoch * max(int(config["sample_every_epochs"]), 1)
         self.samples_path = os.path.join(run.run_dir, "samples.png")
         self.last_step = start_step
@@ -385,6 +388,8 @@ class RunLogger(keras.callbacks.Callback):
         logs = {k: float(ops.convert_to_numpy(v)) for k, v in (logs or {}).items()}
         if step != self.last_step or not all(np.isfinite(v) for v in logs.values()):
             return  # stopped on a non-finite loss: this interval is not kept
+        if (step - self.start_step) % self.epoch_steps and step != self.end_step:
+            return  # stopped between two logged steps by a signal: `train` checkpoints it
         row = {"epoch": (step - 1) // self.steps_per_epoch, "step": step}
         row.update({k: repr(v) for k, v in logs.items()})
         self.run.append_metrics(row)
@@ -394,75 +399,6 @@ class RunLogger(keras.callbacks.Callback):
                                      extra={"batches": int(batches)})
         if step % self.sample_every == 0:
             write_samples(self.model, self.samples_path, self.config)
-
-
-def checkpoint_interval(config):
-    """Optimizer steps between checkpoints (``checkpoint_every``, default one epoch)."""
-    every = config.get("checkpoint_every") or config["steps_per_epoch"]
-    if int(every) != every or every < 1:
-        raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}.")
-    return int(every)
-
-
-def load_checkpoint(run_dir, config=None):
-    """The model of a run directory's newest checkpoint, ready to train on this backend.
-
-    Returns None before the first checkpoint. The `.keras` file's compile settings are not
-    trusted: `jit_compile` is backend-specific (a TensorFlow checkpoint says ``False``,
-    which would run JAX op by op), so the model is recompiled with the current backend's
-    default. With ``config``, the optimizer is rebuilt from it (so an allowed change of the
-    learning rate or betas takes effect) and the saved optimizer state is carried over.
-    The random-generator states, which `.keras` files do not restore, come from
-    ``state.json``.
-    """
-    run = checkpointing.RunDirectory(run_dir)
-    state = run.read_state()
-    if state is None:
-        return None
-    model = keras.models.load_model(run.checkpoint_path(state))
-    if "seed_states" in state:
-        checkpointing.restore_seed_states(model, state["seed_states"])
-    optimizer = model.optimizer
-    if config is not None:
-        optimizer = make_optimizer(config)
-        optimizer.build(model.trainable_variables)
-        _copy_optimizer_state(model.optimizer, optimizer)
-    model.compile(optimizer=optimizer)  # jit_compile="auto": this backend's default
-    return model
-
-
-def _copy_optimizer_state(source, target):
-    """Iterations and slot variables from ``source``; hyperparameters stay ``target``'s.
-
-    The gradient accumulation may differ (an allowed ``grad_accum`` change): a checkpoint
-    lies between two updates, so the accumulators are zero and the micro-batch counter is
-    the update count times the new accumulation.
-    """
-
-    def by_name(optimizer):
-        # Paths start with the optimizer's own (possibly uniquified) name.
-        return {v.path.split("/", 1)[-1]: v for v in optimizer.variables}
-
-    def accumulation(optimizer):
-        return int(optimizer.gradient_accumulation_steps or 1)
-
-    old = by_name(source)
-    updates = int(ops.convert_to_numpy(source.iterations))
-    for name, variable in by_name(target).items():
-        if name == "learning_rate":
-            continue
-        if name == "iteration" and accumulation(source) != accumulation(target):
-            variable.assign(updates * accumulation(target))  # Keras counts micro-batches
-            continue
-        if name.endswith("gradient_accumulator") and name not in old:
-            variable.assign(ops.zeros_like(variable))
-            continue
-        if name not in old or tuple(old[name].shape) != tuple(variable.shape):
-            raise ValueError(
-                f"The checkpoint's optimizer state has no variable {name!r} of shape "
-                f"{tuple(variable.shape)}; the optimizer cannot be rebuilt from the config."
-            )
-        variable.assign(old[name])
 
 
 def sample_labels(model, num_samples):
@@ -500,7 +436,8 @@ def write_samples(model, path, config, num_samples=None, seed=0, **overrides):
     kwargs = dict(
         num_steps=config["sample_steps"],
         sampler=config["sampler"],
-        guidance_scale=config["guidance_scale"],
+        # The recipe's guidance is for conditional models; generate refuses it otherwise.
+        guidance_scale=config["guidance_scale"] if model.conditioning else 1.0,
         clip_denoised=config["clip_denoised"],
         seed=seed,
     )
@@ -551,57 +488,10 @@ def decode_for_display(images, config):
     return np.concatenate([ops.convert_to_numpy(d) for d in decoded])
 
 
-# Keys whose change would not reach a checkpointed model (they are part of the saved one).
 LORA_FILE = "lora.weights.h5"  # the adapters alone, next to model.keras
-MODEL_KEYS = (
-    "backbone", "backbone_args", "schedule", "num_timesteps", "zero_terminal_snr",
-    "prediction_type", "weighting", "gamma", "label_dropout", "ema_decay", "mixed_precision",
-    "init_from", "lora_rank", "lora_alpha", "lora_targets",
-)
-# Keys of this module that may always change between sessions.
-RUN_KEYS = ("checkpoint_every", "keep_checkpoints")
 
 
-def config_changes(run_dir, config, allow_config_change=(), has_checkpoint=False):
-    """``[(key, old, new)]`` between the run's stored config and ``config``.
-
-    Refuses changes the user did not allow (``allow_config_change``, or the freely
-    resumable keys such as ``steps``) and changes of the saved model's structure.
-    """
-    unknown = sorted(set(allow_config_change) - set(config))
-    if unknown:
-        raise ValueError(
-            f"--allow-config-change names unknown config key(s) {', '.join(unknown)}. "
-            f"Valid keys: {', '.join(sorted(config))}."
-        )
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        previous = json.load(f)
-    current = json.loads(json.dumps(config, default=str))
-    # A key the stored config lacks came with a newer version: not a change.
-    changes = [(k, previous[k], current[k]) for k in sorted(current)
-               if k in previous and previous[k] != current[k]]
-    refused = [k for k, _, _ in changes
-               if k not in RESUMABLE_KEYS + RUN_KEYS and k not in allow_config_change]
-    if refused:
-        raise ValueError(
-            f"{run_dir} already holds a run with a different configuration (changed: "
-            f"{', '.join(refused)}). It is never overwritten: pick a new --output-dir, "
-            "repeat the original settings to resume it, or accept the change with "
-            f"--allow-config-change {' '.join(refused)} (recorded in history.jsonl)."
-        )
-    frozen = [k for k, _, _ in changes if k in MODEL_KEYS]
-    if frozen and has_checkpoint:
-        raise ValueError(
-            f"{', '.join(frozen)} cannot change in an existing run: it is part of the "
-            "checkpointed model. Start a new --output-dir."
-        )
-    return changes
-
-
-def train(config, run_dir, verbose=None, allow_config_change=()):
+def train(config, run_dir, verbose=None, allow_config_change=(), restart=False):
     """Trains (or resumes) a run for exactly ``config["steps"]`` optimizer steps.
 
     With ``grad_accum`` N each step averages N micro-batches of ``batch_size`` (printed
@@ -610,7 +500,10 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     Returns the trained `DiffusionModel`. Checkpoints are written every
     ``checkpoint_every`` steps (default: one epoch); the newest ``keep_checkpoints`` are
     kept. A resumed run continues the data order where the checkpoint stopped and equals
-    the run that was never interrupted.
+    the run that was never interrupted. Everything that can refuse a run (devices, data,
+    model, config changes, ``steps``) is checked before ``run_dir`` is created or
+    changed; then the run holds ``run_dir/run.lock`` until it returns (`run_lock`).
+    SIGINT / SIGTERM stop it after the current step with a checkpoint (`interrupts`).
 
     Args:
         config: the resolved config.
@@ -619,25 +512,67 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
             per epoch otherwise (logs, CI).
         allow_config_change: top-level config keys that may differ from the run's stored
             config; each change is printed and appended to ``history.jsonl``.
+        restart: start from step 0 although checkpoints exist; the old checkpoints,
+            metrics and model are moved to ``run_dir/replaced-TIME/``.
 
     Raises:
         FloatingPointError: the loss became NaN or Inf. Nothing of the interval it
             happened in is saved; the message says how to resume with a lower rate.
         ValueError: a changed config key that was not allowed, or that is part of the
-            checkpointed model.
+            checkpointed model; ``steps`` below the step the run reached; a run directory
+            in use by another process (`run_lock.RunLockedError`).
+        interrupts.TrainingInterrupted: SIGINT or SIGTERM; the last step is checkpointed.
     """
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
-    scope = distribution_scope(config)  # bad device settings fail before anything is written
-    os.makedirs(run_dir, exist_ok=True)
+    # Everything below up to os.makedirs only reads: a refused run writes nothing.
+    scope = distribution_scope(config)
     run = checkpointing.RunDirectory(run_dir, config.get("keep_checkpoints", 2))
+    reached = None if restart else resume.newest_step(run)
+    resume.config_changes(run_dir, config, allow_config_change, reached is not None)
+    resume.check_steps(run_dir, config, reached)
+    keras.utils.set_random_seed(config["seed"])
+    dataset, info = build_dataset(config)
+    model = None
+    if reached is None:
+        with scope():  # variables get their device layout when they are made
+            model = build_model(config, info)
+    os.makedirs(run_dir, exist_ok=True)
+    lock = run_lock.RunLock(run_dir) if _holds_lock(config) else contextlib.nullcontext()
+    with lock, interrupts.StopRequests() as stop:
+        return _train_locked(config, run, model, (dataset, info), scope, verbose,
+                             allow_config_change, restart, stop)
+
+
+def _holds_lock(config):
+    """Multi-host runs share one directory: only process 0 locks (and writes) it."""
+    return not config.get("multihost") or backend_lib.process_index() == 0
+
+
+def _train_locked(config, run, model, data, scope, verbose, allow_config_change,
+                  restart, stop):
+    """`train` once the run directory is locked: resume, fit, save."""
+    run_dir = run.run_dir
+    dataset, info = data
+    if restart:
+        moved = resume.move_aside_for_restart(run)
+        if moved:
+            print(f"Restarting {run_dir} from step 0; the previous checkpoints, metrics and "
+                  f"model are in {moved}.")
     run.remove_partial_files()
-    state = run.read_state()
-    changes = config_changes(run_dir, config, allow_config_change, state is not None)
-    step = state["step"] if state else 0
+    with scope():
+        loaded, state = resume.load_newest(run, make_optimizer(config), move_broken=True)
+    if loaded is not None:
+        model = loaded
+    elif model is None:  # its checkpoints vanished since train() looked (another run)
+        with scope():
+            model = build_model(config, info)
+    changes = resume.config_changes(run_dir, config, allow_config_change, state is not None)
+    step = int(state["step"]) if state else 0
+    resume.check_steps(run_dir, config, step)
     # Micro-batches read so far: the data continues there (runs before `batches` was
     # recorded had no accumulation).
-    batches = state.get("batches", step) if state else 0
+    batches = state.get("batches", step * grad_accum(config)) if state else 0
     backend = keras.backend.backend()
     if state and state.get("backend", backend) != backend:
         changes.append(("backend", state["backend"], backend))
@@ -646,15 +581,6 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
         run.record_change(step, key, old, new)
     # Rows logged after the checkpoint are replayed below, identically.
     run.truncate_metrics(step)
-    keras.utils.set_random_seed(config["seed"])
-
-    dataset, info = build_dataset(config)
-    with scope():  # variables get their device layout when they are made
-        model = load_checkpoint(run_dir, config) if state else None
-        if model is None:
-            model = build_model(config, info)
-    # Written once the data and the model exist, so a start that fails on them leaves no
-    # config behind that would hold the directory to the failed settings.
     checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
     total = int(config["steps"])
     if grad_accum(config) > 1:
@@ -667,17 +593,27 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
     start = time.time()
     try:
         with scope():
-            _fit(model, dataset, run, config, step, total, verbose, batches)
+            _fit(model, dataset, run, config, step, total, verbose, batches, stop)
     except FloatingPointError as error:
         state = run.read_state()
         kept = state["step"] if state else 0
         raise FloatingPointError(
-            f"{error} Nothing after step {kept} was saved: {run_dir} resumes from "
+            f"{error}{_non_finite_data(config)} Nothing after step {kept} was saved: "
+            f"{run_dir} resumes from "
             f"{'its checkpoint of step ' + str(kept) if state else 'the start'}. To resume "
             "with a lower learning rate, repeat the command with --set learning_rate=... "
             "--allow-config-change learning_rate."
         ) from None
     final = int(ops.convert_to_numpy(model.optimizer.iterations))
+    if stop.signum is not None and final < total:
+        _checkpoint_interrupted(model, run, config, final, batches + (final - step) *
+                                grad_accum(config))
+        raise interrupts.TrainingInterrupted(
+            stop.signum, final,
+            f"Stopped at step {final} of {total} on {interrupts.signal_name(stop.signum)}; "
+            f"checkpoint {run.checkpoint_path(run.read_state())}. Run the same command "
+            "again to resume.",
+        )
     if final < total:
         raise RuntimeError(f"Training stopped at step {final} of {total}.")
     checkpointing.atomic_save_model(model, os.path.join(run_dir, "model.keras"))
@@ -688,6 +624,29 @@ def train(config, run_dir, verbose=None, allow_config_change=()):
         write_samples(model, os.path.join(run_dir, "samples.png"), config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
     return model
+
+
+def _checkpoint_interrupted(model, run, config, step, batches):
+    """The checkpoint of the step a signal stopped at (unless it is already written)."""
+    state = run.read_state()
+    if state is not None and int(state["step"]) == step:
+        return
+    run.save_checkpoint(model, step, epoch=step // config["steps_per_epoch"],
+                        extra={"batches": int(batches)})
+
+
+def _non_finite_data(config):
+    """Names the examples of a latent cache that hold NaN or Inf (empty if none)."""
+    from keras_minsnr.data import latents
+
+    cache_dir = os.path.expanduser(str(config["data"]))
+    if not os.path.isdir(cache_dir) or latents.read_manifest(cache_dir) is None:
+        return ""
+    bad = latents.non_finite_examples(cache_dir)
+    if not bad:
+        return ""
+    where = ", ".join(f"example {index} ({file} row {row})" for index, file, row in bad)
+    return f" The latent cache {cache_dir} holds NaN or Inf values: {where}."
 
 
 def distribution_scope(config):
@@ -744,15 +703,16 @@ def distribution_scope(config):
     return scope
 
 
-def _fit(model, dataset, run, config, step, total, verbose, batches=None):
+def _fit(model, dataset, run, config, step, total, verbose, batches=None, stop=None):
     """`fit` from optimizer step ``step`` to ``total`` on the data from micro-batch
-    ``batches`` on (default ``step * grad_accum``).
+    ``batches`` on (default ``step * grad_accum``), until ``stop`` (an
+    `interrupts.StopRequests`) records a signal.
 
     Keras epochs are ``segment`` steps long, so every metrics row, checkpoint and sample
     grid falls on an epoch end; a start between two of them first runs a short epoch up to
     the next. Each step is ``grad_accum`` of `fit`'s batches.
     """
-    segment = math.gcd(config["steps_per_epoch"], checkpoint_interval(config))
+    segment = math.gcd(config["steps_per_epoch"], resume.checkpoint_interval(config))
     accumulation = grad_accum(config)
     if batches is None:
         batches = step * accumulation
@@ -771,28 +731,13 @@ def _fit(model, dataset, run, config, step, total, verbose, batches=None):
             callbacks=[
                 keras.callbacks.TensorBoard(os.path.join(run.run_dir, "logs"), write_graph=False),
                 logger,
+                *([interrupts.StopAtStepBoundary(stop, accumulation)] if stop else []),
             ],
             verbose=verbose,
             shuffle=False,  # the tf.data pipeline shuffles with its own seed
         )
         new_step = int(ops.convert_to_numpy(model.optimizer.iterations))
-        if logger.last_step != new_step:
+        if logger.last_step != new_step or (stop and stop.signum is not None):
             break  # an interval stopped early; `train` reports it
         batches += (new_step - step) * accumulation
         step = new_step
-
-
-def load_run(run_dir):
-    """The config and model of a run directory (final model, else last checkpoint)."""
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json).")
-    with open(config_path) as f:
-        config = json.load(f)
-    final = os.path.join(run_dir, "model.keras")
-    model = keras.models.load_model(final) if os.path.exists(final) else load_checkpoint(run_dir)
-    if model is None:
-        raise FileNotFoundError(
-            f"{run_dir} has no model.keras nor a checkpoint yet; train it first."
-        )
-    return config, model
