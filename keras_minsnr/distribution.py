@@ -11,8 +11,8 @@ This module picks the distribution for a backbone:
   MLP ``fc1`` / ``fc2`` and adaLN ``modulation`` kernels of each DiT / in-context ViT
   block are split over the ``model`` axis (Megatron-style: column-split into the block,
   row-split out of it), the rest replicated, the batch split over ``data``
-  (`keras.distribution.ModelParallel`). Other backbones get an empty map, i.e. they stay
-  data-parallel over the ``data`` axis.
+  (`keras.distribution.ModelParallel`). A backbone that declares no layout rules (the
+  UNets, the MLP) is refused: the devices of its model axis would repeat the same work.
 
 Every piece of training state follows its weight:
 
@@ -156,13 +156,43 @@ def layout_map(backbone, mesh):
             f"The mesh needs a {MODEL_AXIS!r} axis; its axes are {tuple(mesh.axis_names)}."
         )
     layouts = keras.distribution.LayoutMap(mesh)
-    if not is_transformer(backbone):
+    rules = layout_rules(backbone)
+    if not rules:
         return layouts
     shards = mesh.shape[list(mesh.axis_names).index(MODEL_AXIS)]
     _check_divisible(backbone, shards)
-    for pattern, axes in TRANSFORMER_RULES:
+    for pattern, axes in rules:
         layouts[pattern] = axes
     return layouts
+
+
+def layout_rules(backbone):
+    """The ``(regex, axes)`` rules a backbone (instance or preset name) declares for the
+    model axis; empty when it has nothing to split."""
+    return TRANSFORMER_RULES if is_transformer(backbone) else ()
+
+
+def check_splits_something(backbone):
+    """Refuses model parallelism for a backbone whose layout rules split no weight.
+
+    Args:
+        backbone: a backbone instance (its weight paths are matched against its rules)
+            or a preset name (only whether it declares rules is known before it is
+            built).
+    """
+    name = backbone if isinstance(backbone, str) else type(backbone).__name__
+    rules = layout_rules(backbone)
+    if rules and not isinstance(backbone, str):
+        paths = [w.path for w in backbone.weights]
+        if not any(re.fullmatch(pattern, path) for pattern, _ in rules for path in paths):
+            rules = ()
+    if not rules:
+        raise ValueError(
+            f"distribution='model_parallel' has nothing to split in the backbone {name}: "
+            "it declares no layout rules for the model axis (or none matches a weight), "
+            "so every device on that axis would repeat the same work. Use "
+            "distribution=data_parallel."
+        )
 
 
 def _check_divisible(backbone, shards):
@@ -235,6 +265,7 @@ def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices
                 "model_parallel needs backbone_name (a preset name such as 'dit_xl_2') "
                 "to pick the layout rules."
             )
+        check_splits_something(backbone_name)
         distribution = keras.distribution.ModelParallel(
             layout_map=layout_map(backbone_name, mesh), batch_dim_name=DATA_AXIS
         )

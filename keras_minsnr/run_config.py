@@ -224,6 +224,15 @@ class RunConfig:
                                                   field.metadata["rules"]))
         self._check_flow_keys()
         self._check_lora_keys()
+        self._check_device_keys()
+
+    def _check_device_keys(self):
+        """A mesh shapes a distribution: without one it would be ignored."""
+        if self.mesh not in (None, "") and self.distribution == "none":
+            raise ValueError(
+                f"mesh={self.mesh!r} needs distribution data_parallel or model_parallel "
+                "(--distribution); with distribution 'none' the run uses one device."
+            )
 
     def _check_lora_keys(self):
         """`lora_alpha` / `lora_targets` need `lora_rank`; targets are groups or regexes."""
