@@ -18,6 +18,8 @@ moves only then, and its warm-up counts real updates.
 It also compiles sampling steps and loops (`compile_function`: XLA on both backends).
 """
 
+import json
+import os
 import warnings
 
 import keras
@@ -35,6 +37,20 @@ def check_backend():
             "KERAS_BACKEND=tensorflow before importing keras."
         )
     return backend
+
+
+def process_index():
+    """This process's index in a multi-host run (0 on one host).
+
+    JAX: `jax.process_index()`; TensorFlow: the task index of ``TF_CONFIG`` (the chief
+    of a `MultiWorkerMirroredStrategy` cluster is worker 0).
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return int(jax.process_index())
+    task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task") or {}
+    return int(task.get("index", 0))
 
 
 def replica_position():

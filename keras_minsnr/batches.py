@@ -92,6 +92,59 @@ def check_labels(labels, contract):
         )
 
 
+# Marks the tf.data assertion of `with_label_check`, so `fit` can tell it from others.
+LABEL_CHECK_TAG = "keras_minsnr: labels outside the classes"
+
+
+def with_label_check(data, contract):
+    """``data`` (a `tf.data.Dataset`) with every batch's labels checked as it is read.
+
+    Labels outside ``[0, num_classes)`` in a later batch than the first would train
+    silently (``num_classes`` is the null class of guidance) or fail deep in the step
+    (past the embedding). The check runs in the input pipeline, on the host, for every
+    backend; a failure raises an error whose message holds `LABEL_CHECK_TAG` and the bad
+    labels. Other data is returned as is.
+    """
+    import tensorflow as tf
+
+    if contract.conditioning != "class" or not isinstance(data, tf.data.Dataset):
+        return data
+    num_classes = contract.num_classes
+
+    def check(*parts):
+        batch = parts if len(parts) > 1 else parts[0]
+        if isinstance(batch, dict):
+            labels = batch.get("labels")
+        elif isinstance(batch, tuple) and len(batch) > 1:
+            labels = batch[1]
+        else:
+            labels = None
+        if labels is None:
+            return batch
+        labels = tf.cast(labels, "int64")
+        inside = (labels >= 0) & (labels < num_classes)
+        assertion = tf.debugging.Assert(
+            tf.reduce_all(inside), [LABEL_CHECK_TAG, tf.boolean_mask(labels, ~inside)],
+            summarize=10)
+        with tf.control_dependencies([assertion]):
+            return tf.nest.map_structure(tf.identity, batch)
+
+    return data.map(check)
+
+
+def label_check_error(error, contract):
+    """The `ValueError` for an error raised by `with_label_check`, else None."""
+    text = str(error)
+    if LABEL_CHECK_TAG not in text:
+        return None
+    bad = text.split(LABEL_CHECK_TAG, 1)[1].split("[", 1)[-1].split("]", 1)[0]
+    return ValueError(
+        f"Labels must lie in [0, {contract.num_classes - 1}] for this backbone "
+        f"({contract.num_classes} is the null class of classifier-free guidance); a "
+        f"training batch holds {' '.join(bad.split())}."
+    )
+
+
 def first_batch(data):
     """The first batch of `fit()`'s data as numpy, or None when it cannot be peeked at."""
     import tensorflow as tf

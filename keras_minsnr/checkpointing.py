@@ -4,8 +4,10 @@ A run directory survives being killed at any instant (``kill -9``, a full disk, 
 
 - ``checkpoints/step-00000040.keras`` are whole models (weights, optimizer, EMA). Each is
   written to a temporary file and renamed; ``checkpoints/state.json`` (also replaced
-  atomically) then names the newest one, and only that rename makes it current. The last
-  ``keep_checkpoints`` files are kept.
+  atomically) then names the newest one. Each checkpoint also gets a sidecar
+  ``step-00000040.json`` holding the same state, written after the model file, so a
+  missing or damaged ``state.json`` loses nothing (`keras_minsnr.resume`). The last
+  ``keep_checkpoints`` checkpoints are kept.
 - ``state.json`` also holds what a `.keras` file does not restore: the state of every
   `keras.random.SeedGenerator` (the training noise) and the backend that wrote it.
 - ``metrics.csv`` gets one row per logged step, written before the checkpoint of that
@@ -14,8 +16,10 @@ A run directory survives being killed at any instant (``kill -9``, a full disk, 
 - ``history.jsonl`` records every change of the configuration between sessions.
 
 Faults can be injected for tests with the environment variable ``KERAS_MINSNR_FAULT``
-set to ``ACTION:POINT:STEP``: ``ACTION`` is ``kill`` (SIGKILL, nothing is cleaned up) or
-``raise`` (a `RuntimeError`), ``POINT`` is ``step`` (after that optimizer step) or
+set to ``ACTION:POINT:STEP``: ``ACTION`` is ``kill`` (SIGKILL, nothing is cleaned up),
+``raise`` (a `RuntimeError`) or ``slow`` (sleep `SLOW_SECONDS` after that step and every
+later one, so that a test can act on a running process), ``POINT`` is ``step`` (after
+that optimizer step) or
 ``checkpoint`` (inside the checkpoint write of that step, after its metrics row and after
 the temporary file is written, before it is renamed).
 """
@@ -27,11 +31,13 @@ import json
 import os
 import re
 import signal
+import time
 
 import keras
 import numpy as np
 
 FAULT_ENV = "KERAS_MINSNR_FAULT"
+SLOW_SECONDS = 0.3
 _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.keras$")
 
 
@@ -41,6 +47,9 @@ def inject_fault(point, step):
     if not spec:
         return
     action, fault_point, fault_step = spec.split(":")
+    if action == "slow" and fault_point == point and int(step) >= int(fault_step):
+        time.sleep(SLOW_SECONDS)
+        return
     if fault_point != point or int(fault_step) != int(step):
         return
     if action == "kill":
@@ -162,18 +171,31 @@ class RunDirectory:
             "seed_states": seed_states(model),
             **(extra or {}),  # e.g. the micro-batches consumed (training.py)
         }
-        atomic_write_json(self.state_path, state)  # the commit point
+        # The sidecar makes the file resumable on its own; state.json points at it.
+        atomic_write_json(self.sidecar_path(name), state)
+        atomic_write_json(self.state_path, state)
         self._remove_old_checkpoints(keep=name)
 
-    def _remove_old_checkpoints(self, keep):
-        steps = sorted(
+    def sidecar_path(self, name):
+        """``step-N.json`` next to ``step-N.keras``: the state saved with it."""
+        return os.path.join(self.checkpoint_dir, name[: -len(".keras")] + ".json")
+
+    def checkpoint_files(self):
+        """``[(step, name)]`` of the step checkpoints on disk, oldest first."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return []
+        return sorted(
             (int(m.group(1)), name)
             for name in os.listdir(self.checkpoint_dir)
             if (m := _CHECKPOINT_PATTERN.match(name))
         )
-        for _, name in steps[: -self.keep_checkpoints]:
+
+    def _remove_old_checkpoints(self, keep):
+        for _, name in self.checkpoint_files()[: -self.keep_checkpoints]:
             if name != keep:
                 os.remove(os.path.join(self.checkpoint_dir, name))
+                if os.path.exists(self.sidecar_path(name)):
+                    os.remove(self.sidecar_path(name))
 
     # -- metrics ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import pkgutil  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 
 import keras_minsnr  # noqa: E402
@@ -204,6 +205,8 @@ def _train(args):
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
     if args.resume_from:
         kwargs["resume_from"] = args.resume_from
+    if args.restart:
+        kwargs["restart"] = True
     training.train(config, args.output_dir, **kwargs)
     print(f"Run directory: {os.path.abspath(args.output_dir)}")
     for name in ("samples.png", "metrics.csv", "model.keras"):
@@ -217,8 +220,10 @@ def _sample(args):
             f"--output {path!r}: the extension names the image format; use one of "
             f"{', '.join(IMAGE_EXTENSIONS)}."
         )
-    training = _load_training()
-    config, model = training.load_run(args.run_dir)
+    _load_training()
+    from keras_minsnr import resume
+
+    config, model = resume.load_run(args.run_dir)
     if args.allow_download:
         _allow_downloads(config)
     overrides = {
@@ -358,6 +363,9 @@ def add_train_arguments(parser, recipe=None):
     devices.add_argument("--multihost", action="store_true", default=None,
                          help="join a multi-host cluster first (sets `multihost`)")
     config = _add_config_options(parser)
+    where.add_argument("--restart", action="store_true",
+                       help="start the run directory again from step 0 although it holds "
+                       "checkpoints (they are moved to OUTPUT_DIR/replaced-TIME/)")
     config.add_argument(
         "--allow-config-change", nargs="+", metavar="KEY", default=[],
         help="resume a run although these keys changed (e.g. learning_rate after a NaN); "
@@ -536,7 +544,13 @@ def _run(parser, argv):
     except FloatingPointError as error:  # training diverged: the message says what to do
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
+        if getattr(error, "exit_code", None):  # interrupts.TrainingInterrupted
+            command = [arg for arg in (sys.argv[1:] if argv is None else argv)
+                       if arg != "--restart"]
+            print(f"{PROG}: {error} Resume with:\n  {parser.prog} {shlex.join(command)}",
+                  file=sys.stderr)
+            return error.exit_code
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -544,12 +544,20 @@ class DiffusionModel(keras.Model):
         changing which layers are trainable, as Keras requires.
         """
         self._check_first_batch(x if y is None else (x, y))
+        self._check_backbone_output()
         if self.ema is not None:
             # Weights unfrozen since the last fit() get their EMA copy now.
             self.ema.track(self.backbone)
         guard = _StopOnNonFiniteLoss()
         callbacks = list(kwargs.pop("callbacks", None) or []) + [guard]
-        history = super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+        x = batches.with_label_check(x, self.contract)
+        try:
+            history = super().fit(x, y, *args, callbacks=callbacks, **kwargs)
+        except Exception as error:
+            clear = batches.label_check_error(error, self.contract)
+            if clear is None:
+                raise
+            raise clear from None
         if guard.bad_step is not None:
             self._drop_partial_update()
             raise FloatingPointError(
@@ -571,6 +579,27 @@ class DiffusionModel(keras.Model):
         optimizer._iterations.assign(calls - calls % steps)
         for accumulator in optimizer._accumulated_gradients:
             accumulator.assign(ops.zeros(accumulator.shape, accumulator.dtype))
+
+    def _check_backbone_output(self):
+        """Refuses a backbone whose output is not shaped like its ``x`` input (it would
+        broadcast against the target, or fail deep inside the step)."""
+        if getattr(self, "_output_checked", False):
+            return
+        inputs = self.contract.dummy_inputs(2)
+        try:
+            spec = self.backbone.compute_output_spec(inputs)
+        except Exception:  # not traceable symbolically: the step shows any mismatch
+            return
+        shape = tuple(getattr(spec, "shape", ()) or ())
+        if shape[1:] != self.contract.image_shape:
+            dims = ", ".join(map(str, shape[1:]))
+            wanted = ", ".join(map(str, self.contract.image_shape))
+            raise ValueError(
+                f"The backbone {type(self.backbone).__name__} returns an output of shape "
+                f"(batch, {dims}) for an 'x' of shape (batch, {wanted}); it must return "
+                "a prediction shaped like 'x'."
+            )
+        self._output_checked = True
 
     def _check_first_batch(self, data):
         first = batches.first_batch(data)

@@ -11,8 +11,9 @@ This module picks the distribution for a backbone:
   its variables split over the ``model`` axis (its ``layout_rules`` classmethod, see
   `keras_minsnr.backbones.contract`; the transformers split their blocks Megatron-style),
   the rest is replicated and the batch split over ``data``
-  (`keras.distribution.ModelParallel`). A backbone without rules stays data-parallel
-  over the ``data`` axis.
+  (`keras.distribution.ModelParallel`). A backbone that declares no layout rules (the
+  UNets, the MLP), or whose rules match none of its weights, is refused: the devices of
+  its model axis would repeat the same work.
 
 Every piece of training state follows its weight:
 
@@ -160,6 +161,29 @@ def layout_map(backbone, mesh):
     return layouts
 
 
+def check_splits_something(backbone):
+    """Refuses model parallelism for a backbone whose layout rules split no weight.
+
+    Args:
+        backbone: a backbone instance (its weight paths are matched against its rules)
+            or a preset name (only whether it declares rules is known before it is
+            built).
+    """
+    name = backbone if isinstance(backbone, str) else type(backbone).__name__
+    rules = backbone_rules(backbone)
+    if rules and not isinstance(backbone, str):
+        paths = [w.path for w in backbone.weights]
+        if not any(re.fullmatch(pattern, path) for pattern, _ in rules for path in paths):
+            rules = ()
+    if not rules:
+        raise ValueError(
+            f"distribution='model_parallel' has nothing to split in the backbone {name}: "
+            "it declares no layout rules for the model axis (or none matches a weight), "
+            "so every device on that axis would repeat the same work. Use "
+            "distribution=data_parallel."
+        )
+
+
 def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices=None,
               set_global=True):
     """Creates (and by default sets) the Keras distribution for a run.
@@ -212,6 +236,7 @@ def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices
                 "model_parallel needs backbone_name (a preset name such as 'dit_xl_2') "
                 "to pick the layout rules."
             )
+        check_splits_something(backbone_name)
         distribution = keras.distribution.ModelParallel(
             layout_map=layout_map(backbone_name, mesh), batch_dim_name=DATA_AXIS
         )

@@ -79,7 +79,7 @@ def evaluate_model(model, real_images, num_samples, extractor, sampler="ddim", n
 def evaluate_run(run_dir, num_samples=1000, extractor=None, sampler=None, num_steps=None,
                  seed=0):
     """Evaluates a run directory's model and writes ``RUN_DIR/eval.json``."""
-    from keras_minsnr.training import load_run
+    from keras_minsnr.resume import load_run
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for FID, got {num_samples}.")
@@ -93,7 +93,8 @@ def evaluate_run(run_dir, num_samples=1000, extractor=None, sampler=None, num_st
         extractor,
         sampler=sampler or config["sampler"],
         num_steps=num_steps or config["sample_steps"],
-        guidance_scale=config["guidance_scale"],
+        # The recipe's guidance is for conditional models; generate refuses it otherwise.
+        guidance_scale=config["guidance_scale"] if model.conditioning else 1.0,
         clip_denoised=config["clip_denoised"],
         seed=seed,
         verbose=sys.stdout.isatty(),  # progress bars (on stdout) only on a terminal

@@ -17,6 +17,7 @@ import numpy as np
 from keras import ops
 
 from keras_minsnr import checkpointing
+from keras_minsnr import resume
 from keras_minsnr.backbones import autoencoders
 from keras_minsnr.data.preparation import decode_for_display
 from keras_minsnr.data.preparation import resolve_encode_config
@@ -52,7 +53,8 @@ def write_samples(model, path, config, num_samples=None, seed=0, labels=None, **
     kwargs = dict(
         num_steps=config["sample_steps"],
         sampler=config["sampler"],
-        guidance_scale=config["guidance_scale"],
+        # The recipe's guidance is for conditional models; generate refuses it otherwise.
+        guidance_scale=config["guidance_scale"] if model.conditioning else 1.0,
         clip_denoised=config["clip_denoised"],
         seed=seed,
     )
@@ -144,8 +146,6 @@ class RunLogger(keras.callbacks.Callback):
     def __init__(self, run, config, start_step, end_step, initial_epoch, epoch_steps,
                  start_batches=None, step_logger=None):
         super().__init__()
-        from keras_minsnr.training import checkpoint_interval
-
         self.run = run
         self.config = config
         self.start_step = start_step
@@ -156,7 +156,7 @@ class RunLogger(keras.callbacks.Callback):
         self.start_batches = (start_step * self.accumulation if start_batches is None
                               else start_batches)
         self.steps_per_epoch = config["steps_per_epoch"]
-        self.checkpoint_every = checkpoint_interval(config)
+        self.checkpoint_every = resume.checkpoint_interval(config)
         self.sample_every = self.steps_per_epoch * max(int(config["sample_every_epochs"]), 1)
         self.samples_path = os.path.join(run.run_dir, "samples.png")
         self.last_step = start_step
@@ -190,6 +190,8 @@ class RunLogger(keras.callbacks.Callback):
         logs = {k: float(ops.convert_to_numpy(v)) for k, v in (logs or {}).items()}
         if step != self.last_step or not all(np.isfinite(v) for v in logs.values()):
             return  # stopped on a non-finite loss: this interval is not kept
+        if (step - self.start_step) % self.epoch_steps and step != self.end_step:
+            return  # stopped between two logged steps by a signal: `train` checkpoints it
         row = {"epoch": (step - 1) // self.steps_per_epoch, "step": step}
         row.update({k: repr(v) for k, v in logs.items()})
         self.run.append_metrics(row)

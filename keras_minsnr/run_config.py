@@ -270,6 +270,7 @@ class RunConfig:
         self._check_flow_keys()
         self._check_lora_keys()
         self._check_validation_keys()
+        self._check_device_keys()
 
     def _check_validation_keys(self):
         """Prompts are strings, labels integers >= 0; only one of the two."""
@@ -293,6 +294,14 @@ class RunConfig:
                     f"Invalid value for {name}: {(bad or [values])[0]!r}. Allowed: a "
                     f"non-empty list of {allowed}."
                 )
+
+    def _check_device_keys(self):
+        """A mesh shapes a distribution: without one it would be ignored."""
+        if self.mesh not in (None, "") and self.distribution == "none":
+            raise ValueError(
+                f"mesh={self.mesh!r} needs distribution data_parallel or model_parallel "
+                "(--distribution); with distribution 'none' the run uses one device."
+            )
 
     def _check_lora_keys(self):
         """`lora_alpha` / `lora_targets` need `lora_rank`; targets are groups or regexes."""

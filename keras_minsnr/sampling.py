@@ -159,6 +159,7 @@ def generate(
             f"shift={shift!r} is for the flow samplers (euler, heun); this model's schedule "
             f"is {model.schedule!r}."
         )
+    check_guidance(model, guidance_scale)
     condition, num_samples = sampling_condition(model, num_samples, labels, context, seed)
     if model.is_flow and model._flow_step_functions is None:
         model._flow_step_functions = flow.make_flow_step_functions(
@@ -224,10 +225,29 @@ def generate(
     return np.concatenate(outputs, axis=0)
 
 
+def check_guidance(model, guidance_scale):
+    """Guidance needs a conditional model and a scale >= 0 (0: the unconditional model)."""
+    scale = float(guidance_scale)
+    if not scale >= 0:
+        raise ValueError(
+            f"guidance_scale={guidance_scale!r} is not allowed: it must be >= 0 (1: no "
+            "guidance, 0: the unconditional prediction)."
+        )
+    if model.conditioning is None and scale != 1.0:
+        raise ValueError(
+            f"guidance_scale={guidance_scale!r} needs a conditional model; this one is "
+            "unconditional, so only guidance_scale=1 (no guidance) applies."
+        )
+
+
 def sampling_condition(model, num_samples, labels, context, seed):
     """The condition tensor for `generate` and the number of samples it implies."""
     contract = model.contract
+    if num_samples is not None and not num_samples >= 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples!r}.")
     if contract.conditioning == "class":
+        if labels is not None and np.size(labels) == 0:
+            raise ValueError("labels is empty: give at least one class id (or num_samples).")
         if labels is None:
             if num_samples is None:
                 raise ValueError("Give num_samples or labels.")
@@ -243,6 +263,8 @@ def sampling_condition(model, num_samples, labels, context, seed):
             raise ValueError("This backbone is text-conditional: pass context=.")
         context = ops.convert_to_tensor(np.asarray(context, dtype="float32"))
         batches.check_condition(context, contract)
+        if int(context.shape[0]) < 1:
+            raise ValueError("context is empty: give at least one text embedding.")
         return context, int(context.shape[0])
     if labels is not None or context is not None:
         raise ValueError("This backbone is unconditional: labels/context are not used.")

@@ -23,6 +23,7 @@ from keras_minsnr import checkpointing
 from keras_minsnr import cli
 from keras_minsnr import optimizers
 from keras_minsnr import run_config
+from keras_minsnr import resume
 from keras_minsnr import training
 from tests import test_reliability
 from tests.test_diffusion_model import fixed_batch
@@ -109,7 +110,7 @@ def test_cli_stopped_after_step_2_resumes_to_the_uninterrupted_run(
     monkeypatch.delenv(checkpointing.FAULT_ENV)
     assert cli.main(["train", "digits", "--output-dir", run, *ARGS]) == 0
     assert f"Resuming {run} from step 1 of 3" in capsys.readouterr().out
-    model = training.load_checkpoint(run)
+    model = resume.load_checkpoint(run)
     # The same backend and program replay the same micro-batches: bit-identical.
     for got, want in zip(_variables(model), weights, strict=True):
         np.testing.assert_array_equal(got, want)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from keras_minsnr import builders
 from keras_minsnr import run_config
-from keras_minsnr import training
+from keras_minsnr import resume
 from keras_minsnr.backbones import autoencoders
 from keras_minsnr.cli import available_recipes
 from keras_minsnr.cli import main
@@ -178,7 +178,7 @@ def test_cifar10_unet_trains_two_steps_through_the_cli(tmp_path, capsys):
     assert _state(run)["step"] == 2
     for name in ("model.keras", "samples.png", "metrics.csv", "config.json"):
         assert os.path.exists(os.path.join(run, name))
-    _, model = training.load_run(run)
+    _, model = resume.load_run(run)
     # The labels were dropped: an unconditional 32x32x3 model.
     assert model.backbone.conditioning is None
     assert tuple(model.backbone.image_shape) == (32, 32, 3)
@@ -204,7 +204,7 @@ def test_latent_recipe_trains_on_a_latent_cache(tmp_path, capsys):
     code = main(["train", "imagenet256_vit_b2", "--output-dir", run, *_sets(tiny)])
     assert code == 0, capsys.readouterr().err
     assert _state(run)["step"] == 2
-    _, model = training.load_run(run)
+    _, model = resume.load_run(run)
     assert tuple(model.backbone.image_shape) == (4, 4, 4)
     assert model.backbone.num_classes == 10 and model.prediction_type == "sample"
 
@@ -256,7 +256,7 @@ def test_sd15_captions_fine_tunes_a_tiny_sd_through_the_cli(tmp_path, monkeypatc
         manifest = json.load(f)
     assert manifest["latent_shape"] == [8, 8, 4] and manifest["context_shape"] == [77, 768]
     assert manifest["count"] == 4
-    _, model = training.load_run(run)
+    _, model = resume.load_run(run)
     assert model.backbone.conditioning == "context" and model.schedule.name == "scaled_linear"
     # The null condition is the empty caption's embedding, cached and saved with the model.
     empty = np.asarray(encoders.encode_text([""]))[0]

@@ -9,8 +9,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 
 from keras_minsnr import checkpointing
 from keras_minsnr import run_config
+from keras_minsnr import resume
 from keras_minsnr import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,16 +79,18 @@ def reference(tmp_path_factory):
 
 def test_steps_trains_exactly_that_many_optimizer_steps(reference):
     run, _, rows = reference
-    model = training.load_checkpoint(run)
+    model = resume.load_checkpoint(run)
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 10
     assert _state(run)["step"] == 10
     # A row per checkpoint interval; the third epoch is two steps short.
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10]
     assert [int(r["epoch"]) for r in rows] == [0, 0, 1, 1, 2]
     assert all(np.isfinite(float(r["loss"])) for r in rows)
-    # keep_checkpoints=2: the last two step checkpoints, nothing half-written.
+    # keep_checkpoints=2: the last two step checkpoints with their sidecars, nothing
+    # half-written.
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
-        "state.json", "step-00000008.keras", "step-00000010.keras"]
+        "state.json", "step-00000008.json", "step-00000008.keras", "step-00000010.json",
+        "step-00000010.keras"]
 
 
 def _copy(reference, tmp_path):
@@ -105,7 +110,7 @@ def test_a_nan_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_rate(
     # The interval that hit the NaN (steps 11-12) left no trace: same checkpoint, no row.
     assert _state(run)["step"] == 10
     assert _rows(run) == good_rows
-    _assert_same_weights(_weights(training.load_checkpoint(run)), good_weights)
+    _assert_same_weights(_weights(resume.load_checkpoint(run)), good_weights)
 
     # Without an explicit permission a changed rate is refused, naming the way out.
     lower = _config(**{**REFERENCE, "steps": 14, "learning_rate": 5e-4})
@@ -129,10 +134,10 @@ _SWITCH_CHILD = """
 import json, sys
 import keras, numpy as np
 from keras_minsnr import builders
-from keras_minsnr import checkpointing
+from keras_minsnr import resume
 from keras_minsnr import training
 config, run, weights_file = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-model = training.load_checkpoint(run)
+model = resume.load_checkpoint(run)
 fresh = builders.build_model(config, training.build_dataset(config)[1])
 expected = np.load(weights_file)
 values = [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
@@ -256,11 +261,215 @@ def test_config_changes_need_permission_and_never_touch_the_saved_model(tmp_path
         json.dump(config, f)
     changed = {**config, "steps": 20, "learning_rate": 5e-4, "gamma": 1.0}
     with pytest.raises(ValueError, match=r"changed: gamma, learning_rate\)"):
-        training.config_changes(str(tmp_path), changed)
+        resume.config_changes(str(tmp_path), changed)
     with pytest.raises(ValueError, match="gamma cannot change in an existing run"):
-        training.config_changes(str(tmp_path), changed, ["gamma", "learning_rate"],
+        resume.config_changes(str(tmp_path), changed, ["gamma", "learning_rate"],
                                 has_checkpoint=True)
-    assert training.config_changes(str(tmp_path), changed, ["gamma", "learning_rate"]) == [
+    assert resume.config_changes(str(tmp_path), changed, ["gamma", "learning_rate"]) == [
         ("gamma", 5.0, 1.0), ("learning_rate", 1e-3, 5e-4), ("steps", 10, 20)]
     with pytest.raises(ValueError, match="unknown config key.*lr"):
-        training.config_changes(str(tmp_path), changed, ["lr"])
+        resume.config_changes(str(tmp_path), changed, ["lr"])
+
+
+# --- Issue 27: run directories that defend themselves -----------------------------------
+
+def _start_cli(run, fault, steps=REFERENCE["steps"]):
+    """The CLI in a child process (not waited for), its output in files under ``run``'s
+    parent."""
+    command = [sys.executable, "-m", "keras_minsnr.cli", "train", "digits", "--output-dir", run,
+               "--steps", str(steps), *TINY_ARGS,
+               "--set", f"steps_per_epoch={REFERENCE['steps_per_epoch']}",
+               "--set", f"checkpoint_every={REFERENCE['checkpoint_every']}"]
+    env = {**os.environ, "PYTHONPATH": ROOT, checkpointing.FAULT_ENV: fault}
+    logs = os.path.dirname(run)
+    return subprocess.Popen(command, env=env, cwd=ROOT,
+                            stdout=open(os.path.join(logs, "child.out"), "w"),
+                            stderr=open(os.path.join(logs, "child.err"), "w"))
+
+
+def _wait_for_checkpoint(run, child, timeout=400):
+    """Waits until the child has committed a checkpoint; returns its step."""
+    deadline = time.time() + timeout
+    path = os.path.join(run, "checkpoints", "state.json")
+    while time.time() < deadline:
+        assert child.poll() is None, "the child ended before its first checkpoint"
+        if os.path.exists(path):
+            try:
+                return _state(run)["step"]
+            except ValueError:
+                pass  # being replaced
+        time.sleep(0.05)
+    child.kill()
+    raise AssertionError("no checkpoint within the time limit")
+
+
+def _train_args(run, steps=REFERENCE["steps"]):
+    return ["train", "digits", "--output-dir", run, "--steps", str(steps), *TINY_ARGS,
+            "--set", f"steps_per_epoch={REFERENCE['steps_per_epoch']}",
+            "--set", f"checkpoint_every={REFERENCE['checkpoint_every']}"]
+
+
+def test_a_second_start_is_refused_while_the_first_runs_and_a_dead_ones_lock_is_taken_over(
+    tmp_path, capsys, reference
+):
+    """Item 1: the same command twice at once. The second start must stop with one line
+    naming the first process, before it writes anything; once the first is killed (-9,
+    its lock file stays behind) the next start takes the lock over and ends where an
+    uninterrupted run ends."""
+    from keras_minsnr import cli
+
+    _, weights, rows = reference
+    run = str(tmp_path / "run")
+    child = _start_cli(run, "slow:step:1")  # 0.3 s per step: still running below
+    try:
+        _wait_for_checkpoint(run, child)
+        rows_before = _rows(run)
+        capsys.readouterr()
+        assert cli.main(_train_args(run)) == 2
+        err = capsys.readouterr().err
+        # The JAX CPU flags note (xla_flags.announcement) is not part of the error.
+        lines = [line for line in err.splitlines()
+                 if line.strip() and not line.startswith("keras_minsnr: added")]
+        assert len(lines) == 1 and lines[0].startswith("keras-minsnr: error: "), err
+        assert f"in use by pid {child.pid}" in err
+        assert child.poll() is None  # the first run was not disturbed
+        assert _rows(run)[: len(rows_before)] == rows_before
+    finally:
+        child.kill()
+        child.wait()
+    assert os.path.exists(os.path.join(run, "run.lock"))  # SIGKILL cleans nothing up
+    assert cli.main(_train_args(run)) == 0
+    out = capsys.readouterr().out
+    assert f"Took over the lock of {run} left by pid {child.pid}" in out
+    _assert_same_weights(_weights(resume.load_checkpoint(run)), weights)
+    assert _rows(run) == rows
+    assert not os.path.exists(os.path.join(run, "run.lock"))
+
+
+@pytest.fixture(scope="module")
+def reference_to_12(reference, tmp_path_factory):
+    """The reference run resumed undamaged to step 12: weights and rows."""
+    run = str(tmp_path_factory.mktemp("intact") / "run")
+    shutil.copytree(reference[0], run)
+    model = training.train(_config(**{**REFERENCE, "steps": 12}), run, verbose=0)
+    return _weights(model), _rows(run)
+
+
+def _damage(run, how):
+    checkpoints = os.path.join(run, "checkpoints")
+    if how == "state.json deleted":
+        os.remove(os.path.join(checkpoints, "state.json"))
+    elif how == "state.json empty":
+        open(os.path.join(checkpoints, "state.json"), "w").close()
+    elif how == "state.json garbled":
+        with open(os.path.join(checkpoints, "state.json"), "w") as f:
+            f.write('{"step": 10, "checkp')
+    elif how == "newest checkpoint truncated":
+        path = os.path.join(checkpoints, "step-00000010.keras")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif how == "newest checkpoint zeroed":
+        path = os.path.join(checkpoints, "step-00000010.keras")
+        with open(path, "r+b") as f:
+            f.write(b"\0" * os.path.getsize(path))
+
+
+@pytest.mark.parametrize("how", ["state.json deleted", "state.json empty",
+                                 "state.json garbled", "newest checkpoint truncated",
+                                 "newest checkpoint zeroed"])
+def test_damaged_run_state_resumes_from_the_newest_checkpoint_that_loads(
+    tmp_path, capsys, reference, reference_to_12, how
+):
+    """Item 2: the reference run (checkpoints of steps 8 and 10) damaged, then resumed to
+    step 12. It must resume from step 10 (state damaged) or 8 (step 10 broken), say so,
+    and end bit for bit where the undamaged run ends."""
+    expected, expected_rows = reference_to_12
+    run = _copy(reference, tmp_path)
+    _damage(run, how)
+    capsys.readouterr()
+    model = training.train(_config(**{**REFERENCE, "steps": 12}), run, verbose=0)
+    out = capsys.readouterr().out
+    resumed_from = 8 if "checkpoint" in how else 10
+    assert f"Resuming {run} from step {resumed_from} of 12" in out
+    if "checkpoint" in how:
+        assert "step-00000010.keras does not load" in out
+        assert os.path.exists(os.path.join(run, "checkpoints", "step-00000010.keras.broken"))
+    else:
+        assert "state.json is " + ("missing" if "deleted" in how else "damaged") in out
+    _assert_same_weights(_weights(model), expected)
+    assert _rows(run) == expected_rows
+
+
+def test_no_loadable_checkpoint_is_refused_until_restart(tmp_path, capsys, reference):
+    """Item 2: every checkpoint broken: never a silent restart from 0; --restart moves the
+    old files aside and trains from step 0 to the reference result."""
+    run = _copy(reference, tmp_path)
+    for name in ("step-00000008.keras", "step-00000010.keras"):
+        with open(os.path.join(run, "checkpoints", name), "wb") as f:
+            f.write(b"\0" * 100)
+    with pytest.raises(ValueError, match="No checkpoint of .* loads.*--restart"):
+        training.train(_config(**REFERENCE), run, verbose=0)
+    model = training.train(_config(**REFERENCE), run, verbose=0, restart=True)
+    assert "Restarting" in capsys.readouterr().out
+    _assert_same_weights(_weights(model), reference[1])
+    assert _rows(run) == reference[2]
+    moved = [n for n in os.listdir(run) if n.startswith("replaced-")]
+    assert len(moved) == 1
+    assert sorted(os.listdir(os.path.join(run, moved[0]))) == [
+        "checkpoints", "metrics.csv", "model.keras"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_at_the_next_step_with_a_checkpoint(tmp_path, capsys, reference, signum):
+    """Item 3: one real SIGINT / SIGTERM to a training child process. It must stop after
+    the step it is in, checkpoint that step, print the resume command and exit 130 / 143;
+    resuming then ends bit for bit where the uninterrupted run ends."""
+    _, weights, rows = reference
+    run = str(tmp_path / "run")
+    child = _start_cli(run, "slow:step:1")
+    try:
+        _wait_for_checkpoint(run, child)
+        child.send_signal(signum)
+        code = child.wait(timeout=300)
+    finally:
+        child.kill()
+    with open(tmp_path / "child.err") as f:
+        err = f.read()
+    assert code == 128 + signum, err[-3000:]
+    stopped = _state(run)["step"]
+    assert 2 <= stopped < REFERENCE["steps"]
+    assert f"Stopped at step {stopped} of 10 on {signal.Signals(signum).name}" in err
+    assert f"--output-dir {run}" in err.split("Resume with:")[1]
+    capsys.readouterr()
+    model = training.train(_config(**REFERENCE), run, verbose=0)
+    assert f"from step {stopped} of 10" in capsys.readouterr().out
+    _assert_same_weights(_weights(model), weights)
+    # The row of the interval the signal split averages the steps after the resume only.
+    assert [r["step"] for r in _rows(run)] == [r["step"] for r in rows]
+
+
+def test_a_second_ctrl_c_raises_at_once():
+    """Item 3: the first SIGINT is only recorded; the second raises KeyboardInterrupt and
+    the previous handler is back."""
+    from keras_minsnr import interrupts
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.StopRequests() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert stop.signum == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_steps_below_a_finished_run_are_refused_and_config_json_is_kept(tmp_path, reference):
+    """Item 4: --steps 6 on a finished 10-step run."""
+    run = _copy(reference, tmp_path)
+    with open(os.path.join(run, "config.json"), "rb") as f:
+        before = f.read()
+    with pytest.raises(ValueError, match="steps=6 is below step 10, which .* already reached"):
+        training.train(_config(**{**REFERENCE, "steps": 6}), run, verbose=0)
+    with open(os.path.join(run, "config.json"), "rb") as f:
+        assert f.read() == before

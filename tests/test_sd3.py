@@ -17,7 +17,7 @@ from keras import ops
 import keras_minsnr as kms
 from keras_minsnr import builders
 from keras_minsnr import run_config
-from keras_minsnr import training
+from keras_minsnr import resume
 from keras_minsnr.backbones import sd3
 from keras_minsnr.backbones.autoencoders import StableDiffusion3Autoencoder
 from keras_minsnr.cli import main
@@ -346,7 +346,7 @@ def test_sd3_recipe_fine_tunes_the_tiny_preset_through_the_cli(tiny_preset, tmp_
     assert manifest["context_shape"] == [2 * SEQUENCE_LENGTH + 1, 4096]
     with open(os.path.join(run, "checkpoints", "state.json")) as f:
         assert json.load(f)["step"] == 2
-    _, model = training.load_run(run)
+    _, model = resume.load_run(run)
     assert isinstance(model.backbone, sd3.StableDiffusion3MMDiT)
     assert model.schedule.shift == 3.0 and model.prediction_type == "flow"
     empty = StableDiffusion3Autoencoder(tiny_preset).encode_text([""])[0]

@@ -30,34 +30,43 @@ def read_caption_metadata(path, metadata=METADATA_FILE, image_key="file_name",
             f'line, e.g. {{"{image_key}": "0001.png", "{text_key}": "a caption"}}.'
         )
     files, texts = [], []
-    with open(meta_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{meta_path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {record!r}.")
-            for key in (image_key, text_key):
-                if key not in record:
-                    raise ValueError(
-                        f"{where}: missing key {key!r} (keys: {sorted(record)})."
-                    )
-            name, text = record[image_key], record[text_key]
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"{where}: {image_key!r} must be a file name, got {name!r}.")
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: {text_key!r} must be a string, got {text!r}.")
-            filename = os.path.join(path, name)
-            if not os.path.isfile(filename):
-                raise FileNotFoundError(
-                    f"{where}: image {name!r} does not exist in {path!r}."
+    with open(meta_path, "rb") as f:
+        raw = f.read()
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{meta_path} line {line} is not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+            "save the file as UTF-8."
+        ) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{meta_path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err.msg}).") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {record!r}.")
+        for key in (image_key, text_key):
+            if key not in record:
+                raise ValueError(
+                    f"{where}: missing key {key!r} (keys: {sorted(record)})."
                 )
-            files.append(filename)
-            texts.append(text)
+        name, text = record[image_key], record[text_key]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: {image_key!r} must be a file name, got {name!r}.")
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: {text_key!r} must be a string, got {text!r}.")
+        filename = os.path.join(path, name)
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(
+                f"{where}: image {name!r} does not exist in {path!r}."
+            )
+        files.append(filename)
+        texts.append(text)
     if not files:
         raise ValueError(f"{meta_path} lists no images.")
     return files, texts

@@ -106,6 +106,37 @@ def describe_convention(convention):
     return f"{name} (scale {convention.get('scale')}, shift {convention.get('shift', 0.0)})"
 
 
+def non_finite_examples(cache_dir, limit=5):
+    """``[(index, file, row)]`` of the first ``limit`` cached examples holding NaN or Inf.
+
+    ``index`` counts examples over all shards in order; ``file`` is the shard's latents
+    (or context) file and ``row`` the example's row in it. Reads the shards in slices.
+    """
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        return []
+    found, offset = [], 0
+    for shard in manifest["shards"]:
+        count = 0
+        bad = set()
+        for key in ("latents", "context"):
+            if not shard.get(key):
+                continue
+            array = np.load(os.path.join(os.fspath(cache_dir), shard[key]), mmap_mode="r")
+            count = len(array)
+            for start in range(0, count, 1024):
+                part = np.asarray(array[start : start + 1024]).reshape(
+                    len(array[start : start + 1024]), -1)
+                for row in np.flatnonzero(~np.isfinite(part).all(axis=1)):
+                    bad.add((start + int(row), shard[key]))
+        for row, name in sorted(bad):
+            found.append((offset + row, name, row))
+        offset += count
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
 def _split_batch(batch):
     """(images, labels, text) from a batch dict, an (images, labels) tuple or images."""
     if isinstance(batch, dict):
