@@ -116,7 +116,7 @@ def test_quick_run_writes_the_three_files_and_resumes(tmp_path):
 
 
 def test_t_interval_matches_closed_forms_and_scipy():
-    from scipy import stats
+    from scipy import stats as scipy_stats
 
     # df = 1: the 97.5% t quantile is tan(0.475 π); [0, 2] has mean 1 and s/sqrt(n) = 1.
     mean, low, high = stats.t_interval([0.0, 2.0])
@@ -128,7 +128,8 @@ def test_t_interval_matches_closed_forms_and_scipy():
     assert (low, high) == (pytest.approx(1 - half), pytest.approx(1 + half))
     # df = 4 against scipy's own interval routine.
     sample = [3.1, 2.4, 5.0, 4.2, 3.3]
-    ref = stats.t.interval(0.95, df=4, loc=sum(sample) / 5, scale=stats.sem(sample))
+    ref = scipy_stats.t.interval(0.95, df=4, loc=sum(sample) / 5,
+                                 scale=scipy_stats.sem(sample))
     assert stats.t_interval(sample)[1:] == pytest.approx(ref, rel=1e-12)
     assert stats.t_interval([4.0]) == (4.0, None, None)
     with pytest.raises(ValueError, match="non-empty"):

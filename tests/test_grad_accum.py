@@ -74,7 +74,8 @@ def test_steps_count_real_updates(reference):
     state = _state(run)
     assert state["step"] == 3 and state["batches"] == 6
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
-        "state.json", "step-00000002.keras", "step-00000003.keras"]
+        "state.json", "step-00000002.json", "step-00000002.keras", "step-00000003.json",
+        "step-00000003.keras"]
     saved = keras.models.load_model(os.path.join(run, "model.keras"))
     assert int(ops.convert_to_numpy(saved.optimizer.iterations)) == 3
 
