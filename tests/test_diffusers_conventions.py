@@ -129,3 +129,15 @@ def test_sd15_captions_step_is_diffusers_min_snr_loss(vae_and_pixels):
              "noise": noise.astype("float32")}
     history = model.fit(batch, batch_size=2, epochs=1, verbose=0)
     assert history.history["loss"][0] == pytest.approx(expected, rel=2e-4)
+
+    # --noise_offset 0.1: the noise gains 0.1·δ, δ ~ N(0, 1) per image and channel, and the
+    # target keeps it. The model draws δ in its step (tests/test_loss_knobs.py checks that
+    # draw); here the loss of a given offset noise against diffusers' formula.
+    offset = rng.normal(size=(2, 1, 1, 4))
+    offset_model = kms.DiffusionModel(model.backbone, model.schedule, weighting="min_snr",
+                                      gamma=5.0, noise_offset=0.1, ema_decay=0.0)
+    offset_loss, _ = offset_model.diffusion_loss_terms(
+        latents, context, timesteps, (noise + 0.1 * offset).astype("float32"))
+    offset_expected = diffusers_loss(predict, posterior_mean, noise, timesteps, "epsilon",
+                                     snr_gamma=5.0, noise_offset=0.1, offset_noise=offset)
+    assert float(ops.convert_to_numpy(offset_loss)) == pytest.approx(offset_expected, rel=2e-4)

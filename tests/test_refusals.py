@@ -11,6 +11,7 @@ from keras import ops
 from PIL import Image
 
 from keras_minsnr import cli
+from keras_minsnr import run_config
 from keras_minsnr import training
 from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.schedules import NoiseSchedule
@@ -174,7 +175,7 @@ def test_a_nan_in_a_latent_cache_is_named(tmp_path):
     dataset = [{"images": values[:8]}, {"images": values[8:]}]
     cache = str(tmp_path / "cache")
     latents.cache_latents(dataset, lambda x: x, cache, scale=1.0, shard_size=8)
-    config = training.resolve_config(RECIPE, {
+    config = run_config.resolve_config(RECIPE, {
         "data": cache, "image_size": None, "batch_size": 8, "label_dropout": 0.0, "steps": 4,
         "steps_per_epoch": 2, "warmup_steps": 0, "backbone_args.hidden_size": 16,
         "backbone_args.depth": 1, "sample_every_epochs": 1000, "num_samples": 2,
