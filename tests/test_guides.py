@@ -20,7 +20,7 @@ import make_notebooks  # noqa: E402
 EXPECTED = {
     "min_snr_weighting.py": ("'fid'", "digits_min_snr.keras", ("tensorflow", "jax")),
     "distributed_dit.py": ("resumed at step", "dit_distributed.keras", ("jax",)),
-    "official_vit_sampling.py": ("restored DiT table", "official_vit.keras",
+    "official_vit_sampling.py": ("restored InContextViT table", "official_vit.keras",
                                  ("tensorflow", "jax")),
     "sd3_min_snr.py": ("final loss:", "sd3_min_snr.keras", ("tensorflow", "jax")),
 }
