@@ -108,7 +108,7 @@ def execute(notebook, env, timeout):
     import nbclient
     import nbformat
 
-    nb = nbformat.from_dict(notebook)
+    nb = nbformat.reads(json.dumps(notebook), as_version=4)  # joins the source lines
     saved = dict(os.environ)
     os.environ.update(env)  # the kernel inherits this process's environment
     os.environ.setdefault("PYTHONPATH", os.path.dirname(HERE))
@@ -120,9 +120,26 @@ def execute(notebook, env, timeout):
         os.environ.clear()
         os.environ.update(saved)
     out = json.loads(nbformat.writes(nb))
-    for cell in out["cells"]:  # nbclient's timing metadata would change on every run
-        cell["metadata"].pop("execution", None)
+    out["metadata"] = notebook["metadata"]  # not the kernel's language_info of this machine
+    for cell in out["cells"]:
+        cell["metadata"].pop("execution", None)  # nbclient's timings change on every run
+        if cell["cell_type"] == "code":
+            cell["outputs"] = [o for o in cell["outputs"] if not is_native_log(o)]
     return out
+
+
+# TensorFlow's C++ start-up lines (no CUDA driver, CPU features), written to stderr before
+# its logging is set up, so TF_CPP_MIN_LOG_LEVEL cannot hide them: they say nothing about
+# the guide and would differ on every machine.
+NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+                        r"|[IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\])")
+
+
+def is_native_log(output):
+    if output["output_type"] != "stream" or output["name"] != "stderr":
+        return False
+    text = "".join(output["text"])
+    return all(NATIVE_LOG.match(line) for line in text.splitlines())
 
 
 def main(argv=None):
