@@ -119,13 +119,13 @@ def execute(notebook, env, timeout):
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    out = json.loads(nbformat.writes(nb))
-    out["metadata"] = notebook["metadata"]  # not the kernel's language_info of this machine
-    for cell in out["cells"]:
-        cell["metadata"].pop("execution", None)  # nbclient's timings change on every run
+    ran = json.loads(nbformat.writes(nb))
+    for cell in ran["cells"]:
         if cell["cell_type"] == "code":
             cell["outputs"] = drop_native_log(cell["outputs"])
-    return out
+    # Only the outputs and counts go into the generated cells: nbclient's timing metadata,
+    # the kernel's language_info and nbformat's key order would change the file every run.
+    return keep_outputs(json.loads(json.dumps(notebook)), ran)
 
 
 # TensorFlow's C++ start-up lines (no CUDA driver, CPU features), written to stderr before
