@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LATEST := .venv-latest
 
-.PHONY: venv test test-tensorflow test-jax demo test-latest constraints clean
+.PHONY: venv test test-tensorflow test-jax demo notebooks test-latest constraints clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test-jax: venv
 demo: venv
 	KERAS_BACKEND=jax $(VENV)/bin/keras-minsnr train digits --output-dir runs/demo
 	@echo "Demo run written to runs/demo/ (samples.png, metrics.csv, model.keras)"
+
+# The guides' notebooks, executed, with their outputs (plots, sample grids); one at a time.
+notebooks: venv
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[guides]"
+	$(PY) guides/make_notebooks.py --execute
 
 # The newest releases within setup.cfg's ranges, in a separate venv (no constraints).
 # If it passes, `make constraints` (run with VENV=.venv-latest) records them.

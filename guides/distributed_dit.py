@@ -1,6 +1,8 @@
 """
 Title: Train DiT on a TPU pod with keras.distribution
 Author: keras_minsnr
+Date created: 2026-11-24
+Last modified: 2026-12-06
 Description: Data- and model-parallel Min-SNR training of a DiT with keras.distribution on JAX, run here on 8 virtual CPU devices, with the TPU-pod, multi-GPU and multi-host commands.
 Accelerator: None (8 virtual CPU devices, about a minute); the same code runs on a TPU pod
 """
@@ -33,6 +35,14 @@ real devices.
 
 """
 ## Setup
+
+`keras_minsnr` is not published on PyPI: install it from a checkout of its source tree
+(`make venv` there installs it with the versions its tests passed with). From this
+notebook's folder, `guides/`:
+"""
+
+"""shell
+pip install -q -e "..[guides]"
 """
 
 import os

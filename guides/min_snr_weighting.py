@@ -1,6 +1,8 @@
 """
 Title: Faster diffusion training with Min-SNR-γ loss weighting
 Author: keras_minsnr
+Date created: 2026-11-23
+Last modified: 2026-12-06
 Description: Train a class-conditional diffusion model on the 8x8 digits with Min-SNR-γ, on TensorFlow or JAX, and look at what the weighting does.
 Accelerator: None (CPU, a few minutes)
 """
@@ -27,6 +29,14 @@ Pick the backend before importing Keras: `KERAS_BACKEND=jax` or `tensorflow`.
 
 """
 ## Setup
+
+`keras_minsnr` is not published on PyPI: install it from a checkout of its source tree
+(`make venv` there installs it with the versions its tests passed with). From this
+notebook's folder, `guides/`:
+"""
+
+"""shell
+pip install -q -e "..[guides]"
 """
 
 import os
@@ -40,6 +50,23 @@ import numpy as np
 import keras_minsnr as kms
 from keras_minsnr.data import make_dataset
 from keras_minsnr.visualization import image_grid
+
+
+def show_figure(name):
+    """Shows the figure inline in a notebook; saves it as NAME.png when run as a script.
+
+    A script runs matplotlib without a display (Agg, where `plt.show()` draws nothing), so
+    the figure goes to a file instead of being lost.
+    """
+    try:
+        get_ipython  # noqa: B018, F821 -- defined only under IPython / Jupyter
+    except NameError:
+        plt.savefig(f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close()
+        print(f"saved {name}.png")
+    else:
+        plt.show()
+
 
 STEPS = int(os.environ.get("KMS_GUIDE_STEPS", 4000))
 
@@ -60,7 +87,7 @@ for strategy in ("constant", "min_snr", "soft_min_snr", "max_snr"):
 plt.xlabel("log SNR(t)")
 plt.ylabel("weight (ε target)")
 plt.legend()
-plt.show()
+show_figure("weightings")
 
 """
 ## Data
@@ -119,7 +146,7 @@ images = model.generate(labels=labels, num_steps=50, sampler="ddim", guidance_sc
 plt.figure(figsize=(5, 5))
 plt.imshow(image_grid(images, columns=10))
 plt.axis("off")
-plt.show()
+show_figure("digit_samples")
 
 """
 ## Measuring quality

@@ -1,6 +1,8 @@
 """
 Title: Sample from the Min-SNR paper's ImageNet ViT-XL/2 in Keras
 Author: keras_minsnr
+Date created: 2026-11-24
+Last modified: 2026-12-06
 Description: Convert the paper's released PyTorch checkpoint of its in-context ViT into a Keras model and sample from it with the paper's EDM Heun settings, on TensorFlow or JAX.
 Accelerator: None for this offline run (a tiny random checkpoint, under a minute on a CPU); a GPU for the real 452M-parameter model
 """
@@ -30,6 +32,14 @@ and shapes, converts it and samples from it with the paper's settings. Point
 
 """
 ## Setup
+
+`keras_minsnr` is not published on PyPI: install it from a checkout of its source tree
+(`make venv` there installs it with the versions its tests passed with). From this
+notebook's folder, `guides/`:
+"""
+
+"""shell
+pip install -q -e "..[guides]"
 """
 
 import os
@@ -42,6 +52,23 @@ import numpy as np
 
 from keras_minsnr import official
 from keras_minsnr.visualization import image_grid
+
+
+def show_figure(name):
+    """Shows the figure inline in a notebook; saves it as NAME.png when run as a script.
+
+    A script runs matplotlib without a display (Agg, where `plt.show()` draws nothing), so
+    the figure goes to a file instead of being lost.
+    """
+    try:
+        get_ipython  # noqa: B018, F821 -- defined only under IPython / Jupyter
+    except NameError:
+        plt.savefig(f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close()
+        print(f"saved {name}.png")
+    else:
+        plt.show()
+
 
 """
 ## Getting the checkpoint
@@ -172,7 +199,7 @@ Here, with random weights, we only look at the first three latent channels.
 plt.figure(figsize=(8, 1.5))
 plt.imshow(image_grid(np.clip(latents[..., :3], -1, 1), columns=8))
 plt.axis("off")
-plt.show()
+show_figure("official_vit_latents")
 
 """
 ## Saving

@@ -1,6 +1,8 @@
 """
 Title: Fine-tune Stable Diffusion 3 with Min-SNR in Keras
 Author: keras_minsnr
+Date created: 2026-11-24
+Last modified: 2026-12-06
 Description: Fine-tune the MMDiT of a KerasHub Stable Diffusion 3 preset with the rectified-flow target and Min-SNR-γ weighting, on TensorFlow or JAX.
 Accelerator: None here (a tiny random preset on a CPU); a GPU or TPU for the real preset
 """
@@ -29,6 +31,14 @@ for that are at the end.
 
 """
 ## Setup
+
+`keras_minsnr` is not published on PyPI: install it from a checkout of its source tree
+(`make venv` there installs it with the versions its tests passed with). From this
+notebook's folder, `guides/`:
+"""
+
+"""shell
+pip install -q -e "..[guides]"
 """
 
 import os
@@ -44,6 +54,23 @@ import keras_minsnr as kms
 from keras_minsnr.backbones import autoencoders
 from keras_minsnr.backbones import sd3
 from keras_minsnr.visualization import image_grid
+
+
+def show_figure(name):
+    """Shows the figure inline in a notebook; saves it as NAME.png when run as a script.
+
+    A script runs matplotlib without a display (Agg, where `plt.show()` draws nothing), so
+    the figure goes to a file instead of being lost.
+    """
+    try:
+        get_ipython  # noqa: B018, F821 -- defined only under IPython / Jupyter
+    except NameError:
+        plt.savefig(f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close()
+        print(f"saved {name}.png")
+    else:
+        plt.show()
+
 
 STEPS = int(os.environ.get("KMS_GUIDE_STEPS", 300))
 IMAGE_SIZE = 32
@@ -203,7 +230,7 @@ pictures = encoders.decode(samples)
 plt.figure(figsize=(6, 2))
 plt.imshow(image_grid(np.clip(pictures, -1, 1), columns=len(COLORS)))
 plt.axis("off")
-plt.show()
+show_figure("sd3_samples")
 
 """
 ## Saving

@@ -16,22 +16,60 @@ GUIDES = sorted(
 sys.path.insert(0, os.path.join(ROOT, "guides"))
 import make_notebooks  # noqa: E402
 
-# What each guide must print and write; the backends it runs on.
+# What each guide must print and write (the model, then its figures, saved as files when
+# it runs as a script); the backends it runs on.
 EXPECTED = {
-    "min_snr_weighting.py": ("'fid'", "digits_min_snr.keras", ("tensorflow", "jax")),
-    "distributed_dit.py": ("resumed at step", "dit_distributed.keras", ("jax",)),
-    "official_vit_sampling.py": ("restored DiT table", "official_vit.keras",
+    "min_snr_weighting.py": ("'fid'", ("digits_min_snr.keras", "weightings.png",
+                                       "digit_samples.png"), ("tensorflow", "jax")),
+    "distributed_dit.py": ("resumed at step", ("dit_distributed.keras",), ("jax",)),
+    "official_vit_sampling.py": ("restored InContextViT table",
+                                 ("official_vit.keras", "official_vit_latents.png"),
                                  ("tensorflow", "jax")),
-    "sd3_min_snr.py": ("final loss:", "sd3_min_snr.keras", ("tensorflow", "jax")),
+    "sd3_min_snr.py": ("final loss:", ("sd3_min_snr.keras", "sd3_samples.png"),
+                       ("tensorflow", "jax")),
 }
 
 
 @pytest.mark.parametrize("path", GUIDES, ids=os.path.basename)
 def test_notebook_is_generated_from_the_guide(path):
+    # The cells' kinds and sources; outputs and execution counts come from running it.
     with open(path) as f:
         expected = make_notebooks.to_notebook(make_notebooks.split_cells(f.read()))
     with open(path[:-3] + ".ipynb") as f:
-        assert json.load(f) == expected, "run `python guides/make_notebooks.py`"
+        notebook = json.load(f)
+    assert make_notebooks.cell_sources(notebook) == make_notebooks.cell_sources(expected), (
+        "run `python guides/make_notebooks.py`"
+    )
+    assert notebook["metadata"] == expected["metadata"]
+    title = notebook["cells"][0]["source"]
+    assert any(line.startswith("**Date created:** 20") for line in title)
+    assert any(line.startswith("**Last modified:** 20") for line in title)
+    # The install cell is the reader's step: executing the notebook leaves it alone.
+    install = [c for c in notebook["cells"] if "".join(c["source"]).startswith("!pip install")]
+    assert len(install) == 1
+    assert install[0]["metadata"].get("tags") == [make_notebooks.SKIP_TAG]
+
+
+@pytest.mark.parametrize("path", GUIDES, ids=os.path.basename)
+def test_committed_notebook_carries_its_outputs(path):
+    name = os.path.basename(path)[:-3]
+    with open(path[:-3] + ".ipynb") as f:
+        cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+    if name in make_notebooks.NOT_EXECUTED:
+        assert name not in make_notebooks.EXECUTE
+        assert all(not c["outputs"] for c in cells)
+        return
+    assert name in make_notebooks.EXECUTE, "say in make_notebooks.py whether it runs"
+    ran = [c for c in cells if make_notebooks.SKIP_TAG not in c["metadata"].get("tags", [])]
+    assert all(c["execution_count"] for c in ran), (
+        "run `python guides/make_notebooks.py --execute " + name + "`"
+    )
+    errors = [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
+    assert not errors
+    images = [o for c in cells for o in c["outputs"] if "image/png" in o.get("data", {})]
+    _, written, _ = EXPECTED[name + ".py"]
+    assert len(images) == sum(w.endswith(".png") for w in written)
+    assert os.path.getsize(path[:-3] + ".ipynb") < 2_000_000
 
 
 @pytest.mark.parametrize("path", GUIDES, ids=os.path.basename)
@@ -51,4 +89,5 @@ def test_guide_runs(path, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert printed in result.stdout
-    assert os.path.exists(tmp_path / written)
+    for name in written:
+        assert os.path.exists(tmp_path / name), name
