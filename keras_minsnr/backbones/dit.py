@@ -79,6 +79,7 @@ class DiT(PatchTransformer):
     """
 
     INITIALIZERS = staticmethod(_reference_initializers)
+    BLOCK = DiTBlock
     num_extra_tokens = 0  # every token is a patch
 
     def __init__(
@@ -138,17 +139,6 @@ class DiT(PatchTransformer):
                 f"adaln_zero uses a 2-D sin-cos position embedding, so hidden_size must "
                 f"be divisible by 4; got hidden_size={self.hidden_size}."
             )
-
-    def _make_block(self, i, init):
-        return DiTBlock(
-            self.hidden_size,
-            self.num_heads,
-            self.mlp_ratio,
-            kernel_initializer=init["block_kernel"][i],
-            output_initializer=init["block_output"][i],
-            dtype=self.dtype_policy,
-            name=f"block_{i}",
-        )
 
     def _make_output_layers(self, init):
         self.final_layer = AdaLNFinalLayer(

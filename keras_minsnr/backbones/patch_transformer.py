@@ -64,8 +64,8 @@ class PatchTransformer(keras.Model):
     """Base of the patch transformers; not used on its own.
 
     Subclasses set `INITIALIZERS` (a function of ``(fan_in, hidden_size, depth,
-    head_init_scale)`` giving every random initialiser), define ``_make_block(i, init)``,
-    ``_make_output_layers(init)``, ``_build_trunk()`` and ``_run_trunk(h, t_emb,
+    head_init_scale)`` giving every random initialiser) and `BLOCK` (the block layer
+    class), and define ``_make_output_layers(init)``, ``_build_trunk()`` and ``_run_trunk(h, t_emb,
     y_emb)``.
 
     Args:
@@ -173,7 +173,18 @@ class PatchTransformer(keras.Model):
                 dtype=self.dtype_policy,
                 name="y_embedder",
             )
-        self.blocks = [self._make_block(i, init) for i in range(self.depth)]
+        self.blocks = [
+            type(self).BLOCK(
+                self.hidden_size,
+                self.num_heads,
+                self.mlp_ratio,
+                kernel_initializer=init["block_kernel"][i],
+                output_initializer=init["block_output"][i],
+                dtype=self.dtype_policy,
+                name=f"block_{i}",
+            )
+            for i in range(self.depth)
+        ]
         self._make_output_layers(init)
         # Every shape is known from the config, so the model is built right away
         # (count_params() works before the first call, and loading needs no input shape).

@@ -91,6 +91,7 @@ class InContextViT(PatchTransformer):
     """
 
     INITIALIZERS = staticmethod(_reference_initializers)
+    BLOCK = PreLNBlock
 
     def __init__(
         self,
@@ -122,17 +123,6 @@ class InContextViT(PatchTransformer):
     def num_extra_tokens(self):
         """The timestep token, and the class token when class-conditional."""
         return 1 + (self.num_classes is not None)
-
-    def _make_block(self, i, init):
-        return PreLNBlock(
-            self.hidden_size,
-            self.num_heads,
-            self.mlp_ratio,
-            kernel_initializer=init["block_kernel"][i],
-            output_initializer=init["block_output"][i],
-            dtype=self.dtype_policy,
-            name=f"block_{i}",
-        )
 
     def _make_output_layers(self, init):
         self._positions_initializer = init["positions"]
