@@ -43,6 +43,12 @@ def data_arguments(backbone_class, info, config):
     return dict(hook(info, config)) if hook is not None else {}
 
 
+def image_and_class_arguments(info):
+    """``{"image_shape", "num_classes"}`` of a dataset: the `data_arguments` of a
+    class-conditional pixel or latent backbone."""
+    return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+
+
 def lora_target_groups(backbone):
     """The LoRA groups of a backbone (instance or class): generic ones plus its own."""
     backbone_class = backbone if isinstance(backbone, type) else type(backbone)

@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_minsnr.backbones import contract
 from keras_minsnr.backbones.layers import TimestepEmbedding
 
 
@@ -39,7 +40,7 @@ class MLPDenoiser(keras.Model):
     @classmethod
     def data_arguments(cls, info, config):
         """Image shape and classes from the data (see `backbones.contract`)."""
-        return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+        return contract.image_and_class_arguments(info)
 
     @classmethod
     def lora_target_groups(cls):

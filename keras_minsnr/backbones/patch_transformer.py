@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_minsnr.backbones import contract
 from keras_minsnr.backbones.contract import MODEL_AXIS
 from keras_minsnr.backbones.contract import check_divisible
 from keras_minsnr.backbones.layers import TimestepEmbedding
@@ -276,7 +277,7 @@ class PatchTransformer(keras.Model):
     @classmethod
     def data_arguments(cls, info, config):
         """Image shape and classes from the data."""
-        return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+        return contract.image_and_class_arguments(info)
 
     @classmethod
     def lora_target_groups(cls):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_minsnr.backbones import contract
 from keras_minsnr.backbones.layers import TimestepEmbedding
 
 
@@ -221,7 +222,7 @@ class UNet(keras.Model):
     @classmethod
     def data_arguments(cls, info, config):
         """Image shape and classes from the data (see `backbones.contract`)."""
-        return {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+        return contract.image_and_class_arguments(info)
 
     @classmethod
     def lora_target_groups(cls):
