@@ -17,9 +17,9 @@ from keras_minsnr import cli
 from keras_minsnr import monitoring
 from keras_minsnr import training
 from keras_minsnr import run_config
-from keras_minsnr import builders
 from tests.test_reliability import _config
 from tests.test_reliability import _rows
+from tests.test_cli import run_dir  # noqa: F401  (the fixture: an untrained tiny digits run)
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 # Epochs of 3 steps with a checkpoint at each; points every 3 steps; grids at 3, 6, ...
@@ -208,37 +208,21 @@ def test_validation_keys_that_do_not_fit_the_model(tmp_path, override, words):
     assert not os.path.exists(os.path.join(run, "config.json"))
 
 
-@pytest.fixture(scope="module")
-def untrained_run(tmp_path_factory):
-    """A run directory holding an untrained tiny digits model (sampling needs no training)."""
-    from keras_minsnr.data import DatasetInfo
-
-    run = tmp_path_factory.mktemp("untrained")
-    config = run_config.resolve_config(cli.load_recipe("digits"), {
-        "backbone_args": {"hidden_size": 16, "depth": 1}})
-    model = builders.build_model(config, DatasetInfo(name="digits", image_shape=(8, 8, 1),
-                                                     num_classes=10))
-    model.save(os.path.join(run, "model.keras"))
-    with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump(config, f)
-    return run
-
-
-def test_sample_writes_as_many_images_as_asked(untrained_run, tmp_path, capsys):
+def test_sample_writes_as_many_images_as_asked(run_dir, tmp_path, capsys):
     out = str(tmp_path / "s.png")
-    assert cli.main(["sample", str(untrained_run), "--num-samples", "16", "--steps", "2",
+    assert cli.main(["sample", str(run_dir), "--num-samples", "16", "--steps", "2",
                      "--output", out]) == 0
     with Image.open(out) as image:
         assert image.size[::-1] == _grid_side(16)  # 4 x 4 tiles; today 10 tiles, 3 rows
     assert "Wrote 16 samples" in capsys.readouterr().out
 
 
-def test_evaluate_names_its_features_and_uses_smaller_kid_subsets(untrained_run, capsys):
+def test_evaluate_names_its_features_and_uses_smaller_kid_subsets(run_dir, capsys):
     from keras_minsnr import evaluation
 
     # Subsets of all 1000 samples (the old size) are the same set each time: std 0.
     assert [evaluation.kid_subset_size(n) for n in (2, 20, 1000, 5000)] == [2, 10, 500, 1000]
-    assert cli.main(["evaluate", str(untrained_run), "--num-samples", "20",
+    assert cli.main(["evaluate", str(run_dir), "--num-samples", "20",
                      "--steps", "2"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)  # no progress bars off a terminal: stdout is the JSON
