@@ -231,7 +231,7 @@ class StepLogger:
         `tf.summary` (TensorBoard event files); ``wandb.init(resume="allow")``.
     """
 
-    def __init__(self, run_dir, config, model):
+    def __init__(self, run_dir, config, model, validation=None):
         self.run_dir = run_dir
         self.config = config
         self.model = model
@@ -239,7 +239,10 @@ class StepLogger:
         self.validation_every = config.get("validation_every")
         self.images_per_step = int(config["batch_size"]) * grad_accum(config)
         report_to = config.get("report_to", "tensorboard")
-        self.validation = validation_condition(model, config) if self.validation_every else None
+        self.validation = None
+        if self.validation_every:  # `validation`: the condition the caller already made
+            self.validation = (validation if validation is not None
+                               else validation_condition(model, config))
         self._wandb = _start_wandb(run_dir, config) if report_to in ("wandb", "all") else None
         self._writer = None
         if report_to in ("tensorboard", "all"):

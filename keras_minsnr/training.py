@@ -127,16 +127,17 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
     resume.check_steps(run_dir, config, reached)
     keras.utils.set_random_seed(config["seed"])
     dataset, info = build_dataset(config)
-    model = None
+    model = validation = None
     if reached is None:
         with scope():  # variables get their device layout when they are made
             model = build_model(config, info)
-        validation_condition(model, config)  # a validation key that does not fit the model
+        # A validation key that does not fit the model fails here (prompts are encoded once).
+        validation = validation_condition(model, config)
     os.makedirs(run_dir, exist_ok=True)
     lock = run_lock.RunLock(run_dir) if _holds_lock(config) else contextlib.nullcontext()
     with lock, interrupts.StopRequests() as stop:
-        return _train_locked(config, run, model, (dataset, info), scope, verbose,
-                             allow_config_change, restart, stop, resume_from)
+        return _train_locked(config, run, (model, validation), (dataset, info), scope,
+                             verbose, allow_config_change, restart, stop, resume_from)
 
 
 def _holds_lock(config):
@@ -144,10 +145,12 @@ def _holds_lock(config):
     return not config.get("multihost") or backend_lib.process_index() == 0
 
 
-def _train_locked(config, run, model, data, scope, verbose, allow_config_change,
+def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
                   restart, stop, resume_from=None):
-    """`train` once the run directory is locked: resume, fit, save."""
+    """`train` once the run directory is locked: resume, fit, save. ``built`` is the
+    fresh model `train` made (or None) and its validation condition."""
     run_dir = run.run_dir
+    model, validation = built
     dataset, info = data
     if restart:
         moved = resume.move_aside_for_restart(run)
@@ -161,7 +164,7 @@ def _train_locked(config, run, model, data, scope, verbose, allow_config_change,
         else:
             loaded, state = resume.load_newest(run, make_optimizer(config), move_broken=True)
     if loaded is not None:
-        model = loaded
+        model, validation = loaded, None
     elif model is None:  # its checkpoints vanished since train() looked (another run)
         with scope():
             model = build_model(config, info)
@@ -179,7 +182,7 @@ def _train_locked(config, run, model, data, scope, verbose, allow_config_change,
         run.record_change(step, key, old, new)
     # Rows logged after the checkpoint are replayed below, identically.
     run.truncate_metrics(step)
-    step_logger = StepLogger(run_dir, config, model)
+    step_logger = StepLogger(run_dir, config, model, validation)
     checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
     total = int(config["steps"])
     if grad_accum(config) > 1:
