@@ -68,7 +68,7 @@ def test_vae_encoder_matches_diffusers(converted, ref):
     latents = encoder(ref["vae_images"])  # KerasCV's ImageEncoder: posterior mean x 0.18215
     assert _gap(latents, 0.18215 * ref["vae_posterior_mean"]) < TOLERANCE
     assert _gap(latents, 0.18215 * ref["vae_posterior_mean_as_shipped"]) < SHIPPED_TOLERANCE
-    # What StableDiffusionEncoders keeps: the 8 posterior channels before KerasCV's slice.
+    # What StableDiffusionAutoencoder keeps: the 8 posterior channels before KerasCV's slice.
     moments = keras.Model(encoder.inputs, encoder.layers[-2].output)(ref["vae_images"])
     assert _gap(moments, ref["vae_moments"]) < TOLERANCE
 

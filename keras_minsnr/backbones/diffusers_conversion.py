@@ -3,7 +3,7 @@
 A diffusers folder (what `StableDiffusionPipeline.save_pretrained` writes and the Hugging
 Face hub serves) holds ``unet/``, ``vae/`` and ``text_encoder/``, each a ``config.json``
 and ``*.safetensors`` in PyTorch layout. KerasCV (and so `StableDiffusionUNet`,
-`StableDiffusionEncoders`, `latent_decoder`) loads TF-Keras ``.h5`` files by layer order.
+`autoencoders.StableDiffusionAutoencoder`, `latent_decoder`) loads TF-Keras ``.h5`` files by layer order.
 This module reads the safetensors with numpy (no torch), maps every tensor onto KerasCV's
 blocks, checks names and shapes for all components before writing anything, and writes
 the four files under the names KerasCV uses.
