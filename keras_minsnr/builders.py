@@ -147,7 +147,8 @@ def distribution_scope(config):
     Returns a function that makes the context (enter one to build, another to train).
     JAX: the scope of the `keras.distribution` that `kms.distribution.configure` makes.
     TensorFlow: ``data_parallel`` is a `tf.distribute.MirroredStrategy`
-    (``MultiWorkerMirroredStrategy`` with ``multihost``); ``model_parallel`` is refused.
+    (``MultiWorkerMirroredStrategy`` with ``multihost``); ``model_parallel`` and
+    ``fsdp`` are refused.
     The global batch ``batch_size`` must divide evenly over the data-parallel devices.
     """
     kind = config.get("distribution", "none")
