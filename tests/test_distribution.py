@@ -121,7 +121,7 @@ def test_orbax_checkpoint_of_sharded_model_restores_on_other_layout(report):
     assert all(axis is None for axes in got["layouts"].values() for axis in axes)
 
 
-FSDP_RUNS = {"dit_4x1": 4, "dit_2x2": 2, "unet_2x1": 2}
+FSDP_RUNS = {"dit_4x1": (4, 1), "dit_2x2": (2, 2), "unet_2x1": (2, 1)}  # (data, model)
 
 
 def _fsdp_expected_axes(shape, data_shards, model_axes):
@@ -150,7 +150,7 @@ def test_fsdp_steps_equal_one_device(report, run):
 @pytest.mark.parametrize("run", sorted(FSDP_RUNS))
 def test_fsdp_splits_weights_ema_and_adamw_slots(report, run):
     got = report["fsdp"][run]
-    data_shards = FSDP_RUNS[run]
+    data_shards, model_shards = FSDP_RUNS[run]
     layouts, shapes, paths = got["layouts"], got["shapes"], got["paths"]
     assert len(paths["ema"]) == len(paths["weights"])
     assert len(paths["slots"]) == 2 * len(paths["weights"])  # AdamW: two moments
@@ -158,7 +158,7 @@ def test_fsdp_splits_weights_ema_and_adamw_slots(report, run):
     for i, weight in enumerate(paths["weights"]):
         shape = shapes[weight]
         model_axes = [None] * len(shape)
-        if run == "dit_2x2":  # the transformer's Megatron split stays on the model axis
+        if model_shards > 1:  # the transformer's Megatron split stays on the model axis
             suffix = [k for k in EXPECTED_SHARDED if weight.endswith(k)]
             model_axes = EXPECTED_SHARDED[suffix[0]] if suffix else model_axes
         expected = _fsdp_expected_axes(shape, data_shards, model_axes)
@@ -170,9 +170,10 @@ def test_fsdp_splits_weights_ema_and_adamw_slots(report, run):
     assert split >= len(paths["weights"]) // 3
     # What the first device really holds: the split arrays' share plus the small
     # replicated ones (biases, norms), far below the replicated state.
+    shards = {"data": data_shards, "model": model_shards, None: 1}
     for group, (local, total) in got["device0_bytes"].items():
         expected_local = sum(
-            4 * int(np.prod(shapes[p])) // (data_shards if "data" in layouts[p] else 1)
+            4 * int(np.prod(shapes[p])) // int(np.prod([shards[a] for a in layouts[p]]))
             for p in paths[group])
         assert local == expected_local, group
         assert local < total / data_shards * 1.5, (group, local, total)
