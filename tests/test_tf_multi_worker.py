@@ -2,8 +2,9 @@
 workers on 127.0.0.1 (``TF_CONFIG``, one CPU each) train as one device does.
 
 A CLI test: the workers and the one-device reference are `keras-minsnr` processes with
-``KERAS_BACKEND=tensorflow``, whatever backend runs the tests (the collectives must be
-configured before TensorFlow starts, so they cannot share this process).
+``KERAS_BACKEND=tensorflow`` (the collectives must be configured before TensorFlow
+starts, so they cannot share this process). It runs in the TensorFlow pass of the suite
+only: under JAX it would start the very same TensorFlow processes a second time.
 """
 
 import json
@@ -14,6 +15,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 from tests.test_cli_distribution import TINY
 
@@ -70,6 +72,10 @@ def _weights(run_dir):
     return [keras.ops.convert_to_numpy(v) for v in model.backbone.weights + model.ema_weights]
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the same TensorFlow worker processes run in the KERAS_BACKEND=tensorflow pass",
+)
 def test_two_tensorflow_workers_equal_one_device(tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
