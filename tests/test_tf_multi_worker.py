@@ -90,10 +90,9 @@ def test_two_tensorflow_workers_equal_one_device(tmp_path):
         assert code == 0, (out[-2000:], err[-4000:])
     assert len(results) == 3
 
-    want = _weights(tmp_path / "one_device")
-    for i in range(2):
-        got = _weights(tmp_path / f"worker{i}")
-        for a, b in zip(got, want, strict=True):
-            # Each worker computes the gradient of half the global batch; the all-reduce
-            # only reorders float32 sums.
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The chief's model (worker 0 writes the run's files); each worker computed the
+    # gradient of half of every global batch, and the all-reduce only reorders float32
+    # sums.
+    got, want = _weights(tmp_path / "worker0"), _weights(tmp_path / "one_device")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
