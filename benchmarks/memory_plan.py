@@ -236,7 +236,11 @@ def measure(precision, mesh, kind=None):
 
         trainable = [v.value for v in backbone.trainable_variables]
         non_trainable = [v.value for v in backbone.non_trainable_variables]
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(
+        # FSDP: each gradient leaves the step split like its weight, as the split
+        # optimizer update takes it (unconstrained, XLA may return some whole).
+        jit_args = ({"out_shardings": (None, [w.sharding for w in trainable])}
+                    if kind == "fsdp" else {})
+        compiled = jax.jit(jax.value_and_grad(loss), **jit_args).lower(
             trainable, non_trainable, inputs).compile()
         analysis = compiled.memory_analysis()
         abstract = abstract_backbone("dit_s_2", **CHECK_MODEL)
