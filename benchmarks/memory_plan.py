@@ -21,8 +21,9 @@ second) and counts, per device, for each ``(data, model)`` mesh that divides
 - gradients: one copy of each trainable weight (alive during the update), plus one
   float32 accumulator per trainable weight with ``--grad-accum`` > 1, laid out like it;
 - ``fsdp`` only, gathered weights: XLA gathers a weight's shards where a layer uses
-  it; counted as the full float32 weights of one transformer block, twice (the forward
-  gather and the gradient before its reduce-scatter), divided by the model-axis size;
+  it and may hold many layers' gathers (and unreduced gradients) at once; counted as
+  the full float32 trainable weights divided by the model-axis size (``--check``:
+  XLA:CPU's extra temporary buffers over data parallelism are 0.9-1.5x that);
 - activations: what the backward pass keeps, estimated per transformer block for a local
   batch ``b = batch / data`` with ``s`` tokens, width ``h``, ``a`` heads, MLP width ``f``
   (elements)::
@@ -126,11 +127,10 @@ def meshes(devices):
 
 
 def gathered_bytes(backbone, model_shards):
-    """FSDP's transient full weights: one transformer block's float32 weights, twice
-    (gathered for the forward pass, and its gradient before the reduce-scatter), split
-    over the model axis; the whole backbone for a backbone without blocks."""
-    _, trainable = state_bytes(backbone, model_shards)
-    return 2 * trainable // max(1, getattr(backbone, "depth", 1))
+    """FSDP's transient full weights and unreduced gradients: budgeted as the whole
+    float32 trainable weights split over the model axis only (XLA may gather every
+    layer before its first use; `check` compares this with XLA:CPU)."""
+    return state_bytes(backbone, model_shards)[1]
 
 
 MEMORY_PARTS = ("weights", "ema", "optimizer_slots", "gradients", "gathered_weights",

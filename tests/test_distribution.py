@@ -321,4 +321,5 @@ def test_memory_plan_of_fsdp_divides_the_matrices_by_the_data_axis():
     assert fsdp["activations"] == replicated["activations"]
     assert fsdp["optimizer_slots"] == 2 * fsdp["ema"] < replicated["ema"]
     assert fsdp["gradients"] == 2 * fsdp["ema"]  # gradient + accumulator
+    assert fsdp["gathered_weights"] == replicated["ema"]  # the whole weights, transient
     assert ("fsdp", (1, 4)) not in by_layout  # no data axis to split over
