@@ -53,6 +53,33 @@ def process_index():
     return int(task.get("index", 0))
 
 
+_MULTI_WORKER_STRATEGY = []
+
+
+def multi_worker_strategy():
+    """This process's `tf.distribute.MultiWorkerMirroredStrategy` (from ``TF_CONFIG``).
+
+    Made once per process, and it must be made before anything starts TensorFlow's
+    runtime (lists devices, makes a tensor): it configures the collective ops, which
+    TensorFlow accepts only at startup. The CLI makes it first thing for ``--multihost``
+    on TensorFlow; in Python call this before building anything.
+    """
+    if not _MULTI_WORKER_STRATEGY:
+        import tensorflow as tf
+
+        try:
+            _MULTI_WORKER_STRATEGY.append(tf.distribute.MultiWorkerMirroredStrategy())
+        except RuntimeError as error:
+            if "program startup" not in str(error):
+                raise
+            raise RuntimeError(
+                "multihost on TensorFlow: the MultiWorkerMirroredStrategy must be made "
+                "before TensorFlow starts its runtime; call "
+                "keras_minsnr.backend.multi_worker_strategy() first thing in the program."
+            ) from error
+    return _MULTI_WORKER_STRATEGY[0]
+
+
 def replica_position():
     """``(index, count)`` of the replica running this code under `tf.distribute`.
 
@@ -184,12 +211,48 @@ def train_step_tensorflow(model, data):
         tf.cond(finite, apply, lambda: tf.constant(False))
 
     context.merge_call(guarded_update, args=(finite, grads))
-    return model.update_metrics(loss, aux)
+    return _reducible_across_workers(model.update_metrics(loss, aux))
+
+
+def _reducible_across_workers(logs):
+    """The step's logs in a shape Keras can average over several workers.
+
+    With a multi-worker strategy Keras averages each log with
+    ``strategy.reduce("MEAN", value, axis=0)``, which fails on a scalar
+    (tensorflow/tensorflow#72388); a ``(1,)`` value averages to the same scalar.
+    """
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and in_multi_worker_mode and in_multi_worker_mode()):
+        return logs
+    return {name: tf.reshape(value, (1,)) for name, value in logs.items()}
+
+
+def first_local_batch(epoch_iterator):
+    """The first batch of a Keras TensorFlow epoch iterator, as this process's first
+    replica holds it (only its shapes are used: to build the model before training).
+
+    Keras reduces the replicas' batches with one `strategy.reduce` over the whole dict,
+    which a `MultiWorkerMirroredStrategy` refuses (keras-team/keras#20329); each
+    replica's slice has the shapes that building needs, without a collective.
+    """
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    for _, _, iterator in epoch_iterator:
+        batch = next(iterator)
+        return tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0]
+            if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+    return None
 
 
 def test_step_tensorflow(model, data):
     loss, aux = model.compute_evaluation_loss(data)
-    return model.update_metrics(loss, aux)
+    return _reducible_across_workers(model.update_metrics(loss, aux))
 
 
 # -- JAX --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from keras_minsnr import backbones
+from keras_minsnr import backend
 from keras_minsnr import distribution
 from keras_minsnr import weighting as weighting_lib
 from keras_minsnr.backbones.contract import data_arguments
@@ -147,7 +148,8 @@ def distribution_scope(config):
     Returns a function that makes the context (enter one to build, another to train).
     JAX: the scope of the `keras.distribution` that `kms.distribution.configure` makes.
     TensorFlow: ``data_parallel`` is a `tf.distribute.MirroredStrategy`
-    (``MultiWorkerMirroredStrategy`` with ``multihost``); ``model_parallel`` is refused.
+    (``MultiWorkerMirroredStrategy`` with ``multihost``); ``model_parallel`` and
+    ``fsdp`` are refused.
     The global batch ``batch_size`` must divide evenly over the data-parallel devices.
     """
     kind = config.get("distribution", "none")
@@ -181,7 +183,7 @@ def distribution_scope(config):
                 "tf.distribute). Use KERAS_BACKEND=jax, or grad_accum=1 with data_parallel, "
                 "or distribution=none with grad_accum."
             )
-        strategy = (tf.distribute.MultiWorkerMirroredStrategy() if config.get("multihost")
+        strategy = (backend.multi_worker_strategy() if config.get("multihost")
                     else tf.distribute.MirroredStrategy())
         data_devices = strategy.num_replicas_in_sync
         scope = strategy.scope

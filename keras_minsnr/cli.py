@@ -193,6 +193,13 @@ def _train(args):
         from keras_minsnr import distribution
 
         distribution.initialize_multihost()
+    if config["multihost"] and xla_flags.keras_backend_name() == "tensorflow":
+        # Before TensorFlow's runtime starts (_load_training lists its devices): the
+        # strategy configures the collective ops, which TensorFlow takes only at startup.
+        with _quiet_native_logs():
+            from keras_minsnr import backend
+
+            backend.multi_worker_strategy()
     training = _load_training()
     if keras_minsnr.XLA_FLAGS_ADDED:
         print(xla_flags.announcement(), file=sys.stderr)

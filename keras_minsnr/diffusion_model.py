@@ -404,6 +404,14 @@ class DiffusionModel(keras.Model):
             return kms_backend.test_step_jax(self, *args)
         return kms_backend.test_step_tensorflow(self, *args)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # TensorFlow's trainer only: under a strategy it builds from its first batch,
+        # which it reduces over the replicas in one call that fails on a dict batch
+        # under MultiWorkerMirroredStrategy (keras-team/keras#20329).
+        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+            data_batch, iterator = kms_backend.first_local_batch(iterator), None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     @property
     def ema_weights(self):
         """The EMA variables (see `ExponentialMovingAverage`); empty without an EMA."""

@@ -14,6 +14,15 @@ This module picks the distribution for a backbone:
   (`keras.distribution.ModelParallel`). A backbone that declares no layout rules (the
   UNets, the MLP), or whose rules match none of its weights, is refused: the devices of
   its model axis would repeat the same work.
+- ``"fsdp"``: fully sharded data parallelism. The batch splits over ``data`` as in
+  ``data_parallel``, and so do the weights, their EMA copies and the optimizer slots:
+  each float variable of rank >= 2 is split over ``data`` along its largest dimension
+  that the data-axis size divides (`fsdp_axes`); biases, norms, scalars and anything
+  not divisible stay replicated. Generic over backbones: the decision reads only the
+  variable's shape. With a ``(data, model)`` mesh whose model axis is > 1, the
+  backbone's model-axis rules apply first and the data axis takes another dimension.
+  Per-device state is then about 1/``data`` of the data-parallel state; XLA gathers
+  each weight where a layer needs it (`FullyShardedDataParallel`).
 
 Every piece of training state follows its weight:
 
@@ -42,7 +51,7 @@ from keras_minsnr.backbones.contract import DATA_AXIS
 from keras_minsnr.backbones.contract import MODEL_AXIS
 from keras_minsnr.backbones.contract import layout_rules
 
-KINDS = ("data_parallel", "model_parallel")
+KINDS = ("data_parallel", "model_parallel", "fsdp")
 
 
 def _check_jax():
@@ -161,13 +170,89 @@ def layout_map(backbone, mesh):
     return layouts
 
 
-def check_splits_something(backbone):
-    """Refuses model parallelism for a backbone whose layout rules split no weight.
+def fsdp_axes(shape, data_shards, axes=None, dtype="float32"):
+    """The axes a variable gets under FSDP: ``axes`` plus the data axis on one dimension.
+
+    The data axis takes the largest dimension not already split (the last one on a tie)
+    whose size ``data_shards`` divides, for float variables of rank >= 2 (kernels,
+    embeddings); others (biases, norm scales, scalars, integer state, shapes with no
+    divisible dimension) keep ``axes``.
+
+    Args:
+        shape: the variable's shape.
+        data_shards: the size of the mesh's data axis.
+        axes: the axes given before (a backbone's model-axis rule); default replicated.
+        dtype: the variable's dtype.
+
+    Example:
+    ```python
+    kms.distribution.fsdp_axes((1152, 3456), 16)                # ("data", None)
+    kms.distribution.fsdp_axes((1152, 3456), 4, (None, "model"))  # ("data", "model")
+    kms.distribution.fsdp_axes((1152,), 16)                      # (None,)
+    ```
+    """
+    shape = tuple(int(d) for d in shape)
+    axes = tuple(axes) if axes is not None else (None,) * len(shape)
+    if len(shape) < 2 or data_shards < 2 or not keras.backend.is_float_dtype(dtype):
+        return axes
+    free = [i for i, (size, axis) in enumerate(zip(shape, axes))
+            if axis is None and size % data_shards == 0]
+    if not free:
+        return axes
+    split = max(free, key=lambda i: (shape[i], i))
+    return tuple(DATA_AXIS if i == split else axis for i, axis in enumerate(axes))
+
+
+class FullyShardedDataParallel(keras.distribution.ModelParallel):
+    """`keras.distribution.ModelParallel` that also splits the state over the data axis.
+
+    The batch is split over the mesh's ``data`` axis, and every variable gets the
+    layout `fsdp_axes` gives it: its layout-map entry (a backbone's model-axis rules,
+    if any) with one more dimension split over ``data``. Optimizer slots take their
+    weight's layout (`Optimizer.add_variable_from_reference`) and EMA copies have their
+    weight's shape, so both are split like the weight. Inside the compiled step XLA
+    gathers a weight's shards where it is used and reduce-scatters its gradient, so a
+    step computes what a data-parallel step does.
+
+    Args:
+        layout_map: a `keras.distribution.LayoutMap` on a mesh with ``data`` and
+            ``model`` axes (see `layout_map`; empty for a model axis of 1).
+
+    Example:
+    ```python
+    mesh = kms.distribution.device_mesh((8, 1))
+    keras.distribution.set_distribution(kms.distribution.FullyShardedDataParallel(
+        keras.distribution.LayoutMap(mesh)))
+    ```
+
+    Reference:
+    - [Zhao et al., 2023](https://arxiv.org/abs/2304.11277) (PyTorch FSDP); the same
+      split of parameters, gradients and optimizer state as ZeRO-3
+      ([Rajbhandari et al., 2020](https://arxiv.org/abs/1910.02054)).
+    """
+
+    def __init__(self, layout_map):
+        super().__init__(layout_map=layout_map, batch_dim_name=DATA_AXIS)
+        mesh = layout_map.device_mesh
+        self.data_shards = mesh.shape[list(mesh.axis_names).index(DATA_AXIS)]
+
+    def get_variable_layout(self, variable):
+        if getattr(variable, "_layout", None) is not None:  # an optimizer slot's
+            return variable._layout
+        rule = self._layout_map[variable.path]
+        axes = fsdp_axes(variable.shape, self.data_shards,
+                         rule.axes if rule is not None else None, variable.dtype)
+        return keras.distribution.TensorLayout(axes, self.device_mesh)
+
+
+def check_splits_something(backbone, kind="model_parallel"):
+    """Refuses a model axis for a backbone whose layout rules split no weight.
 
     Args:
         backbone: a backbone instance (its weight paths are matched against its rules)
             or a preset name (only whether it declares rules is known before it is
             built).
+        kind: the distribution kind, for the message.
     """
     name = backbone if isinstance(backbone, str) else type(backbone).__name__
     rules = backbone_rules(backbone)
@@ -177,10 +262,10 @@ def check_splits_something(backbone):
             rules = ()
     if not rules:
         raise ValueError(
-            f"distribution='model_parallel' has nothing to split in the backbone {name}: "
+            f"distribution={kind!r} with a model axis has nothing to split in the backbone {name}: "
             "it declares no layout rules for the model axis (or none matches a weight), "
             "so every device on that axis would repeat the same work. Use "
-            "distribution=data_parallel."
+            "distribution=data_parallel, or fsdp with a model axis of 1."
         )
 
 
@@ -192,11 +277,11 @@ def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices
     layout when they are created.
 
     Args:
-        kind: ``"data_parallel"``, ``"model_parallel"`` or ``None`` (one device; clears
-            a distribution set before).
+        kind: ``"data_parallel"``, ``"model_parallel"``, ``"fsdp"`` or ``None`` (one
+            device; clears a distribution set before).
         mesh_shape: ``(data, model)``; default ``(num_devices, 1)``. A data-parallel mesh
             must have model size 1.
-        backbone_name: the preset name of the backbone (needed for model parallelism,
+        backbone_name: the preset name of the backbone (needed for a model axis > 1,
             which takes its layout rules from it).
         devices: devices to use (default: all).
         set_global: also call `keras.distribution.set_distribution`.
@@ -230,16 +315,20 @@ def configure(kind="data_parallel", mesh_shape=None, backbone_name=None, devices
         distribution = keras.distribution.DataParallel(
             devices=mesh.devices.reshape(-1).tolist()
         )
+    elif kind == "fsdp" and mesh.shape[1] == 1:
+        distribution = FullyShardedDataParallel(keras.distribution.LayoutMap(mesh))
     else:
         if backbone_name is None:
             raise ValueError(
-                "model_parallel needs backbone_name (a preset name such as 'dit_xl_2') "
-                "to pick the layout rules."
+                f"{kind} with a model axis needs backbone_name (a preset name such as "
+                "'dit_xl_2') to pick the layout rules."
             )
-        check_splits_something(backbone_name)
-        distribution = keras.distribution.ModelParallel(
-            layout_map=layout_map(backbone_name, mesh), batch_dim_name=DATA_AXIS
-        )
+        check_splits_something(backbone_name, kind)
+        layouts = layout_map(backbone_name, mesh)
+        distribution = (
+            FullyShardedDataParallel(layouts) if kind == "fsdp"
+            else keras.distribution.ModelParallel(layout_map=layouts,
+                                                  batch_dim_name=DATA_AXIS))
     if set_global:
         keras.distribution.set_distribution(distribution)
     return distribution

@@ -45,7 +45,7 @@ GROUPS = {
     "scale": "Devices (keras.distribution on JAX, tf.distribute on TensorFlow)",
     "about": "Documentation only",
 }
-DISTRIBUTIONS = ("none", "data_parallel", "model_parallel")
+DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "fsdp")
 # keras_minsnr.lr_schedules.LR_SCHEDULES (a test keeps them equal).
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -244,7 +244,9 @@ class RunConfig:
     distribution: str = _key(
         "none", "none: one device; data_parallel: the batch split over every device (JAX: "
         "keras.distribution, TensorFlow: MirroredStrategy); model_parallel: JAX only, "
-        "transformer blocks split over the mesh's model axis", "scale", choices=DISTRIBUTIONS,
+        "transformer blocks split over the mesh's model axis; fsdp: JAX only, like "
+        "data_parallel but weights, EMA and optimizer slots split over the data axis",
+        "scale", choices=DISTRIBUTIONS,
         resumable=True)
     mesh: str | None = _key(
         None, "DATAxMODEL devices, e.g. 2x4 (null: every device on the data axis)", "scale",
@@ -299,7 +301,7 @@ class RunConfig:
         """A mesh shapes a distribution: without one it would be ignored."""
         if self.mesh not in (None, "") and self.distribution == "none":
             raise ValueError(
-                f"mesh={self.mesh!r} needs distribution data_parallel or model_parallel "
+                f"mesh={self.mesh!r} needs distribution data_parallel, model_parallel or fsdp "
                 "(--distribution); with distribution 'none' the run uses one device."
             )
 

@@ -29,18 +29,30 @@ IMAGE_SHAPE = (8, 8, 4)
 NUM_CLASSES = 10
 
 
-def make_model():
-    backbone = kms.backbones.get(
-        "dit_s_2", depth=1, hidden_size=32, num_heads=2, image_shape=IMAGE_SHAPE,
-        num_classes=NUM_CLASSES,
-    )
+# The smallest transformer and UNet of the presets' families.
+TINY_BACKBONES = {
+    "dit": ("dit_s_2", dict(depth=1, hidden_size=32, num_heads=2)),
+    "unet": ("unet_cifar10", dict(base_channels=8, channel_multipliers=(1, 2),
+                                  num_res_blocks=1, attention_resolutions=(4,),
+                                  dropout=0.0, num_groups=4)),
+}
+
+
+def make_model(backbone="dit", optimizer=None):
+    preset, overrides = TINY_BACKBONES[backbone]
+    backbone = kms.backbones.get(preset, image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
+                                 **overrides)
     model = kms.DiffusionModel(
         backbone, kms.NoiseSchedule("cosine"), weighting="min_snr", ema_decay=0.9,
         ema_warmup=False, label_dropout=0.0, seed=0,
     )
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    model.compile(optimizer=optimizer or keras.optimizers.SGD(0.1, momentum=0.9))
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+def adamw():
+    return keras.optimizers.AdamW(1e-3, weight_decay=0.1)
 
 
 def sample(model):
@@ -87,6 +99,81 @@ def compare(ref_state, other_state):
 def set_state(model, values):
     for v, x in zip(model.variables, values):
         v.assign(x)
+
+
+def device0_bytes(variables):
+    """``(bytes on the first device, bytes of the whole arrays)`` of float variables."""
+    first = jax.devices()[0]
+    local = total = 0
+    for v in variables:
+        array = v.value
+        total += array.nbytes
+        local += sum(s.data.nbytes for s in array.addressable_shards if s.device == first)
+    return local, total
+
+
+def state_groups(model):
+    """Weights, EMA copies and optimizer slots (variables with a shape)."""
+    return {
+        "weights": model.backbone.trainable_variables,
+        "ema": model.ema_weights,
+        "slots": [v for v in model.optimizer.variables if len(v.shape)],
+    }
+
+
+_FSDP_REFERENCES = {}
+
+
+def fsdp_reference(backbone, two_batches):
+    """``(initial values, loss, state)`` of two AdamW steps on one device."""
+    if backbone not in _FSDP_REFERENCES:
+        kd.configure(None)
+        ref = make_model(backbone, adamw())
+        init = [np.asarray(v.value) for v in ref.variables]
+        loss = ref.fit(two_batches, epochs=1, verbose=0).history["loss"][-1]
+        _FSDP_REFERENCES[backbone] = init, loss, state(ref)
+    return _FSDP_REFERENCES[backbone]
+
+
+def fsdp_report(backbone, mesh, data):
+    """Two AdamW steps with fsdp on ``mesh`` against one device, from the same values;
+    then a `.keras` round trip of the sharded model, loaded sharded and on one device."""
+    two_batches = tf.data.Dataset.from_tensors(data[0]).concatenate(
+        tf.data.Dataset.from_tensors(data[1]))
+    init, ref_loss, ref_state = fsdp_reference(backbone, two_batches)
+
+    kd.configure("fsdp", mesh, backbone_name=TINY_BACKBONES[backbone][0],
+                 devices=jax.devices()[: mesh[0] * mesh[1]])
+    model = make_model(backbone, adamw())
+    set_state(model, init)
+    loss = model.fit(two_batches, epochs=1, verbose=0).history["loss"][-1]
+    layouts = kd.describe(model)
+    groups = state_groups(model)
+    out = {
+        "loss_diff": abs(loss - ref_loss),
+        **compare(ref_state, state(model)),
+        "batch_axes": list(
+            keras.distribution.distribution().get_data_layout((GLOBAL_BATCH, 4)).axes),
+        "shapes": {v.path: list(v.shape) for vs in groups.values() for v in vs},
+        "layouts": {p: list(a) for p, a in layouts.items()},
+        "paths": {k: [v.path for v in vs] for k, vs in groups.items()},
+        "device0_bytes": {k: device0_bytes(vs) for k, vs in groups.items()},
+    }
+    saved = state(model)
+    path = os.path.join(tempfile.mkdtemp(), f"fsdp_{backbone}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # under the same fsdp distribution
+    out["loaded_sharded"] = {
+        **compare(saved, state(loaded)),
+        "device0_bytes": {k: device0_bytes(vs) for k, vs in state_groups(loaded).items()},
+    }
+    kd.configure(None)
+    loaded = keras.saving.load_model(path)
+    out["loaded_one_device"] = {
+        **compare(saved, state(loaded)),
+        "devices": len(loaded.backbone.trainable_variables[0].value.sharding.device_set),
+    }
+    return out
 
 
 def main():
@@ -171,6 +258,13 @@ def main():
             "devices": len(restored.backbone.trainable_variables[0].value.sharding.device_set),
         }
         kd.configure(None)
+
+    # FSDP: a transformer on 4 devices, on a 2x2 mesh (plus model axis), and a UNet on 2.
+    report["fsdp"] = {
+        "dit_4x1": fsdp_report("dit", (4, 1), data),
+        "dit_2x2": fsdp_report("dit", (2, 2), data),
+        "unet_2x1": fsdp_report("unet", (2, 1), data),
+    }
 
     # Per-host dataset sharding as Keras does it inside fit() (two pretend hosts).
     distribution = keras.distribution.DataParallel(devices=jax.devices())

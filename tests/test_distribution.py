@@ -121,6 +121,78 @@ def test_orbax_checkpoint_of_sharded_model_restores_on_other_layout(report):
     assert all(axis is None for axes in got["layouts"].values() for axis in axes)
 
 
+FSDP_RUNS = {"dit_4x1": (4, 1), "dit_2x2": (2, 2), "unet_2x1": (2, 1)}  # (data, model)
+
+
+def _fsdp_expected_axes(shape, data_shards, model_axes):
+    """Closed form of the FSDP split: the data axis on the largest dimension (the last on
+    a tie) that the data-axis size divides, among those the model axis left; only for
+    matrices and larger."""
+    axes = list(model_axes)
+    candidates = [i for i, d in enumerate(shape) if axes[i] is None and d % data_shards == 0]
+    if len(shape) >= 2 and candidates:
+        axes[max(candidates, key=lambda i: (shape[i], i))] = "data"
+    return axes
+
+
+@JAX_ONLY
+@pytest.mark.parametrize("run", sorted(FSDP_RUNS))
+def test_fsdp_steps_equal_one_device(report, run):
+    # Two AdamW steps (weights, EMA, both Adam moments) from the same initial values.
+    got = report["fsdp"][run]
+    assert got["batch_axes"] == ["data", None]
+    assert got["loss_diff"] <= TOL
+    for key in ("weights", "ema", "slots"):
+        assert got[key] <= TOL, (key, got[key])
+
+
+@JAX_ONLY
+@pytest.mark.parametrize("run", sorted(FSDP_RUNS))
+def test_fsdp_splits_weights_ema_and_adamw_slots(report, run):
+    got = report["fsdp"][run]
+    data_shards, model_shards = FSDP_RUNS[run]
+    layouts, shapes, paths = got["layouts"], got["shapes"], got["paths"]
+    assert len(paths["ema"]) == len(paths["weights"])
+    assert len(paths["slots"]) == 2 * len(paths["weights"])  # AdamW: two moments
+    split = 0
+    for i, weight in enumerate(paths["weights"]):
+        shape = shapes[weight]
+        model_axes = [None] * len(shape)
+        if model_shards > 1:  # the transformer's Megatron split stays on the model axis
+            suffix = [k for k in EXPECTED_SHARDED if weight.endswith(k)]
+            model_axes = EXPECTED_SHARDED[suffix[0]] if suffix else model_axes
+        expected = _fsdp_expected_axes(shape, data_shards, model_axes)
+        assert layouts[weight] == expected, weight
+        split += "data" in expected
+        # Its EMA copy and its two AdamW moments live exactly like it.
+        for other in (paths["ema"][i], paths["slots"][2 * i], paths["slots"][2 * i + 1]):
+            assert layouts[other] == expected, (other, weight)
+    assert split >= len(paths["weights"]) // 3
+    # What the first device really holds: the split arrays' share plus the small
+    # replicated ones (biases, norms), far below the replicated state.
+    shards = {"data": data_shards, "model": model_shards, None: 1}
+    for group, (local, total) in got["device0_bytes"].items():
+        expected_local = sum(
+            4 * int(np.prod(shapes[p])) // int(np.prod([shards[a] for a in layouts[p]]))
+            for p in paths[group])
+        assert local == expected_local, group
+        assert local < total / data_shards * 1.5, (group, local, total)
+
+
+@JAX_ONLY
+@pytest.mark.parametrize("run", sorted(FSDP_RUNS))
+def test_fsdp_model_round_trips_through_a_keras_file(report, run):
+    got = report["fsdp"][run]
+    # Loaded under the same distribution: the same values, split as before.
+    sharded = got["loaded_sharded"]
+    assert sharded["device0_bytes"] == got["device0_bytes"]
+    # Loaded on one device: the full arrays.
+    single = got["loaded_one_device"]
+    assert single["devices"] == 1
+    for key in ("weights", "ema", "slots"):
+        assert sharded[key] == 0.0 and single[key] == 0.0, key
+
+
 @JAX_ONLY
 def test_fit_reads_a_per_host_shard(report):
     # Global batches of 8 from range(32) on 2 hosts: host 1 gets the second half of each.
@@ -176,6 +248,8 @@ def test_bad_arguments_are_named():
         kd.configure("data_parallel", mesh_shape=(8, 1))
     with pytest.raises(ValueError, match="backbone_name"):
         kd.configure("model_parallel", mesh_shape=(1, 1))
+    with pytest.raises(ValueError, match="'fsdp' with a model axis has nothing to split"):
+        kd.check_splits_something("unet_cifar10", "fsdp")
     with pytest.raises(ValueError, match="'no_such'"):
         kd.layout_map("no_such", kd.device_mesh((1, 1)))
     # DiT-XL/2 has width 1152 = 2^7 * 9: a model axis of 5 cannot split it.
@@ -218,5 +292,34 @@ def test_memory_plan_splits_exactly_the_block_matrices():
     weights, _ = memory_plan.state_bytes(backbone, m)
     assert weights == 4 * (total - split + split // m)
     rows = memory_plan.plan(backbone, devices=4, batch=8, precision="fp32", optimizer="adamw")
-    assert [r["mesh"] for r in rows] == [[4, 1], [2, 2], [1, 4]]
+    assert [r["mesh"] for r in rows if r["layout"] != "fsdp"] == [[4, 1], [2, 2], [1, 4]]
     assert rows[0]["optimizer_slots"] == 2 * rows[0]["ema"]
+
+
+@JAX_ONLY
+def test_memory_plan_of_fsdp_divides_the_matrices_by_the_data_axis():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import memory_plan
+
+    h, f, depth, n = 32, 128, 2, 4
+    backbone = memory_plan.abstract_backbone(
+        "dit_s_2", depth=depth, hidden_size=h, num_heads=2, image_shape=(8, 8, 4),
+        num_classes=10,
+    )
+    # Closed form: every float matrix (rank >= 2) has a dimension divisible by 4 here
+    # (widths 32..192, patch kernel 2x2x4x32, class table 11x32, position table
+    # 1x16x32) and is split 4 ways; vectors stay whole.
+    matrices = sum(int(np.prod(v.shape)) for v in backbone.variables if len(v.shape) >= 2)
+    vectors = sum(int(np.prod(v.shape)) for v in backbone.variables if len(v.shape) < 2)
+    weights, _ = memory_plan.state_bytes(backbone, 1, n)
+    assert weights == 4 * (matrices // n + vectors)
+    rows = memory_plan.plan(backbone, devices=4, batch=16, precision="fp32",
+                            optimizer="adamw", grad_accum=2)
+    by_layout = {(r["layout"], tuple(r["mesh"])): r for r in rows}
+    fsdp, replicated = by_layout[("fsdp", (4, 1))], by_layout[("data_parallel", (4, 1))]
+    assert fsdp["local_batch"] == replicated["local_batch"] == 2  # 16 / 2 / 4
+    assert fsdp["activations"] == replicated["activations"]
+    assert fsdp["optimizer_slots"] == 2 * fsdp["ema"] < replicated["ema"]
+    assert fsdp["gradients"] == 2 * fsdp["ema"]  # gradient + accumulator
+    assert fsdp["gathered_weights"] == replicated["ema"]  # the whole weights, transient
+    assert ("fsdp", (1, 4)) not in by_layout  # no data axis to split over

@@ -88,6 +88,15 @@ def test_model_parallel_with_nothing_to_split_is_refused(tmp_path, capsys, backb
         assert "needs the JAX backend" in line
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="JAX runs fsdp: tests/test_distribution.py, test_cli_distribution.py")
+def test_fsdp_on_tensorflow_is_refused(tmp_path, capsys):
+    """Issue 25, item 4: FSDP is keras.distribution's (JAX); tf.distribute has no such
+    layout here."""
+    line = _refused(capsys, tmp_path / "run", "--distribution", "fsdp")
+    assert "distribution='fsdp'" in line and "needs the JAX backend" in line
+
+
 class _WrongOutput(TinyConvBackbone):
     """Returns an output shaped unlike its input: 3 channels, pooled or half size."""
 
