@@ -128,3 +128,24 @@ def test_the_flag_sets_the_key_and_the_key_may_change_on_resume():
     assert cli._config_from_args(args)["gradient_checkpointing"] is False
     # Same weights and same numbers: a run may turn it on or off between sessions.
     assert "gradient_checkpointing" in run_config.RESUMABLE_KEYS
+
+
+def test_a_run_turns_it_on_when_resumed_and_records_the_change(tmp_path, capsys):
+    """The loaded checkpoint's backbone gets this session's setting before fit() traces."""
+    from recipes.digits import RECIPE
+
+    overrides = {"backbone": "dit_s_2", "backbone_args": {"depth": 1, "hidden_size": 16,
+                                                          "num_heads": 2},
+                 "batch_size": 4, "steps_per_epoch": 1, "num_samples": 2, "sample_steps": 1,
+                 "sample_every_epochs": 1000, "warmup_steps": 0}
+    run_dir = os.path.join(tmp_path, "run")
+    first = training.train(run_config.resolve_config(RECIPE, {**overrides, "steps": 1}),
+                           run_dir, verbose=0)
+    assert first.backbone.gradient_checkpointing is False
+    resumed = training.train(run_config.resolve_config(
+        RECIPE, {**overrides, "steps": 2, "gradient_checkpointing": True}), run_dir, verbose=0)
+    assert resumed.backbone.gradient_checkpointing is True
+    assert int(ops.convert_to_numpy(resumed.optimizer.iterations)) == 2
+    assert "gradient_checkpointing False -> True" in capsys.readouterr().out
+    with open(os.path.join(run_dir, "history.jsonl")) as f:
+        assert '"gradient_checkpointing"' in f.read()
