@@ -27,7 +27,9 @@ second) and counts, per device, for each ``(data, model)`` mesh that divides
   and the attention logits and probabilities (2as; XLA materialises them on CPU and
   TPU, a fused flash-attention kernel on GPU does not). Plus ``4 b s h`` for the patch
   embedding and the final layer. Bytes: 4 per element in float32, 2 under
-  ``mixed_bfloat16`` (weights, EMA, slots and gradients stay float32 there).
+  ``mixed_bfloat16`` (weights, EMA, slots and gradients stay float32 there). With
+  ``--gradient-checkpointing`` each block keeps only its input, ``b * s * h``, and one
+  block holds the full set above while it is recomputed.
 
 ``--check`` compiles the forward + backward pass of a small DiT on 4 virtual CPU
 devices (1 device, data-parallel 4x1, model-parallel 2x2; float32 and mixed_bfloat16) and
@@ -96,14 +98,20 @@ def state_bytes(backbone, model_shards):
     return total, trainable
 
 
-def activation_elements(backbone, local_batch, model_shards):
-    """The backward pass's saved activations (elements, per device); None if unknown."""
+def activation_elements(backbone, local_batch, model_shards, gradient_checkpointing=False):
+    """The backward pass's saved activations (elements, per device); None if unknown.
+
+    With ``gradient_checkpointing`` each block keeps only its input (the residual
+    stream, ``s·h``) and one block at a time holds its full set while it is recomputed.
+    """
     if not kd.backbone_rules(backbone):  # a transformer's activations, split by its rules
         return None
     s = backbone.num_patches + backbone.num_extra_tokens
     h, a, depth = backbone.hidden_size, backbone.num_heads, backbone.depth
     f = int(h * backbone.mlp_ratio)
     per_block = s * (8 * h + (4 * h + 2 * f + 2 * a * s) / model_shards)
+    if gradient_checkpointing:
+        return local_batch * (depth * s * h + per_block + 4 * s * h)
     return local_batch * (depth * per_block + 4 * s * h)
 
 
@@ -111,7 +119,8 @@ def meshes(devices):
     return [(devices // m, m) for m in range(1, devices + 1) if devices % m == 0]
 
 
-def plan(backbone, devices, batch, precision="bf16", optimizer="adamw"):
+def plan(backbone, devices, batch, precision="bf16", optimizer="adamw",
+         gradient_checkpointing=False):
     """Rows of per-device bytes, one per ``(data, model)`` mesh that fits the model."""
     _, act_bytes = PRECISIONS[precision]
     slots = OPTIMIZER_SLOTS[optimizer]
@@ -126,7 +135,8 @@ def plan(backbone, devices, batch, precision="bf16", optimizer="adamw"):
         if batch % data:
             continue
         weights, trainable = state_bytes(backbone, model)
-        elements = activation_elements(backbone, batch // data, model)
+        elements = activation_elements(backbone, batch // data, model,
+                                       gradient_checkpointing)
         row = {
             "layout": "data_parallel" if model == 1 else "model_parallel",
             "mesh": [data, model],
@@ -147,7 +157,8 @@ def print_plan(name, backbone, rows, args):
     params = sum(int(np.prod(v.shape)) for v in backbone.trainable_variables)
     print(f"{name}: {params / 1e6:.1f}M trainable parameters; {args.devices} devices, "
           f"global batch {args.batch}, precision {args.precision} "
-          f"({PRECISIONS[args.precision][0]}), optimizer {args.optimizer}")
+          f"({PRECISIONS[args.precision][0]}), optimizer {args.optimizer}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     cols = ("weights", "ema", "optimizer_slots", "gradients", "activations", "total")
     print(f"{'layout':<16}{'mesh':>6}{'batch/dev':>10}" + "".join(f"{c:>17}" for c in cols))
     for r in rows:
@@ -260,6 +271,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256, help="global batch size")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_SLOTS), default="adamw")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activations with each block recomputed in the backward pass")
     parser.add_argument("--json", help="also write the plan to this file")
     parser.add_argument("--check", action="store_true",
                         help="compare the estimate with XLA on a small DiT and exit")
@@ -269,7 +282,8 @@ def main(argv=None):
     if args.devices < 1 or args.batch < 1:
         parser.error(f"--devices and --batch must be positive, got {args.devices}, {args.batch}")
     backbone = abstract_backbone(args.backbone)
-    rows = plan(backbone, args.devices, args.batch, args.precision, args.optimizer)
+    rows = plan(backbone, args.devices, args.batch, args.precision, args.optimizer,
+                args.gradient_checkpointing)
     if not rows:
         parser.error(f"no mesh of {args.devices} devices divides the global batch {args.batch}")
     print_plan(args.backbone, backbone, rows, args)

@@ -498,3 +498,23 @@ def test_remat_benchmark_child_trains_with_checkpointing_and_reports_memory():
     assert row["step_ms"] > 0 and row["peak_rss_mib"] >= row["rss_before_first_step_mib"]
     if row["backend"] == "jax":
         assert row["xla_temp_mib"] > 0
+
+
+def test_memory_plan_with_checkpointing_keeps_one_block_and_the_block_inputs(monkeypatch):
+    # Importing memory_plan sets KERAS_BACKEND=jax for its own runs; later subprocesses
+    # of this session keep the backend they were given.
+    monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "tensorflow"))
+    import memory_plan
+
+    b, h, f, a, depth, s = 8, 32, 128, 2, 3, 16  # 8x8 latents, patch 2: 16 tokens
+    backbone = memory_plan.abstract_backbone(
+        "dit_s_2", depth=depth, hidden_size=h, num_heads=a, image_shape=(8, 8, 4),
+        num_classes=10)
+    per_block = s * (8 * h + 4 * h + 2 * f + 2 * a * s)  # one model shard
+    plain = memory_plan.activation_elements(backbone, b, 1)
+    remat = memory_plan.activation_elements(backbone, b, 1, gradient_checkpointing=True)
+    assert plain == b * (depth * per_block + 4 * s * h)
+    assert remat == b * (depth * s * h + per_block + 4 * s * h)
+    rows = memory_plan.plan(backbone, devices=1, batch=b, precision="fp32",
+                            gradient_checkpointing=True)
+    assert rows[0]["activations"] == 4 * remat
