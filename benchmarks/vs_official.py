@@ -440,6 +440,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
+        # On a GPU torch shares the device with the backend: neither JAX nor TensorFlow
+        # may take all of its memory up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
     run(args)
