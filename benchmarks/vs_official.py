@@ -32,7 +32,8 @@ Usage::
     python benchmarks/vs_official.py --official PATH --backend jax --precision float32
     python benchmarks/vs_official.py --official PATH --quick   # a tiny ViT, one step
 
-Without ``--official`` (or without torch) only our side is timed. Writes
+Without ``--official`` only our side is timed; an ``--official`` path without the
+official ViT, or without torch installed, is refused (exit 2). Writes
 ``benchmarks/results/vs_official[_quick].json`` (``--output-dir``).
 """
 
