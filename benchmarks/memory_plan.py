@@ -37,7 +37,9 @@ second) and counts, per device, for each ``(data, model)`` mesh that divides
   TPU, a fused flash-attention kernel on GPU does not). Plus ``4 b s h`` for the patch
   embedding and the final layer. Bytes: 4 per element in float32, 2 under
   ``mixed_bfloat16`` (weights, EMA, slots and gradients stay float32 there).
-  ``b`` is the local micro-batch ``batch / grad_accum / data``.
+  ``b`` is the local micro-batch ``batch / grad_accum / data``. With
+  ``--gradient-checkpointing`` each block keeps only its input, ``b * s * h``, and one
+  block holds the full set above while it is recomputed.
 
 ``--check`` compiles the forward + backward pass of a small DiT on 4 virtual CPU
 devices (1 device, data-parallel 4x1, model-parallel 2x2, fsdp 4x1; float32 and
@@ -111,14 +113,20 @@ def state_bytes(backbone, model_shards, data_shards=1):
     return total, trainable
 
 
-def activation_elements(backbone, local_batch, model_shards):
-    """The backward pass's saved activations (elements, per device); None if unknown."""
+def activation_elements(backbone, local_batch, model_shards, gradient_checkpointing=False):
+    """The backward pass's saved activations (elements, per device); None if unknown.
+
+    With ``gradient_checkpointing`` each block keeps only its input (the residual
+    stream, ``s·h``) and one block at a time holds its full set while it is recomputed.
+    """
     if not kd.backbone_rules(backbone):  # a transformer's activations, split by its rules
         return None
     s = backbone.num_patches + backbone.num_extra_tokens
     h, a, depth = backbone.hidden_size, backbone.num_heads, backbone.depth
     f = int(h * backbone.mlp_ratio)
     per_block = s * (8 * h + (4 * h + 2 * f + 2 * a * s) / model_shards)
+    if gradient_checkpointing:
+        return local_batch * (depth * s * h + per_block + 4 * s * h)
     return local_batch * (depth * per_block + 4 * s * h)
 
 
@@ -137,7 +145,8 @@ MEMORY_PARTS = ("weights", "ema", "optimizer_slots", "gradients", "gathered_weig
                 "activations")
 
 
-def plan(backbone, devices, batch, precision="bf16", optimizer="adamw", grad_accum=1):
+def plan(backbone, devices, batch, precision="bf16", optimizer="adamw", grad_accum=1,
+         gradient_checkpointing=False):
     """Rows of per-device bytes: per ``(data, model)`` mesh that fits the model, the
     data-/model-parallel layout and the FSDP one.
 
@@ -157,7 +166,8 @@ def plan(backbone, devices, batch, precision="bf16", optimizer="adamw", grad_acc
                 continue
         if micro_batch is None or micro_batch % data:
             continue
-        elements = activation_elements(backbone, micro_batch // data, model)
+        elements = activation_elements(backbone, micro_batch // data, model,
+                                       gradient_checkpointing)
         for layout in ("data_parallel" if model == 1 else "model_parallel", "fsdp"):
             if layout == "fsdp" and data == 1:
                 continue  # no data axis to split the state over
@@ -184,7 +194,8 @@ def print_plan(name, backbone, rows, args):
     params = sum(int(np.prod(v.shape)) for v in backbone.trainable_variables)
     print(f"{name}: {params / 1e6:.1f}M trainable parameters; {args.devices} devices, "
           f"global batch {args.batch} ({args.grad_accum} micro-batches), precision "
-          f"{args.precision} ({PRECISIONS[args.precision][0]}), optimizer {args.optimizer}")
+          f"{args.precision} ({PRECISIONS[args.precision][0]}), optimizer {args.optimizer}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     cols = MEMORY_PARTS + ("total",)
     print(f"{'layout':<16}{'mesh':>6}{'batch/dev':>10}" + "".join(f"{c:>17}" for c in cols))
     for r in rows:
@@ -308,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_SLOTS), default="adamw")
     parser.add_argument("--grad-accum", type=int, default=1,
                         help="micro-batches per optimizer step (the run's grad_accum)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activations with each block recomputed in the backward pass")
     parser.add_argument("--json", help="also write the plan to this file")
     parser.add_argument("--check", action="store_true",
                         help="compare the estimate with XLA on a small DiT and exit")
@@ -319,7 +332,7 @@ def main(argv=None):
                      f"{args.devices}, {args.batch}, {args.grad_accum}")
     backbone = abstract_backbone(args.backbone)
     rows = plan(backbone, args.devices, args.batch, args.precision, args.optimizer,
-                args.grad_accum)
+                args.grad_accum, args.gradient_checkpointing)
     if not rows:
         parser.error(f"no mesh of {args.devices} devices divides the micro-batch "
                      f"{args.batch} / {args.grad_accum}")

@@ -15,6 +15,7 @@ from keras_minsnr import backbones
 from keras_minsnr import backend
 from keras_minsnr import distribution
 from keras_minsnr import weighting as weighting_lib
+from keras_minsnr.backbones.contract import check_gradient_checkpointing
 from keras_minsnr.backbones.contract import data_arguments
 from keras_minsnr.diffusion_model import DiffusionModel
 from keras_minsnr.flow import FlowMatchingSchedule
@@ -55,6 +56,13 @@ def build_backbone(config, info):
     for key, value in data_arguments(preset["class"], info, config).items():
         args.setdefault(key, value)
     return backbones.get(config["backbone"], **args)
+
+
+def check_backbone_options(config):
+    """Refuses options the config's backbone class cannot honour (before a run writes)."""
+    preset = backbones.PRESETS.get(config["backbone"])
+    if preset is not None:
+        check_gradient_checkpointing(preset["class"], config.get("gradient_checkpointing"))
 
 
 def _check_backbone_schedule(backbone, schedule, config):

@@ -44,7 +44,9 @@ from keras_minsnr import checkpointing
 from keras_minsnr import interrupts
 from keras_minsnr import resume
 from keras_minsnr import run_lock
+from keras_minsnr.backbones.contract import set_gradient_checkpointing
 from keras_minsnr.builders import build_model
+from keras_minsnr.builders import check_backbone_options
 from keras_minsnr.builders import distribution_scope
 from keras_minsnr.monitoring import RunLogger
 from keras_minsnr.monitoring import StepLogger
@@ -125,6 +127,7 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
         reached = None if restart else resume.newest_step(run)
     resume.config_changes(run_dir, config, allow_config_change, reached is not None)
     resume.check_steps(run_dir, config, reached)
+    check_backbone_options(config)
     keras.utils.set_random_seed(config["seed"])
     dataset, info = build_dataset(config)
     model = validation = None
@@ -168,6 +171,9 @@ def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
     elif model is None:  # its checkpoints vanished since train() looked (another run)
         with scope():
             model = build_model(config, info)
+    # How this session computes gradients, not part of the weights (resumable): set on the
+    # fresh or loaded backbone before fit() traces it.
+    set_gradient_checkpointing(model.backbone, config.get("gradient_checkpointing", False))
     changes = resume.config_changes(run_dir, config, allow_config_change, state is not None)
     step = int(state["step"]) if state else 0
     resume.check_steps(run_dir, config, step)

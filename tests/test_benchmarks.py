@@ -449,3 +449,72 @@ def test_jax_gap_levers_are_the_same_function(lever):
     report = jax_gap.ab_mode(args)
     assert len(report["ratios_B_over_A"]) == 1 and report["step_ms_A"] > 0
     np.testing.assert_allclose(report["losses_B"], report["losses_A"], rtol=1e-4)
+
+
+# -- the official code side by side, gradient checkpointing ---------------------------------
+
+# A checkout of TiankaiHang/Min-SNR-Diffusion-Training; without it (or without torch) the
+# official half is skipped and only our side runs.
+OFFICIAL_DIR = os.environ.get("KERAS_MINSNR_OFFICIAL_DIR")
+
+
+def test_vs_official_alternates_both_sides_of_one_step(monkeypatch):
+    import flops
+    import vs_official
+
+    args = vs_official.parse_args(["--child", "--quick", "--precision", "float32"]
+                                  + (["--official", OFFICIAL_DIR] if OFFICIAL_DIR else []))
+    args.warmup = 0
+    # The rates are the machine's, not the step's: left out to keep the test short.
+    monkeypatch.setattr(vs_official, "matmul_rates", lambda *a: {"torch_float32": 1.0})
+    monkeypatch.setattr(flops, "backbone_forward_flops", lambda *a: (1e9, None))
+    row = vs_official.child(args)
+    vs_official.add_rates(row, 3e9)
+    if "official" in row["step_s"]:
+        assert row["rates"]["official"]["fraction_of_matmul_rate"] == pytest.approx(
+            3e9 / row["step_s"]["official"] / 1e9)
+    assert row["step_s"]["ours"] > 0 and all(math.isfinite(v) for v in row["losses"]["ours"])
+    assert len(row["load_average_before"]) == 3
+    why_not = vs_official.official_available(args.official)
+    if why_not is not None:
+        assert row["official_skipped"] == why_not and "official" not in row["step_s"]
+        pytest.skip(f"official half skipped: {why_not}")
+    # The real official ViT (built through the timm stand-in): its parameters are ours plus
+    # its timestep table (4000 rows), minus our timestep MLP (256 -> d -> d), the k bias
+    # it lacks (d per block) and our final LayerNorm (it has none).
+    task = vs_official.QUICK
+    d = task["hidden_size"]
+    ours_only = (256 * d + d) + (d * d + d) + task["depth"] * d + 2 * d
+    assert row["official_params"] == row["ours_params"] - ours_only + 4000 * d
+    assert math.isfinite(row["losses"]["official"][0]) and row["speed_ours_over_official"] > 0
+
+
+def test_remat_benchmark_child_trains_with_checkpointing_and_reports_memory():
+    """The child of benchmarks/remat.py (the same numbers with and without: test_remat)."""
+    import remat
+
+    row = remat.child(remat.parse_args(["--child", "--quick", "--checkpointing", "1"]))
+    assert row["gradient_checkpointing"] is True and math.isfinite(row["losses"][0])
+    assert row["step_ms"] > 0 and row["peak_rss_mib"] >= row["rss_before_first_step_mib"]
+    if row["backend"] == "jax":
+        assert row["xla_temp_mib"] > 0
+
+
+def test_memory_plan_with_checkpointing_keeps_one_block_and_the_block_inputs(monkeypatch):
+    # Importing memory_plan sets KERAS_BACKEND=jax for its own runs; later subprocesses
+    # of this session keep the backend they were given.
+    monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "tensorflow"))
+    import memory_plan
+
+    b, h, f, a, depth, s = 8, 32, 128, 2, 3, 16  # 8x8 latents, patch 2: 16 tokens
+    backbone = memory_plan.abstract_backbone(
+        "dit_s_2", depth=depth, hidden_size=h, num_heads=a, image_shape=(8, 8, 4),
+        num_classes=10)
+    per_block = s * (8 * h + 4 * h + 2 * f + 2 * a * s)  # one model shard
+    plain = memory_plan.activation_elements(backbone, b, 1)
+    remat = memory_plan.activation_elements(backbone, b, 1, gradient_checkpointing=True)
+    assert plain == b * (depth * per_block + 4 * s * h)
+    assert remat == b * (depth * s * h + per_block + 4 * s * h)
+    rows = memory_plan.plan(backbone, devices=1, batch=b, precision="fp32",
+                            gradient_checkpointing=True)
+    assert rows[0]["activations"] == 4 * remat

@@ -20,6 +20,14 @@ Two parts, both optional for a plain functional model:
       ``[(variable-path regex, axes), ...]`` for `keras.distribution.LayoutMap` on a
       ``(data, model)`` mesh, given the constructor arguments; raises `ValueError` when a
       split dimension does not divide by ``model_shards``. Default: none (replicated).
+
+One instance attribute is part of the contract too:
+
+  ``gradient_checkpointing``
+      a bool (class default and instance attribute) read when the backbone is traced:
+      recompute its blocks in the backward pass (`keras_minsnr.backbones.remat`; the
+      backbone picks the block boundaries). A backbone without it cannot checkpoint
+      (`check_gradient_checkpointing`).
 """
 
 import keras
@@ -64,6 +72,25 @@ def layout_rules(backbone_class, config, model_shards):
     """``[(path regex, axes)]`` that shard ``backbone_class`` over ``model_shards``."""
     hook = getattr(backbone_class, "layout_rules", None)
     return list(hook(config, model_shards)) if hook is not None else []
+
+
+def check_gradient_checkpointing(backbone, enabled):
+    """`ValueError` when ``enabled`` and the backbone (instance or class) has no
+    ``gradient_checkpointing`` attribute: it does not say where its blocks are."""
+    if enabled and not hasattr(backbone, "gradient_checkpointing"):
+        name = backbone.__name__ if isinstance(backbone, type) else type(backbone).__name__
+        raise ValueError(
+            f"gradient_checkpointing=True: the backbone {name} has no "
+            "gradient_checkpointing attribute, so it cannot recompute its blocks. Pick a "
+            "backbone that has one (docs/backbones.md) or set gradient_checkpointing=false."
+        )
+
+
+def set_gradient_checkpointing(backbone, enabled):
+    """Turns the backbone's gradient checkpointing on or off (before it is traced)."""
+    check_gradient_checkpointing(backbone, enabled)
+    if hasattr(backbone, "gradient_checkpointing"):
+        backbone.gradient_checkpointing = bool(enabled)
 
 
 def check_divisible(widths, model_shards):

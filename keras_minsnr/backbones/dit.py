@@ -64,7 +64,9 @@ class DiT(PatchTransformer):
         conditioning_mode: only ``"adaln_zero"``; kept so that configs written when one
             class held both transformers load (an ``"in_context"`` one loads as
             `InContextViT`).
-        **kwargs: `keras.Model` arguments (``name``, ``dtype``).
+        **kwargs: `keras.Model` arguments (``name``, ``dtype``) and
+            ``gradient_checkpointing`` (recompute each block in the backward pass;
+            see `PatchTransformer`).
 
     Example:
     ```python
@@ -167,7 +169,7 @@ class DiT(PatchTransformer):
         cond = t_emb if y_emb is None else t_emb + y_emb  # (B, D)
         h = h + ops.cast(self.pos_embed, h.dtype)  # (B, N, D)
         for block in self.blocks:
-            h = block(h, cond)  # (B, N, D)
+            h = self.block_call(block)(h, cond)  # (B, N, D)
         return self.final_layer(h, cond)  # (B, N, p*p*C)
 
     def get_config(self):

@@ -16,6 +16,8 @@ from keras_minsnr.backbones import contract
 from keras_minsnr.backbones.contract import MODEL_AXIS
 from keras_minsnr.backbones.contract import check_divisible
 from keras_minsnr.backbones.layers import TimestepEmbedding
+from keras_minsnr.backbones.remat import check_flag
+from keras_minsnr.backbones.remat import rematerialized
 from keras_minsnr.backbones.transformer_layers import unpatchify
 
 TIMESTEP_EMBEDDINGS = ("mlp", "table")
@@ -67,11 +69,14 @@ class PatchTransformer(keras.Model):
     Subclasses set `INITIALIZERS` (a function of ``(fan_in, hidden_size, depth,
     head_init_scale)`` giving every random initialiser) and `BLOCK` (the block layer
     class), and define ``_make_output_layers(init)``, ``_build_trunk()`` and ``_run_trunk(h, t_emb,
-    y_emb)``.
+    y_emb)``, which calls each block through ``self.block_call(block)``.
 
     Args:
         image_shape, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes,
         frequency_dim, timestep_embedding, timestep_table_size: see the subclasses.
+        gradient_checkpointing: recompute each transformer block in the backward pass
+            (less memory, one more forward pass; `keras_minsnr.backbones.remat`). May be
+            set as an attribute before the model is traced.
         **kwargs: `keras.Model` arguments (``name``, ``dtype``).
 
     Example:
@@ -83,6 +88,8 @@ class PatchTransformer(keras.Model):
     Reference:
         Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021.
     """
+
+    gradient_checkpointing = False  # backbones.contract: this backbone can remat
 
     def __init__(
         self,
@@ -97,6 +104,7 @@ class PatchTransformer(keras.Model):
         timestep_embedding,
         timestep_table_size,
         head_init_scale,
+        gradient_checkpointing=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -129,6 +137,7 @@ class PatchTransformer(keras.Model):
         self.timestep_embedding = timestep_embedding
         self.timestep_table_size = positive_int("timestep_table_size", timestep_table_size)
         self.head_init_scale = float(head_init_scale)
+        self.gradient_checkpointing = check_flag(gradient_checkpointing)
         self.grid_shape = (image_shape[0] // patch_size, image_shape[1] // patch_size)
         self.num_patches = self.grid_shape[0] * self.grid_shape[1]
         self._check_config()
@@ -251,6 +260,11 @@ class PatchTransformer(keras.Model):
         out = unpatchify(h, *self.grid_shape, self.patch_size, self.image_shape[2])
         return ops.cast(out, "float32")  # (B, H, W, C)
 
+    def block_call(self, block):
+        """``block`` as `_run_trunk` calls it: recomputed in the backward pass under
+        ``gradient_checkpointing``."""
+        return rematerialized(block, self.gradient_checkpointing)
+
     def compute_output_shape(self, input_shape):
         return input_shape["x"]
 
@@ -268,6 +282,7 @@ class PatchTransformer(keras.Model):
                 "frequency_dim": self.frequency_dim,
                 "timestep_embedding": self.timestep_embedding,
                 "timestep_table_size": self.timestep_table_size,
+                "gradient_checkpointing": self.gradient_checkpointing,
             }
         )
         return config

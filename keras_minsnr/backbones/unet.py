@@ -5,6 +5,9 @@ from keras import ops
 
 from keras_minsnr.backbones import contract
 from keras_minsnr.backbones.layers import TimestepEmbedding
+from keras_minsnr.backbones.remat import DrawnSeed
+from keras_minsnr.backbones.remat import check_flag
+from keras_minsnr.backbones.remat import rematerialized
 
 
 def _check_groups(channels, num_groups, what):
@@ -31,6 +34,10 @@ class UNetResBlock(keras.layers.Layer):
         dropout: dropout rate before the last conv.
         use_scale_shift_norm: ADM's scale-shift conditioning instead of addition.
         num_groups: GroupNorm groups.
+
+    Called as ``block(x, emb, training=..., dropout_seed=None)``; ``dropout_seed`` (a
+    `keras_minsnr.backbones.remat.DrawnSeed` of ``block.drop.seed_generator``) draws the
+    dropout mask from a seed taken before a recomputed stage.
 
     Example:
     ```python
@@ -82,7 +89,7 @@ class UNetResBlock(keras.layers.Layer):
             self.skip.build(input_shape)
         self.built = True
 
-    def call(self, inputs, emb, training=None):
+    def call(self, inputs, emb, training=None, dropout_seed=None):
         h = self.conv_1(ops.silu(self.norm_1(inputs)))
         emb = self.emb_proj(ops.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
@@ -90,7 +97,12 @@ class UNetResBlock(keras.layers.Layer):
             h = self.norm_2(h) * (1.0 + scale) + shift
         else:
             h = self.norm_2(h + emb)
-        h = self.conv_2(self.drop(ops.silu(h), training=training))
+        h = ops.silu(h)
+        if dropout_seed is None:
+            h = self.drop(h, training=training)
+        elif training and self.dropout > 0:  # the mask self.drop would draw
+            h = keras.random.dropout(h, self.dropout, seed=dropout_seed)
+        h = self.conv_2(h)
         skip = inputs if self.skip is None else self.skip(inputs)
         return skip + h
 
@@ -204,6 +216,10 @@ class UNet(keras.Model):
         use_scale_shift_norm: ADM's scale-shift conditioning (``True``) or DDPM's plain
             addition of the embedding (``False``).
         num_groups: GroupNorm groups (must divide every width).
+        gradient_checkpointing: recompute each stage (a residual block with its
+            attention, the middle block) in the backward pass: less memory, one more
+            forward pass (`keras_minsnr.backbones.remat`). May be set as an attribute
+            before the model is traced.
 
     Example:
     ```python
@@ -218,6 +234,8 @@ class UNet(keras.Model):
         Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020;
         Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021.
     """
+
+    gradient_checkpointing = False  # backbones.contract: this backbone can remat
 
     @classmethod
     def data_arguments(cls, info, config):
@@ -244,6 +262,7 @@ class UNet(keras.Model):
         num_classes=None,
         use_scale_shift_norm=True,
         num_groups=32,
+        gradient_checkpointing=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -300,6 +319,7 @@ class UNet(keras.Model):
         self.num_classes = num_classes
         self.use_scale_shift_norm = use_scale_shift_norm
         self.num_groups = num_groups
+        self.gradient_checkpointing = check_flag(gradient_checkpointing)
         self.conditioning = None if num_classes is None else "class"
 
         emb_dim = 4 * base_channels
@@ -448,26 +468,40 @@ class UNet(keras.Model):
         skips = [h]
         for res_block, attn_block, down in self.down_blocks:
             if res_block is not None:
-                h = res_block(h, emb, training=training)
-            if attn_block is not None:
-                h = attn_block(h)
+                h = self._stage([res_block, attn_block], h, emb, training)
             if down is not None:
                 h = down(h)
             skips.append(h)
-        h = self.mid_res_1(h, emb, training=training)
-        h = self.mid_attn(h)
-        h = self.mid_res_2(h, emb, training=training)
+        h = self._stage([self.mid_res_1, self.mid_attn, self.mid_res_2], h, emb, training)
         for res_block, attn_block, up in self.up_blocks:
             h = ops.concatenate([h, skips.pop()], axis=-1)
-            h = res_block(h, emb, training=training)
-            if attn_block is not None:
-                h = attn_block(h)
+            h = self._stage([res_block, attn_block], h, emb, training)
             if up is not None:
                 h = ops.repeat(ops.repeat(h, 2, axis=1), 2, axis=2)
                 h = up(h)
         h = self.conv_out(ops.silu(self.norm_out(h)))
         # The loss is computed in float32 even under mixed precision.
         return ops.cast(h, "float32")
+
+    def _stage(self, blocks, h, emb, training):
+        """Residual and attention blocks in order (None skipped), as one unit that
+        ``gradient_checkpointing`` recomputes in the backward pass."""
+        blocks = [block for block in blocks if block is not None]
+        seeds = [None] * len(blocks)
+        if self.gradient_checkpointing and training and self.dropout > 0:
+            # Drawn outside the recomputed unit, so both passes drop the same units.
+            seeds = [DrawnSeed(b.drop.seed_generator.next())
+                     if isinstance(b, UNetResBlock) else None for b in blocks]
+
+        def stage(h, emb):
+            for block, seed in zip(blocks, seeds):
+                if isinstance(block, UNetResBlock):
+                    h = block(h, emb, training=training, dropout_seed=seed)
+                else:
+                    h = block(h)
+            return h
+
+        return rematerialized(stage, self.gradient_checkpointing)(h, emb)
 
     def get_config(self):
         config = super().get_config()
@@ -483,6 +517,7 @@ class UNet(keras.Model):
                 "num_classes": self.num_classes,
                 "use_scale_shift_norm": self.use_scale_shift_norm,
                 "num_groups": self.num_groups,
+                "gradient_checkpointing": self.gradient_checkpointing,
             }
         )
         return config

@@ -72,7 +72,9 @@ class InContextViT(PatchTransformer):
         final_norm: LayerNorm before the head. The official ViT has none
             (``use_mean_pooling=True`` makes its final norm an identity); ``False``
             matches it.
-        **kwargs: `keras.Model` arguments (``name``, ``dtype``).
+        **kwargs: `keras.Model` arguments (``name``, ``dtype``) and
+            ``gradient_checkpointing`` (recompute each block in the backward pass;
+            see `PatchTransformer`).
 
     Example:
     ```python
@@ -158,7 +160,7 @@ class InContextViT(PatchTransformer):
         pos = ops.cast(self.pos_embed, h.dtype)  # (1, extra + N, D)
         h = ops.concatenate(extra + [h], axis=1) + pos  # (B, extra + N, D)
         for block in self.blocks:
-            h = block(h)
+            h = self.block_call(block)(h)
         if self.final_norm is not None:
             h = self.final_norm(h)
         return self.head(h[:, self.num_extra_tokens :])  # (B, N, p*p*C)
