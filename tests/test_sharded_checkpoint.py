@@ -25,6 +25,7 @@ ORBAX = ["--set", "checkpoint_format=orbax"]
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="Orbax shards JAX arrays")
+@pytest.mark.large  # a two-device subprocess and two runs here: minutes
 def test_orbax_checkpoints_on_two_devices_resume_on_one_and_export(tmp_path):
     reference = tmp_path / "one_device"
     assert cli.main(["train", "digits", "--output-dir", str(reference), "--steps", "4",
@@ -43,7 +44,10 @@ def test_orbax_checkpoints_on_two_devices_resume_on_one_and_export(tmp_path):
         "state.json", "step-00000002.json", "step-00000002.orbax"]
     # Resumed here on one device from the sharded checkpoint: the uninterrupted run.
     assert cli.main(["train", "digits", "--output-dir", str(run), "--steps", "4",
-                     "--distribution", "none", *ORBAX, *TINY]) == 0
+                     "--distribution", "none", "--set", "keep_checkpoints=1", *ORBAX,
+                     *TINY]) == 0
+    assert sorted(os.listdir(run / "checkpoints")) == [  # keep_checkpoints applies
+        "state.json", "step-00000004.json", "step-00000004.orbax"]
     uninterrupted = all_weights(reference / "model.keras")
     assert_same_weights(all_weights(run / "model.keras"), uninterrupted)
     exported = tmp_path / "exported.keras"
@@ -63,3 +67,17 @@ def test_orbax_on_tensorflow_is_refused_before_anything_is_written(tmp_path, cap
     assert error[-1].startswith("keras-minsnr: error: checkpoint_format=orbax needs "
                                 "KERAS_BACKEND=jax")
     assert not run.exists()
+
+
+def test_export_refuses_a_bad_output_or_run_directory_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for argv, message in (
+        ([str(run), str(tmp_path / "model.h5")], "must end with .keras"),
+        ([str(run), str(tmp_path / "missing" / "m.keras")], "does not exist"),
+        ([str(run), str(tmp_path / "m.keras")], "is not a run directory (no config.json)"),
+    ):
+        assert cli.main(["export", *argv]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("keras-minsnr: error: ") and message in error, error
+    assert os.listdir(tmp_path) == ["run"]  # nothing written
