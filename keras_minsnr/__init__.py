@@ -22,6 +22,8 @@ _EXPORTS = {
     "interrupts": ("keras_minsnr.interrupts", None),
     "resume": ("keras_minsnr.resume", None),
     "run_lock": ("keras_minsnr.run_lock", None),
+    "run_sharing": ("keras_minsnr.run_sharing", None),
+    "sharded_checkpoint": ("keras_minsnr.sharded_checkpoint", None),
     "samplers": ("keras_minsnr.samplers", None),
     "official": ("keras_minsnr.official", None),
     "weighting": ("keras_minsnr.weighting", None),

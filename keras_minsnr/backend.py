@@ -18,11 +18,13 @@ moves only then, and its warm-up counts real updates.
 It also compiles sampling steps and loops (`compile_function`: XLA on both backends).
 """
 
+import contextlib
 import json
 import os
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
@@ -78,6 +80,130 @@ def multi_worker_strategy():
                 "keras_minsnr.backend.multi_worker_strategy() first thing in the program."
             ) from error
     return _MULTI_WORKER_STRATEGY[0]
+
+
+def process_count():
+    """How many processes run this program together (1 on one host).
+
+    JAX: `jax.process_count()`; TensorFlow: the workers of ``TF_CONFIG``'s cluster.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return int(jax.process_count())
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+    return max(sum(len(tasks) for tasks in cluster.values()), 1)
+
+
+def has_collectives():
+    """Whether `barrier`, `broadcast_from_first` and `gather_from_all` reach the other
+    processes (JAX); on TensorFlow they act on this process alone."""
+    return keras.backend.backend() == "jax"
+
+
+def barrier(name):
+    """Waits until every process of a multi-process JAX run reaches ``name``.
+
+    A no-op with one process. On TensorFlow the workers meet in the collectives of
+    `MultiWorkerMirroredStrategy` instead: nothing to do here.
+    """
+    if keras.backend.backend() != "jax" or process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_first(values):
+    """Process 0's ``values`` (a small integer numpy array) on every JAX process."""
+    if keras.backend.backend() != "jax" or process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values)))
+
+
+def gather_from_all(value):
+    """``[each process's value]`` of a small numpy array, the same list on every process."""
+    if keras.backend.backend() != "jax" or process_count() == 1:
+        return [np.asarray(value)]
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.asarray(value), tiled=False)
+    return list(np.asarray(gathered))
+
+
+def spans_other_hosts(value):
+    """Whether part of an array lives only on other processes' devices (a shard no
+    local device holds); such an array cannot be read here without `host_value`."""
+    if keras.backend.backend() != "jax":
+        return False
+    addressable = getattr(value, "is_fully_addressable", True)
+    return not addressable and not getattr(value, "is_fully_replicated", False)
+
+
+def host_value(value):
+    """A numpy copy of a whole array, gathered from every process when it is split.
+
+    Every process must call it for a split array (it is a collective); an array this
+    process holds whole is read locally.
+    """
+    if not spans_other_hosts(value):
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+@contextlib.contextmanager
+def readable_variables(model):
+    """A scope in which every variable of ``model`` (and its optimizer) holds a whole
+    array on this process, so that `model.save` and `convert_to_numpy` work on arrays
+    split over several hosts. Gathers those arrays from every process on entry (all
+    processes must enter it together) and puts the split ones back on exit. Nothing is
+    gathered when no array is split.
+    """
+    variables = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        seen = {id(v) for v in variables}
+        variables += [v for v in model.optimizer.variables if id(v) not in seen]
+    split = [v for v in variables if spans_other_hosts(v.value)]
+    if not split:
+        yield
+        return
+    import jax
+
+    gathered = [jax.device_put(host_value(v.value), jax.local_devices()[0]) for v in split]
+    originals = [v._value for v in split]
+    try:
+        # Keras' JAX variables keep their array in `_value`; swapping it (no `assign`,
+        # which would lay the whole array out again over every device) is undone below.
+        for variable, value in zip(split, gathered):
+            variable._value = value
+        yield
+    finally:
+        for variable, value in zip(split, originals):
+            variable._value = value
+
+
+@contextlib.contextmanager
+def one_process_only():
+    """A scope for what only one process of a multi-host run does (saving a file).
+
+    Under a `keras.distribution` every variable Keras makes is laid out over all
+    processes' devices, which is a collective (`model.save` makes a throw-away
+    optimizer): run by one process alone it would wait for the others forever. Inside,
+    no distribution is set.
+    """
+    if keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
+        yield
+        return
+    active = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(active)
 
 
 def replica_position():

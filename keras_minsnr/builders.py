@@ -79,6 +79,26 @@ def _check_backbone_schedule(backbone, schedule, config):
         )
 
 
+def build_dataset(config):
+    """``(dataset, info)``: the run's repeated, shuffled training batches (prepared first,
+    e.g. a latent cache encoded) and what the model needs to know about them."""
+    from keras_minsnr.data import make_dataset
+    from keras_minsnr.data.preparation import prepare_data
+
+    prepare_data(config)
+    kwargs = dict(config["data_args"])
+    if config["image_size"] is not None:
+        kwargs.setdefault("image_size", config["image_size"])
+    return make_dataset(
+        config["data"],
+        batch_size=config["batch_size"],
+        repeat=True,
+        shuffle=True,
+        seed=config["seed"],
+        **kwargs,
+    )
+
+
 def build_model(config, info):
     """The backbone (shaped by the data) wrapped in a `DiffusionModel`, compiled.
 

@@ -14,6 +14,11 @@ A run directory survives being killed at any instant (``kill -9``, a full disk, 
   step; on resume rows after the checkpoint's step are dropped and replayed, so a crash
   between the two never leaves two rows for one step.
 - ``history.jsonl`` records every change of the configuration between sessions.
+- With ``checkpoint_format`` ``orbax`` a checkpoint is the folder ``step-00000040.orbax/``
+  (`keras_minsnr.sharded_checkpoint`: each host writes its shards, Orbax renames the
+  folder when all are in); sidecars, ``state.json`` and ``keep_checkpoints`` are the same.
+- In a multi-host run that shares the directory only process 0 writes these files
+  (``RunDirectory(writes=False)`` on the others, `keras_minsnr.run_sharing`).
 
 Faults can be injected for tests with the environment variable ``KERAS_MINSNR_FAULT``
 set to ``ACTION:POINT:STEP``: ``ACTION`` is ``kill`` (SIGKILL, nothing is cleaned up),
@@ -30,15 +35,21 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
 import keras
 import numpy as np
 
+from keras_minsnr import backend as backend_lib
+from keras_minsnr.run_config import CHECKPOINT_FORMATS
+
 FAULT_ENV = "KERAS_MINSNR_FAULT"
 SLOW_SECONDS = 0.3
-_CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.keras$")
+_CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.(keras|orbax)$")
+# Orbax writes a checkpoint into a folder of this name and renames it when committed.
+_ORBAX_TEMPORARY = "*.orbax-checkpoint-tmp*"
 
 
 def inject_fault(point, step):
@@ -92,7 +103,7 @@ def _atomic_write(path, write, suffix=".tmp"):
 def seed_states(model):
     """The states of the model's `SeedGenerator`s, which `.keras` files do not restore."""
     return [
-        np.asarray(keras.ops.convert_to_numpy(v)).tolist()
+        backend_lib.host_value(v.value).tolist()
         for v in model.non_trainable_variables
         if v.name == "seed_generator_state"
     ]
@@ -115,6 +126,13 @@ class RunDirectory:
     Args:
         run_dir: the run directory (created if missing).
         keep_checkpoints: how many step checkpoints to keep (the newest ones).
+        writes: whether this process writes the directory. In a multi-host run that
+            shares one directory only process 0 does (`keras_minsnr.run_sharing`); the
+            others take part in what needs every process (gathering split arrays, the
+            shards of an Orbax checkpoint) and write nothing else.
+        checkpoint_format: ``"keras"`` (``step-N.keras``, whole arrays, gathered from
+            the hosts when split) or ``"orbax"`` (``step-N.orbax/``, each host writes its
+            shards; `keras_minsnr.sharded_checkpoint`).
 
     Example:
 
@@ -123,11 +141,16 @@ class RunDirectory:
     >>> run.truncate_metrics(state["step"] if state else 0)
     """
 
-    def __init__(self, run_dir, keep_checkpoints=2):
+    def __init__(self, run_dir, keep_checkpoints=2, writes=True, checkpoint_format="keras"):
         if int(keep_checkpoints) < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints!r}.")
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
+                             f"{checkpoint_format!r}.")
         self.run_dir = run_dir
         self.keep_checkpoints = int(keep_checkpoints)
+        self.writes = bool(writes)
+        self.checkpoint_format = checkpoint_format
         self.checkpoint_dir = os.path.join(run_dir, "checkpoints")
         self.state_path = os.path.join(self.checkpoint_dir, "state.json")
         self.metrics_path = os.path.join(run_dir, "metrics.csv")
@@ -154,15 +177,34 @@ class RunDirectory:
 
     def remove_partial_files(self):
         """Deletes temporary files a killed process left behind (never a committed file)."""
+        if not self.writes:
+            return
         for directory in (self.run_dir, self.checkpoint_dir):
             for pattern in ("*.tmp", "*.tmp.keras"):
                 for path in glob.glob(os.path.join(directory, pattern)):
                     os.remove(path)
+        for path in glob.glob(os.path.join(self.checkpoint_dir, _ORBAX_TEMPORARY)):
+            shutil.rmtree(path, ignore_errors=True)
 
     def save_checkpoint(self, model, step, epoch, extra=None):
-        name = f"step-{step:08d}.keras"
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        atomic_save_model(model, os.path.join(self.checkpoint_dir, name), fault_step=step)
+        """Writes checkpoint ``step``; in a multi-host run every process calls it."""
+        name = f"step-{step:08d}.{self.checkpoint_format}"
+        path = os.path.join(self.checkpoint_dir, name)
+        if self.writes:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        if self.checkpoint_format == "orbax":
+            from keras_minsnr import sharded_checkpoint
+
+            # Every process writes its shards; Orbax renames the folder once all are in.
+            sharded_checkpoint.save(model, path)
+            inject_fault("checkpoint", step)
+        else:
+            with backend_lib.readable_variables(model):
+                if self.writes:
+                    with backend_lib.one_process_only():
+                        atomic_save_model(model, path, fault_step=step)
+        if not self.writes:
+            return
         state = {
             "step": int(step),
             "epoch": int(epoch),
@@ -177,8 +219,8 @@ class RunDirectory:
         self._remove_old_checkpoints(keep=name)
 
     def sidecar_path(self, name):
-        """``step-N.json`` next to ``step-N.keras``: the state saved with it."""
-        return os.path.join(self.checkpoint_dir, name[: -len(".keras")] + ".json")
+        """``step-N.json`` next to ``step-N.keras`` (or ``step-N.orbax``): its state."""
+        return os.path.join(self.checkpoint_dir, os.path.splitext(name)[0] + ".json")
 
     def checkpoint_files(self):
         """``[(step, name)]`` of the step checkpoints on disk, oldest first."""
@@ -193,7 +235,7 @@ class RunDirectory:
     def _remove_old_checkpoints(self, keep):
         for _, name in self.checkpoint_files()[: -self.keep_checkpoints]:
             if name != keep:
-                os.remove(os.path.join(self.checkpoint_dir, name))
+                remove_checkpoint(os.path.join(self.checkpoint_dir, name))
                 if os.path.exists(self.sidecar_path(name)):
                     os.remove(self.sidecar_path(name))
 
@@ -201,7 +243,7 @@ class RunDirectory:
 
     def truncate_metrics(self, step):
         """Drops the rows logged after ``step`` (and a half-written last line)."""
-        if not os.path.exists(self.metrics_path):
+        if not self.writes or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, newline="") as f:
             lines = f.read().splitlines(keepends=True)
@@ -223,6 +265,8 @@ class RunDirectory:
 
     def append_metrics(self, row):
         """Appends one row (``epoch``, ``step`` and the logged metrics)."""
+        if not self.writes:
+            return
         exists = os.path.exists(self.metrics_path) and os.path.getsize(self.metrics_path) > 0
         if exists:
             with open(self.metrics_path, newline="") as f:
@@ -240,6 +284,8 @@ class RunDirectory:
     # -- history ------------------------------------------------------------------------
 
     def record_change(self, step, key, old, new):
+        if not self.writes:
+            return
         entry = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "step": int(step),
@@ -249,6 +295,14 @@ class RunDirectory:
         }
         with open(self.history_path, "a") as f:
             f.write(json.dumps(entry, default=str) + "\n")
+
+
+def remove_checkpoint(path):
+    """Deletes a checkpoint: a ``.keras`` file or an Orbax folder."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 def atomic_write_text(path, text):

@@ -1,5 +1,5 @@
-"""The ``keras-minsnr`` command line: ``train``, ``sample``, ``evaluate``, ``recipes``, ``show``,
-``convert-official``, ``convert-diffusers``.
+"""The ``keras-minsnr`` command line: ``train``, ``sample``, ``evaluate``, ``export``,
+``recipes``, ``show``, ``convert-official``, ``convert-diffusers``.
 
 Every expected failure (a bad flag or config value, an unusable output folder, missing
 data) ends in one line ``keras-minsnr: error: ...`` and exit code 2, before anything is
@@ -189,10 +189,12 @@ def _train(args):
         )
     check_output_dir(args.output_dir)
     config = _config_from_args(args)
-    if config["multihost"] and xla_flags.keras_backend_name() == "jax":
-        # Before JAX makes its devices (_load_training lists them).
-        from keras_minsnr import distribution
+    from keras_minsnr import distribution
 
+    # Before JAX makes its devices (_load_training lists them): XLA reads its flags then.
+    flag_added = keras_minsnr.XLA_FLAGS_ADDED and not xla_flags.withdraw_for_mesh(
+        config["distribution"], distribution.parse_mesh(config.get("mesh")))
+    if config["multihost"] and xla_flags.keras_backend_name() == "jax":
         distribution.initialize_multihost()
     if config["multihost"] and xla_flags.keras_backend_name() == "tensorflow":
         # Before TensorFlow's runtime starts (_load_training lists its devices): the
@@ -202,7 +204,7 @@ def _train(args):
 
             backend.multi_worker_strategy()
     training = _load_training()
-    if keras_minsnr.XLA_FLAGS_ADDED:
+    if flag_added:
         print(xla_flags.announcement(), file=sys.stderr)
     from keras_minsnr.data import preparation
 
@@ -269,14 +271,27 @@ def _evaluate(args):
     print(json.dumps(result, indent=2))
 
 
-def _convert_official(args):
-    if not args.output.endswith(".keras"):
-        raise ValueError(
-            f"OUT {args.output!r} must end with .keras (a Keras model file)."
-        )
-    out_dir = os.path.dirname(os.path.abspath(args.output))
+def _check_keras_output(path):
+    """Refuses an OUT.keras path that is not a ``.keras`` file in an existing folder."""
+    if not path.endswith(".keras"):
+        raise ValueError(f"OUT {path!r} must end with .keras (a Keras model file).")
+    out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise ValueError(f"OUT {args.output!r}: folder {out_dir!r} does not exist.")
+        raise ValueError(f"OUT {path!r}: folder {out_dir!r} does not exist.")
+
+
+def _export(args):
+    _check_keras_output(args.output)
+    _load_training()
+    from keras_minsnr import resume
+
+    state = resume.export(args.run_dir, args.output)
+    print(f"Exported {state['checkpoint']} (step {state['step']}) of {args.run_dir} to "
+          f"{args.output}")
+
+
+def _convert_official(args):
+    _check_keras_output(args.output)
     overrides = run_config.parse_overrides(args.set)
     with _quiet_native_logs():
         from keras_minsnr import official
@@ -477,6 +492,18 @@ def build_parser():
                           help="sampling steps (default: the run's)")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling noise seed")
     evaluate.set_defaults(func=_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run's newest checkpoint (.keras or sharded Orbax) as one .keras file",
+        description="Write the newest checkpoint of a run directory (a step-N.keras file "
+        "or a sharded step-N.orbax folder of any mesh) as one .keras model file that "
+        "loads and samples on one device (keras.saving.load_model, `sample`).",
+        formatter_class=formatter,
+    )
+    export.add_argument("run_dir", help="a run directory written by train")
+    export.add_argument("output", metavar="OUT.keras", help="the Keras model file to write")
+    export.set_defaults(func=_export)
 
     recipes = commands.add_parser(
         "recipes", help="list the recipes, one line each",

@@ -43,7 +43,8 @@ def write_samples(model, path, config, num_samples=None, seed=0, labels=None, **
 
     ``labels`` (class models) default to `sample_labels`; a text model's ``context``
     (an override) defaults to the first captions of the run's data. Returns the images
-    as the grid shows them (decoded when the run has a VAE decoder).
+    as the grid shows them (decoded when the run has a VAE decoder). ``path`` None: only
+    generate (a host of a multi-host run that does not write the run directory).
     """
     num_samples = num_samples or config["num_samples"]
     if labels is None:
@@ -67,7 +68,8 @@ def write_samples(model, path, config, num_samples=None, seed=0, labels=None, **
     # One row per class when every class gets a full row; otherwise a square-ish grid.
     columns = per_class if per_class > 1 else int(np.ceil(np.sqrt(len(images))))
     shown = decode_for_display(images, config)
-    save_image_grid(shown, path, columns=columns)
+    if path is not None:
+        save_image_grid(shown, path, columns=columns)
     return shown
 
 
@@ -200,7 +202,8 @@ class RunLogger(keras.callbacks.Callback):
             self.run.save_checkpoint(self.model, step, epoch=step // self.steps_per_epoch,
                                      extra={"batches": int(batches)})
         if step % self.sample_every == 0:
-            write_samples(self.model, self.samples_path, self.config)
+            write_samples(self.model, self.samples_path if self.run.writes else None,
+                          self.config)
 
 
 class StepLogger:
@@ -219,6 +222,8 @@ class StepLogger:
         run_dir: the run directory.
         config: the run's config.
         model: the `DiffusionModel` being trained (its metrics are read).
+        writes: False on a host that does not write the run directory: it still draws
+            the validation grids (all hosts run the sampling program) but writes nothing.
 
     Example:
     ```python
@@ -231,8 +236,9 @@ class StepLogger:
         `tf.summary` (TensorBoard event files); ``wandb.init(resume="allow")``.
     """
 
-    def __init__(self, run_dir, config, model, validation=None):
+    def __init__(self, run_dir, config, model, validation=None, writes=True):
         self.run_dir = run_dir
+        self.writes = writes
         self.config = config
         self.model = model
         self.log_every = int(config.get("log_every", 10))
@@ -243,9 +249,10 @@ class StepLogger:
         if self.validation_every:  # `validation`: the condition the caller already made
             self.validation = (validation if validation is not None
                                else validation_condition(model, config))
-        self._wandb = _start_wandb(run_dir, config) if report_to in ("wandb", "all") else None
+        self._wandb = (_start_wandb(run_dir, config)
+                       if writes and report_to in ("wandb", "all") else None)
         self._writer = None
-        if report_to in ("tensorboard", "all"):
+        if writes and report_to in ("tensorboard", "all"):
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
@@ -308,7 +315,7 @@ class StepLogger:
             self._wandb.log(scalars, step=step)
 
     def _validate(self, step, model):
-        path = validation_path(self.run_dir, step)
+        path = validation_path(self.run_dir, step) if self.writes else None
         images = write_samples(model, path, self.config, seed=self.config.get(
             "validation_seed", 0), num_samples=_validation_count(self.validation, self.config),
             **self.validation)

@@ -27,7 +27,7 @@ MODEL_KEYS = (
     "input_perturbation",
 )
 # Keys of the run directory that may always change between sessions.
-RUN_KEYS = ("checkpoint_every", "keep_checkpoints")
+RUN_KEYS = ("checkpoint_every", "keep_checkpoints", "checkpoint_format")
 BROKEN_SUFFIX = ".broken"
 
 
@@ -93,13 +93,14 @@ def newest_step(run):
     return int(states[0]["step"]) if states else None
 
 
-def load_newest(run, optimizer=None, verbose=True, move_broken=False):
+def load_newest(run, optimizer=None, verbose=True, move_broken=False, build=None):
     """``(model, state)`` of the newest checkpoint that loads, or ``(None, None)``.
 
     A checkpoint that does not load is skipped for the one before it; with
     ``move_broken`` (the process that holds the run's lock) it is also renamed
     ``step-N.keras.broken``, kept for inspection and out of the way of later resumes.
-    What was done about damaged files is printed.
+    What was done about damaged files is printed. ``build`` makes the fresh compiled
+    model an Orbax checkpoint is restored into (`load_checkpoint_file`).
 
     Raises:
         ValueError: checkpoints exist but none loads (restart with ``restart=True``).
@@ -109,7 +110,7 @@ def load_newest(run, optimizer=None, verbose=True, move_broken=False):
     for state in states:
         path = run.checkpoint_path(state)
         try:
-            model = load_checkpoint_file(path, state, optimizer)
+            model = load_checkpoint_file(path, state, optimizer, build)
         except Exception as error:  # a truncated or zeroed file fails in many ways
             failures.append(f"{os.path.basename(path)} ({_one_line(error)[:200]})")
             notes.append(f"{path} does not load ({_one_line(error)[:200]}).")
@@ -159,7 +160,7 @@ def chosen_point(run, resume_from):
     )
 
 
-def rewind(run, resume_from, optimizer=None):
+def rewind(run, resume_from, optimizer=None, build=None):
     """``(model, state)`` of the checkpoint ``resume_from``; the newer ones move aside.
 
     The checkpoints after it (and their sidecars) go to ``replaced-TIME/checkpoints/``, so
@@ -169,10 +170,10 @@ def rewind(run, resume_from, optimizer=None):
     there.
     """
     state = chosen_point(run, resume_from)
-    model = load_checkpoint_file(run.checkpoint_path(state), state, optimizer)
+    model = load_checkpoint_file(run.checkpoint_path(state), state, optimizer, build)
     states, _ = resume_points(run)
     newer = [s for s in states if int(s["step"]) > int(state["step"])]
-    if newer:
+    if newer and run.writes:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         moved = os.path.join(run.run_dir, f"replaced-{stamp}", "checkpoints")
         os.makedirs(moved, exist_ok=True)
@@ -192,8 +193,13 @@ def rewind(run, resume_from, optimizer=None):
     return model, state
 
 
-def load_checkpoint_file(path, state, optimizer=None):
-    """The model of one checkpoint file with ``state``'s random-generator states.
+def load_checkpoint_file(path, state, optimizer=None, build=None):
+    """The model of one checkpoint with ``state``'s random-generator states.
+
+    A ``step-N.orbax`` folder (`keras_minsnr.sharded_checkpoint`) is restored into the
+    model ``build()`` returns (built from the run's config, in the current distribution
+    scope, compiled with the optimizer it uses), each array laid out as that model's
+    variables are.
 
     The `.keras` file's compile settings are not trusted: `jit_compile` is
     backend-specific (a TensorFlow checkpoint says ``False``, which would run JAX op by
@@ -202,6 +208,16 @@ def load_checkpoint_file(path, state, optimizer=None):
     the learning rate or betas takes effect) the saved optimizer state is carried over
     into it.
     """
+    if os.path.isdir(path):
+        if build is None:
+            raise ValueError(f"{path} is a sharded checkpoint: restoring it needs the run's "
+                             "config to build the model first.")
+        from keras_minsnr import sharded_checkpoint
+
+        model = sharded_checkpoint.restore(build(), path)
+        if "seed_states" in state:
+            checkpointing.restore_seed_states(model, state["seed_states"])
+        return model
     model = keras.models.load_model(path)
     if "seed_states" in state:
         checkpointing.restore_seed_states(model, state["seed_states"])
@@ -214,12 +230,13 @@ def load_checkpoint_file(path, state, optimizer=None):
     return model
 
 
-def load_checkpoint(run_dir, optimizer=None):
+def load_checkpoint(run_dir, optimizer=None, build=None):
     """The model of a run directory's newest checkpoint that loads; None before the first.
 
-    See `load_newest` (damaged files) and `load_checkpoint_file` (the optimizer).
+    See `load_newest` (damaged files) and `load_checkpoint_file` (the optimizer,
+    ``build`` for Orbax checkpoints).
     """
-    model, _ = load_newest(checkpointing.RunDirectory(run_dir), optimizer)
+    model, _ = load_newest(checkpointing.RunDirectory(run_dir), optimizer, build=build)
     return model
 
 
@@ -322,20 +339,55 @@ def config_changes(run_dir, config, allow_config_change=(), has_checkpoint=False
     return changes
 
 
-def load_run(run_dir):
-    """The config and model of a run directory (final model, else last checkpoint)."""
+def _run_config(run_dir):
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json).")
     with open(config_path) as f:
-        config = json.load(f)
+        return json.load(f)
+
+
+def one_device_builder(config):
+    """A function that builds the run's fresh compiled model on this process's default
+    device (an Orbax checkpoint of any mesh is restored into it)."""
+
+    def build():
+        from keras_minsnr.builders import build_dataset
+        from keras_minsnr.builders import build_model
+
+        _, info = build_dataset(config)  # the image shape and classes the model takes
+        return build_model(config, info)
+
+    return build
+
+
+def load_run(run_dir):
+    """The config and model of a run directory (final model, else last checkpoint)."""
+    config = _run_config(run_dir)
     final = os.path.join(run_dir, "model.keras")
-    model = keras.models.load_model(final) if os.path.exists(final) else load_checkpoint(run_dir)
+    if os.path.exists(final):
+        return config, keras.models.load_model(final)
+    model = load_checkpoint(run_dir, build=one_device_builder(config))
     if model is None:
         raise FileNotFoundError(
             f"{run_dir} has no model.keras nor a checkpoint yet; train it first."
         )
     return config, model
+
+
+def export(run_dir, path):
+    """Writes the newest checkpoint of ``run_dir`` (``.keras`` or Orbax) as one ``.keras``
+    file ``path`` that loads and samples on one device.
+
+    Returns the exported checkpoint's state (its ``step``, ``checkpoint``).
+    """
+    config = _run_config(run_dir)
+    model, state = load_newest(checkpointing.RunDirectory(run_dir),
+                               build=one_device_builder(config))
+    if model is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train it first.")
+    checkpointing.atomic_save_model(model, os.fspath(path))
+    return state
 
 
 def _read_json(path):

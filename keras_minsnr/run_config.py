@@ -46,6 +46,7 @@ GROUPS = {
     "about": "Documentation only",
 }
 DISTRIBUTIONS = ("none", "data_parallel", "model_parallel", "fsdp")
+CHECKPOINT_FORMATS = ("keras", "orbax")  # keras_minsnr.checkpointing; sharded_checkpoint
 # keras_minsnr.lr_schedules.LR_SCHEDULES (a test keeps them equal).
 LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -212,6 +213,12 @@ class RunConfig:
         resumable=True)
     keep_checkpoints: int = _key(2, "how many of the newest checkpoints to keep", "run",
                                  low=1, resumable=True)
+    checkpoint_format: str | None = _key(
+        None, "keras: step-N.keras files of whole arrays; orbax: step-N.orbax/ folders, "
+        "each host writing its shards (JAX; needs one run directory shared by the hosts); "
+        "null: orbax when the model's arrays are split over several hosts and they share "
+        "the run directory, else keras", "run", choices=CHECKPOINT_FORMATS,
+        resumable=True)
     seed: int = _key(0, "seed of initialisation, data order and noise", "run", low=0)
     # === Samples ===
     sample_every_epochs: int = _key(1, "epochs between sample grids", "samples", low=1,

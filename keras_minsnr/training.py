@@ -9,7 +9,8 @@ A run directory holds::
     logs/            TensorBoard logs: per-step scalars every log_every steps at the global
                      step, validation grids (keras_minsnr.monitoring); W&B's offline files
     samples/         step-NNNNNNNN.png validation grids (validation_every)
-    checkpoints/     step-NNNNNNNN.keras (model, optimizer, EMA), its sidecar
+    checkpoints/     step-NNNNNNNN.keras (model, optimizer, EMA) or the sharded folder
+                     step-NNNNNNNN.orbax/ (checkpoint_format), its sidecar
                      step-NNNNNNNN.json, and state.json (keras_minsnr.resume)
     run.lock         while a process trains the run (keras_minsnr.run_lock)
     samples.png      a grid of samples, refreshed during training; the final model's at
@@ -18,7 +19,9 @@ A run directory holds::
     lora.weights.h5  the LoRA adapters alone (runs with lora_rank; docs/lora.md)
 
 Starting the same run again resumes from the last checkpoint and continues exactly where
-it stopped; see `keras_minsnr.checkpointing` and docs/reliability.md.
+it stopped; see `keras_minsnr.checkpointing` and docs/reliability.md. The hosts of a
+multi-host run may share one run directory: process 0 then writes it
+(`keras_minsnr.run_sharing`, docs/scaling.md).
 
 A *step* is one optimizer update. With ``grad_accum = N`` (Keras'
 ``gradient_accumulation_steps``) an update averages the gradients of N micro-batches of
@@ -37,6 +40,7 @@ import sys
 import time
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_minsnr import backend as backend_lib
@@ -45,6 +49,8 @@ from keras_minsnr import interrupts
 from keras_minsnr import resume
 from keras_minsnr import run_lock
 from keras_minsnr.backbones.contract import set_gradient_checkpointing
+from keras_minsnr import run_sharing
+from keras_minsnr.builders import build_dataset
 from keras_minsnr.builders import build_model
 from keras_minsnr.builders import check_backbone_options
 from keras_minsnr.builders import distribution_scope
@@ -54,24 +60,6 @@ from keras_minsnr.monitoring import validation_condition
 from keras_minsnr.monitoring import write_samples
 from keras_minsnr.optimizers import grad_accum
 from keras_minsnr.optimizers import make_optimizer
-
-
-def build_dataset(config):
-    from keras_minsnr.data import make_dataset
-    from keras_minsnr.data.preparation import prepare_data
-
-    prepare_data(config)
-    kwargs = dict(config["data_args"])
-    if config["image_size"] is not None:
-        kwargs.setdefault("image_size", config["image_size"])
-    return make_dataset(
-        config["data"],
-        batch_size=config["batch_size"],
-        repeat=True,
-        shuffle=True,
-        seed=config["seed"],
-        **kwargs,
-    )
 
 
 LORA_FILE = "lora.weights.h5"  # the adapters alone, next to model.keras
@@ -117,6 +105,10 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
         verbose = 1 if sys.stdout.isatty() else 2
     # Everything below up to os.makedirs only reads: a refused run writes nothing.
     scope = distribution_scope(config)
+    if config.get("checkpoint_format") == "orbax":
+        from keras_minsnr import sharded_checkpoint
+
+        sharded_checkpoint.check_available()
     run = checkpointing.RunDirectory(run_dir, config.get("keep_checkpoints", 2))
     if restart and resume_from is not None:
         raise ValueError("--restart and --resume-from exclude each other: restart begins "
@@ -136,36 +128,65 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
             model = build_model(config, info)
         # A validation key that does not fit the model fails here (prompts are encoded once).
         validation = validation_condition(model, config)
-    os.makedirs(run_dir, exist_ok=True)
-    lock = run_lock.RunLock(run_dir) if _holds_lock(config) else contextlib.nullcontext()
+    # Several hosts: process 0 writes a directory they share; one of its own each
+    # process writes itself.
+    sharing = run_sharing.decide(run_dir)
+    run.writes = sharing.writes
+    if sharing.writes:
+        os.makedirs(run_dir, exist_ok=True)
+    lock = run_lock.RunLock(run_dir) if sharing.locks else contextlib.nullcontext()
     with lock, interrupts.StopRequests() as stop:
         return _train_locked(config, run, (model, validation), (dataset, info), scope,
-                             verbose, allow_config_change, restart, stop, resume_from)
+                             verbose, allow_config_change, restart, stop, resume_from,
+                             sharing)
 
 
-def _holds_lock(config):
-    """Multi-host runs share one directory: only process 0 locks (and writes) it."""
-    return not config.get("multihost") or backend_lib.process_index() == 0
+def checkpoint_format(config, model, sharing):
+    """The format of this session's checkpoints: the config's ``checkpoint_format``, or
+    (null) ``orbax`` when some array of ``model`` is split over several hosts and they
+    share the run directory, else ``keras``.
+
+    Raises:
+        ValueError: ``orbax`` with several hosts that do not share the run directory.
+    """
+    chosen = config.get("checkpoint_format")
+    if chosen is None:
+        split = any(backend_lib.spans_other_hosts(v.value) for v in model.variables)
+        chosen = "orbax" if split and sharing.all_shared else "keras"
+    if chosen == "orbax" and sharing.process_count > 1 and not sharing.all_shared:
+        raise ValueError(
+            "checkpoint_format=orbax needs one --output-dir shared by all "
+            f"{sharing.process_count} processes (every host writes its shards into the "
+            "same folder), but they do not all see process 0's; use a shared folder or "
+            "checkpoint_format=keras."
+        )
+    return chosen
 
 
 def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
-                  restart, stop, resume_from=None):
+                  restart, stop, resume_from=None, sharing=run_sharing.RunSharing()):
     """`train` once the run directory is locked: resume, fit, save. ``built`` is the
     fresh model `train` made (or None) and its validation condition."""
     run_dir = run.run_dir
     model, validation = built
     dataset, info = data
-    if restart:
+    if restart and run.writes:
         moved = resume.move_aside_for_restart(run)
         if moved:
             print(f"Restarting {run_dir} from step 0; the previous checkpoints, metrics and "
                   f"model are in {moved}.")
     run.remove_partial_files()
+    backend_lib.barrier("keras_minsnr.training.prepared")  # every host reads the same files
+
+    def build():  # the model an Orbax checkpoint is restored into
+        return build_model(config, info)
+
     with scope():
         if resume_from is not None:
-            loaded, state = resume.rewind(run, resume_from, make_optimizer(config))
+            loaded, state = resume.rewind(run, resume_from, make_optimizer(config), build)
         else:
-            loaded, state = resume.load_newest(run, make_optimizer(config), move_broken=True)
+            loaded, state = resume.load_newest(run, make_optimizer(config),
+                                               move_broken=run.writes, build=build)
     if loaded is not None:
         model, validation = loaded, None
     elif model is None:  # its checkpoints vanished since train() looked (another run)
@@ -174,6 +195,8 @@ def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
     # How this session computes gradients, not part of the weights (resumable): set on the
     # fresh or loaded backbone before fit() traces it.
     set_gradient_checkpointing(model.backbone, config.get("gradient_checkpointing", False))
+    backend_lib.barrier("keras_minsnr.training.loaded")  # before process 0 writes again
+    run.checkpoint_format = checkpoint_format(config, model, sharing)
     changes = resume.config_changes(run_dir, config, allow_config_change, state is not None)
     step = int(state["step"]) if state else 0
     resume.check_steps(run_dir, config, step)
@@ -188,8 +211,9 @@ def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
         run.record_change(step, key, old, new)
     # Rows logged after the checkpoint are replayed below, identically.
     run.truncate_metrics(step)
-    step_logger = StepLogger(run_dir, config, model, validation)
-    checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
+    step_logger = StepLogger(run_dir, config, model, validation, writes=run.writes)
+    if run.writes:
+        checkpointing.atomic_write_json(os.path.join(run_dir, "config.json"), config)
     total = int(config["steps"])
     if grad_accum(config) > 1:
         print(f"Effective batch: {grad_accum(config)} micro-batches x "
@@ -227,16 +251,21 @@ def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
         )
     if final < total:
         raise RuntimeError(f"Training stopped at step {final} of {total}.")
-    checkpointing.atomic_save_model(model, os.path.join(run_dir, "model.keras"))
-    if model.lora is not None:
-        size = model.save_lora(os.path.join(run_dir, LORA_FILE))
-        print(f"LoRA adapters: {os.path.join(run_dir, LORA_FILE)} ({size / 1024:.1f} KiB)")
+    # Arrays split over several hosts are gathered (by every process) first.
+    with backend_lib.readable_variables(model), backend_lib.one_process_only():
+        if run.writes:
+            checkpointing.atomic_save_model(model, os.path.join(run_dir, "model.keras"))
+            if model.lora is not None:
+                size = model.save_lora(os.path.join(run_dir, LORA_FILE))
+                print(f"LoRA adapters: {os.path.join(run_dir, LORA_FILE)} "
+                      f"({size / 1024:.1f} KiB)")
     # samples.png shows the final model: RunLogger drew it at the last step only when that
-    # step is a multiple of the sampling period.
+    # step is a multiple of the sampling period. Every host samples (one program).
     samples_path = os.path.join(run_dir, "samples.png")
     sample_every = config["steps_per_epoch"] * max(int(config["sample_every_epochs"]), 1)
-    if total % sample_every or not os.path.exists(samples_path):
-        write_samples(model, samples_path, config)
+    drawn = total % sample_every == 0 and os.path.exists(samples_path)
+    if not backend_lib.broadcast_from_first(np.asarray(int(drawn))):
+        write_samples(model, samples_path if run.writes else None, config)
     print(f"Trained in {time.time() - start:.0f} s; run directory: {run_dir}")
     return model
 

@@ -18,6 +18,11 @@ all of these hold, and says once on stderr what it set:
 - ``XLA_FLAGS`` does not already name the option (a value this module added, inherited
   by a child process, is decided anew there);
 - ``KERAS_MINSNR_XLA_CPU_FLAGS`` is not ``0`` (the opt-out).
+
+Whether a run splits its weights is known only once its config is read, after the
+import: with a model axis (``model_parallel`` on a mesh ``DxM`` with ``M > 1``; on
+one device per process this is the multi-host case) the same XLA error occurs, so the
+command line calls `withdraw_for_mesh` before JAX starts, which takes the flag out again.
 """
 
 import importlib.metadata
@@ -105,6 +110,35 @@ def announcement():
     """The line that says what `configure` set."""
     return (f"keras_minsnr: added {FUSION_FLAG} to XLA_FLAGS (faster JAX training on CPU; "
             f"set {OPT_OUT_VARIABLE}=0 to opt out).")
+
+
+def splits_weights(distribution, mesh_shape):
+    """Whether a run's programs are sharded over a model axis (the flag breaks them)."""
+    return distribution == "model_parallel" and mesh_shape is not None and mesh_shape[1] > 1
+
+
+def withdraw_for_mesh(distribution, mesh_shape, environ=None):
+    """Takes `FUSION_FLAG` out of ``XLA_FLAGS`` again when this module added it and the
+    run splits its weights (`splits_weights`); returns whether it did.
+
+    Only before JAX creates its devices (XLA reads the flags once): call it as soon as
+    the run's distribution and mesh are known.
+    """
+    environ = os.environ if environ is None else environ
+    if not splits_weights(distribution, mesh_shape):
+        return False
+    flags = environ.get("XLA_FLAGS", "").split()
+    if environ.get(ADDED_VARIABLE) != FUSION_FLAG or FUSION_FLAG not in flags:
+        return False
+    if _jax_devices_created():
+        raise RuntimeError(
+            f"{FUSION_FLAG} is in force but this run splits its weights over a model axis, "
+            f"which XLA:CPU cannot compile with it; set {OPT_OUT_VARIABLE}=0."
+        )
+    flags.remove(FUSION_FLAG)
+    environ["XLA_FLAGS"] = " ".join(flags)
+    del environ[ADDED_VARIABLE]
+    return True
 
 
 def configure(backend=None, environ=None, stream=None, quiet=False):

@@ -46,6 +46,27 @@ def test_a_child_that_splits_the_cpu_into_devices_drops_the_inherited_flag(fresh
     assert own["XLA_FLAGS"].startswith(xla_flags.FUSION_FLAG)
 
 
+def test_a_run_that_splits_its_weights_takes_the_flag_out_before_jax_starts(fresh_jax,
+                                                                          monkeypatch):
+    # One device per process, but a model axis over several processes (--multihost
+    # --mesh 1x2): the flag is in, and only the run's config says it must go.
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert xla_flags.configure("jax", environ, io.StringIO())
+    for kept in (("data_parallel", (2, 1)), ("model_parallel", (2, 1)), ("none", None)):
+        assert not xla_flags.withdraw_for_mesh(*kept, environ=environ)
+        assert xla_flags.FUSION_FLAG in environ["XLA_FLAGS"]
+    assert xla_flags.withdraw_for_mesh("model_parallel", (1, 2), environ=environ)
+    assert environ == {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    # A flag the user set stays; after JAX started it is too late, and said so.
+    own = {"XLA_FLAGS": xla_flags.FUSION_FLAG}
+    assert not xla_flags.withdraw_for_mesh("model_parallel", (1, 2), environ=own)
+    assert own == {"XLA_FLAGS": xla_flags.FUSION_FLAG}
+    xla_flags.configure("jax", own := {}, io.StringIO())
+    monkeypatch.setattr(xla_flags, "_jax_devices_created", lambda: True)
+    with pytest.raises(RuntimeError, match="KERAS_MINSNR_XLA_CPU_FLAGS=0"):
+        xla_flags.withdraw_for_mesh("model_parallel", (1, 2), environ=own)
+
+
 @pytest.mark.parametrize(
     "backend, environ, reason",
     [
