@@ -8,7 +8,7 @@ that spans the two processes checkpoints (Orbax) and resumes on one device.
 
 JAX-only by nature (`jax.distributed`); the decision "shared directory or one per host"
 is tested on both backends with the processes played by threads. TensorFlow's
-multi-worker path is covered by tests/test_tf_distribute.py.
+multi-worker path is covered by tests/test_tf_multi_worker.py.
 """
 
 import csv
@@ -34,7 +34,7 @@ from keras_minsnr import run_sharing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_ONLY = pytest.mark.skipif(
     keras.backend.backend() != "jax",
-    reason="jax.distributed processes; TensorFlow's workers: tests/test_tf_distribute.py",
+    reason="jax.distributed processes; TensorFlow's workers: tests/test_tf_multi_worker.py",
 )
 TINY = ["--set", "backbone_args.hidden_size=16", "--set", "backbone_args.depth=1",
         "--set", "batch_size=8", "--set", "num_samples=2", "--set", "sample_steps=2",
@@ -46,6 +46,12 @@ TINY = ["--set", "backbone_args.hidden_size=16", "--set", "backbone_args.depth=1
 TINY_DIT = ["--set", "backbone=dit_s_2", "--set", "backbone_args.num_heads=2",
             "--set", "backbone_args.hidden_size=64"]
 TIMEOUT = 300
+
+
+def one_device_per_process(flags):
+    """``XLA_FLAGS`` without a virtual device count (the suite's other flags stay)."""
+    return " ".join(f for f in flags.split()
+                    if not f.startswith("--xla_force_host_platform_device_count"))
 
 
 def _free_port():
@@ -65,7 +71,7 @@ def _start_hosts(run_dirs, args, faults=(None, None)):
                "KERAS_DISTRIBUTION_NUM_PROCESSES": str(len(run_dirs)),
                "KERAS_DISTRIBUTION_PROCESS_ID": str(index)}
         env.pop(checkpointing.FAULT_ENV, None)
-        env.pop("XLA_FLAGS", None)  # one CPU device per process
+        env["XLA_FLAGS"] = one_device_per_process(env.get("XLA_FLAGS", ""))
         if fault:
             env[checkpointing.FAULT_ENV] = fault
         log = open(os.path.join(os.path.dirname(str(run_dir)), f"host{index}.log"), "w")

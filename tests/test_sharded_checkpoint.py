@@ -32,7 +32,9 @@ def test_orbax_checkpoints_on_two_devices_resume_on_one_and_export(tmp_path):
                      *TINY]) == 0
     run = tmp_path / "two_devices"
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "KERAS_BACKEND": "jax",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
     child = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "cli_on_two_devices.py"), "train",
          "digits", "--output-dir", str(run), "--steps", "2", "--distribution",
