@@ -100,7 +100,11 @@ def test_sd15_captions_step_is_diffusers_min_snr_loss(vae_and_pixels):
             config["gamma"]) == ("scaled_linear", "epsilon", "min_snr", 5.0)
     info = DatasetInfo(name="latents", image_shape=(8, 8, 4), context_shape=(77, 768))
     model = builders.build_model(config, info)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3))
+    # One step on TensorFlow runs eagerly: tracing the SD UNet's train step into a graph
+    # took 2 of this test's 3 minutes, for a step whose loss is all that is checked here
+    # (a graph-mode SD train step: test_recipes.py trains sd15_captions from the CLI).
+    model.compile(optimizer=keras.optimizers.SGD(1e-3),
+                  run_eagerly=keras.backend.backend() == "tensorflow")
 
     rng = np.random.default_rng(5)
     latents = vae.encode_images(pixels)  # what the cache holds: 0.18215 · μ
