@@ -1039,9 +1039,18 @@ def resummarise(output_dir, stem="convergence", method=None):
     rows = read_rows(csv_path)
     runs = [(name, name.split("/", 1)[0], None, None)
             for name in dict.fromkeys(row["run"] for row in rows)]
-    summary = {**previous, **summarise(rows, runs, method), "interval": method}
-    plot(rows, os.path.join(output_dir, stem + ".png"),
-         _title(previous.get("backbone", "mlp_digits")), method)
+    title = _title(previous.get("backbone", "mlp_digits"))
+    if previous.get("batch_sizes"):  # a batch grid: one summary per batch size
+        fresh = {"batch_grid": {
+            str(size): summarise([r for r in rows if r.get("batch_size") == size], runs,
+                                 method)
+            for size in previous["batch_sizes"]
+        }}
+        plot_batch_grid(rows, os.path.join(output_dir, stem + ".png"), title)
+    else:
+        fresh = summarise(rows, runs, method)
+        plot(rows, os.path.join(output_dir, stem + ".png"), title, method)
+    summary = {**previous, **fresh, "interval": method}
     with open(summary_path, "w") as f:
         json.dump(_finite_or_null(summary), f, indent=2)
     print(f"rewrote {summary_path} and {stem}.png from {csv_path}")

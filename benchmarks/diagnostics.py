@@ -240,7 +240,7 @@ def diagnostics_markdown(summary):
         ]
         for name, by_step in by_run.items():
             target, label = name.split("/", 1)
-            cells = " | ".join(f"{v:.4f}" for v in by_step[step]["x0_mse"])
+            cells = " | ".join(f"{v:.4g}" for v in by_step[step]["x0_mse"])
             lines.append(f"| {_TARGET_LABELS.get(target, target)} `{label}` | {cells} |")
         lines.append("")
     for group, by_target in summary["split_fid"].items():
@@ -268,8 +268,9 @@ def _cell(entry):
 
 
 def plot_diagnostics(summary, path):
-    """x₀ error against timestep, one panel per target (and batch size), every checkpoint
-    (the last one solid)."""
+    """Top: x₀ error against timestep, one panel per target (and batch size), every
+    checkpoint (the last one solid). Bottom: the split-sampler FID matrices at the last
+    checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,8 +282,32 @@ def plot_diagnostics(summary, path):
             title = _TARGET_LABELS.get(name.split("/")[0], name) + (
                 f", batch {group[1:]}" if group else "")
             panels.setdefault(title, []).append((name.split("/", 1)[1], by_step))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    matrices = [(target + (f", batch {group[1:]}" if group else ""), by_step)
+                for group, by_target in summary["split_fid"].items()
+                for target, by_step in by_target.items()]
+    columns = max(len(panels), len(matrices))
+    fig, axes = plt.subplots(1 + bool(matrices), columns, figsize=(5 * columns, 4 + 4 * bool(
+        matrices)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (title, by_step) in zip(axes[-1] if matrices else [], matrices):
+        ax.set_visible(True)
+        step = max(by_step, key=int)
+        grid = np.array([[by_step[step].get(f"{a}|{b}", {"fid": np.nan})["fid"]
+                          for b in PAIR] for a in PAIR])
+        ax.imshow(grid, cmap="viridis_r")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center",
+                    bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
+        ax.set_xticks(range(len(PAIR)), PAIR)
+        ax.set_yticks(range(len(PAIR)), PAIR)
+        ax.set_xlabel(f"model for t < {summary['settings']['t_split']}")
+        ax.set_ylabel(f"model for t ≥ {summary['settings']['t_split']}")
+        name = _TARGET_LABELS.get(title.split(",")[0], title.split(",")[0])
+        ax.set_title(f"split-sampler FID: {name}{title[len(title.split(',')[0]):]}, "
+                     f"step {step}")
     for ax, (title, lines) in zip(axes[0], panels.items()):
+        ax.set_visible(True)
         for label, by_step in lines:
             steps = sorted(by_step, key=int)
             color = None

@@ -108,8 +108,8 @@ def main(argv=None):
         factor = 2.0 if part["name"] in args.diagnose_parts else 0.0
         seconds = part_seconds(part, step_seconds, fid_seconds, factor)
         total += seconds
-        print(f"estimate: {part['name']}: {seconds / 3600:.1f} h")
-    print(f"estimate: total {total / 3600:.1f} h of this machine's CPU "
+        print(f"estimate: {part['name']}: {seconds / 3600:.2f} h")
+    print(f"estimate: total {total / 3600:.2f} h of this machine's CPU "
           f"({os.cpu_count()} cores, {keras.backend.backend()}, load as now)", flush=True)
     return 0
 

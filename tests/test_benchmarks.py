@@ -527,6 +527,12 @@ def test_batch_grid_resumes_into_one_csv_and_json(tmp_path):
     assert summary["images_seen_at_checkpoints"] == {"8": [160, 320], "16": [320, 640]}
     assert summary["batch_sizes"] == [8, 16]
     assert (out / "convergence_batch_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --from-csv re-summarises the grid per batch size from the CSV alone.
+    (out / "convergence_batch_grid.json").write_text(json.dumps({**summary, "batch_grid": {}}))
+    assert convergence.main(["--batch-sizes", "8", "16", "--from-csv", "--output-dir",
+                             str(out)]) == 0
+    again = json.loads((out / "convergence_batch_grid.json").read_text())
+    assert again["batch_grid"] == grid
     with pytest.raises(SystemExit):
         convergence.parse_args(["--batch-sizes", "32", "0"])
 
@@ -550,7 +556,7 @@ def test_diagnostics_summary_means_over_seeds_and_tables():
     cells = summary["split_fid"][""]["sample"]["40"]
     assert cells["constant|min_snr_5"]["fid"] == pytest.approx(8.5)
     table = diagnostics.diagnostics_markdown(summary)
-    assert "| x₀ `constant` | 0.2000 | 0.8000 |" in table
+    assert "| x₀ `constant` | 0.2 | 0.8 |" in table
     assert "| SNR | 400 | 0.0001 |" in table
     assert "| `constant` | 11.00 | 8.50 |" in table and "| `min_snr_5` | — | — |" in table
 
@@ -613,3 +619,19 @@ def test_diagnose_measures_planted_checkpoints_and_resumes(tmp_path):
     table = (out / "convergence_diagnostics.md").read_text()
     assert "| `min_snr_5` | 123.00 |" in table and "t=990" in table
     assert (out / "convergence_diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evidence_estimate_adds_up_the_plan():
+    import evidence_estimate
+
+    part = evidence_estimate.parse_part("grid:32,128:1000:250:2:3")
+    assert part == {"name": "grid", "batch_sizes": [32, 128], "steps": 1000,
+                    "eval_every": 250, "runs": 2, "seeds": 3}
+    # 2 runs x 3 seeds x (1000 steps at 0.1 s + 4 FIDs of 5 s, and at 0.4 s + 4 FIDs),
+    # and with diagnostics 2 more FIDs per checkpoint (12 FIDs per training, not 4).
+    seconds = evidence_estimate.part_seconds(part, {32: 0.1, 128: 0.4}, 5.0)
+    assert seconds == pytest.approx(6 * (100 + 20 + 400 + 20))
+    assert evidence_estimate.part_seconds(part, {32: 0.1, 128: 0.4}, 5.0, 2.0) == (
+        pytest.approx(6 * (100 + 60 + 400 + 60)))
+    with pytest.raises(Exception, match="NAME:BATCHES:STEPS"):
+        evidence_estimate.parse_part("grid:32:1000")

@@ -7,8 +7,6 @@ from keras import ops
 
 import keras_minsnr as kms
 from keras_minsnr import samplers
-from keras_minsnr.noise_level_error import x0_error_by_timestep
-from keras_minsnr.split_sampling import generate_split
 from keras_minsnr.split_sampling import split_ddim_sample
 from tests.tiny_backbones import TinyConvBackbone
 
@@ -79,19 +77,19 @@ def test_generate_split_is_the_library_ddim_when_both_models_agree():
     labels = np.array([0, 1, 2, 1])
     kwargs = dict(labels=labels, num_steps=6, seed=3)
     plain_a = a.generate(sampler="ddim", **kwargs)
-    np.testing.assert_array_equal(generate_split(a, a, 500, **kwargs), plain_a)
+    np.testing.assert_array_equal(kms.generate_split(a, a, 500, **kwargs), plain_a)
     # t_split = 0: the noisy-steps model throughout; T: the clean-steps model throughout.
-    np.testing.assert_array_equal(generate_split(a, b, 0, **kwargs), plain_a)
-    np.testing.assert_array_equal(generate_split(a, b, 1000, **kwargs),
+    np.testing.assert_array_equal(kms.generate_split(a, b, 0, **kwargs), plain_a)
+    np.testing.assert_array_equal(kms.generate_split(a, b, 1000, **kwargs),
                                   b.generate(sampler="ddim", **kwargs))
-    mixed = generate_split(a, b, 500, **kwargs)
+    mixed = kms.generate_split(a, b, 500, **kwargs)
     assert np.abs(mixed - plain_a).max() > 1e-4
     eps_model = kms.DiffusionModel(TinyConvBackbone(image_shape=(4, 4, 1), num_classes=3,
                                                     width=8),
                                    kms.NoiseSchedule("cosine", num_timesteps=1000),
                                    prediction_type="epsilon")
     with pytest.raises(ValueError, match="same prediction_type; got 'sample'"):
-        generate_split(a, eps_model, 500, **kwargs)
+        kms.generate_split(a, eps_model, 500, **kwargs)
 
 
 class _LinearDenoiser(keras.Model):
@@ -119,7 +117,7 @@ def test_x0_error_by_timestep_matches_float64_numpy(prediction_type):
         model.ema.average_of(weight).assign(value)
     images = np.random.default_rng(5).uniform(-1, 1, size=(5, 4, 4, 1)).astype("float32")
     timesteps = (10, 300, 700, 990)
-    result = x0_error_by_timestep(model, images, timesteps, seed=11, batch_size=2)
+    result = kms.x0_error_by_timestep(model, images, timesteps, seed=11, batch_size=2)
 
     abar = schedule.alphas_cumprod
     noise = np.random.default_rng(11).standard_normal(images.shape).astype("float32")
@@ -135,4 +133,4 @@ def test_x0_error_by_timestep_matches_float64_numpy(prediction_type):
         assert result["snr"][i] == pytest.approx(abar[t] / (1.0 - abar[t]), rel=1e-12)
     assert result["timesteps"] == list(timesteps)
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\), got \[1000\]"):
-        x0_error_by_timestep(model, images, (10, 1000))
+        kms.x0_error_by_timestep(model, images, (10, 1000))
