@@ -10,8 +10,9 @@
 #
 # It prints a CPU-hour estimate first (a few measured steps). Settings (environment):
 #   STEPS (4000) and EVAL_EVERY (500): the batch-128 run and the grid;
-#   GRID_SEEDS ("0"), SEEDS ("0 1 2"); KERAS_BACKEND (tensorflow: 1.7x faster than JAX for
-#   this 0.85M model on CPU, docs/performance.md); OUT (docs/results); PY (.venv/bin/python);
+#   GRID_SEEDS ("0"), SEEDS ("0 1 2"); KERAS_BACKEND (tensorflow: issue 26 reports it 1.7x
+#   faster than JAX for this 0.85M model on this CPU; the estimate measures the chosen
+#   backend); OUT (docs/results); PY (.venv/bin/python);
 #   SMOKE=1: a few steps and samples of everything into /tmp (checks the pipeline only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
