@@ -19,6 +19,7 @@ seed means), ``STEM_diagnostics.md`` (the tables docs/results.md includes) and
 import json
 import os
 
+import keras
 import numpy as np
 
 from keras_minsnr.noise_level_error import DIAGNOSTIC_TIMESTEPS
@@ -29,12 +30,10 @@ PAIR = ("constant", "min_snr_5")
 
 def ema_backbone_weights(model):
     """The backbone's weights in ``backbone.weights`` order, each replaced by its EMA."""
-    from keras import ops
-
     values = []
     for weight in model.backbone.weights:
         average = model.ema.average_of(weight) if model.ema is not None else None
-        values.append(ops.convert_to_numpy(weight if average is None else average))
+        values.append(keras.ops.convert_to_numpy(weight if average is None else average))
     return values
 
 
@@ -55,26 +54,17 @@ def load_weights(path):
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
-def _callback_class():
-    import keras
+class SaveEMAWeights(keras.callbacks.Callback):
+    """Saves the EMA backbone weights at the end of each epoch (a FID checkpoint) to
+    ``PREFIX_stepN.npz``, N the optimizer step (`checkpoint_path`)."""
 
-    class SaveEMAWeights(keras.callbacks.Callback):
-        """Saves the EMA backbone weights at the end of each epoch (a FID checkpoint) to
-        ``PREFIX_stepN.npz``, N the optimizer step."""
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
 
-        def __init__(self, prefix):
-            super().__init__()
-            self.prefix = prefix
-
-        def on_epoch_end(self, epoch, logs=None):
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-            save_weights(checkpoint_path(self.prefix, step), ema_backbone_weights(self.model))
-
-    return SaveEMAWeights
-
-
-def SaveEMAWeights(prefix):  # noqa: N802 (a class built on first use: keras is imported late)
-    return _callback_class()(prefix)
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        save_weights(checkpoint_path(self.prefix, step), ema_backbone_weights(self.model))
 
 
 def heldout_digits(image_size):
