@@ -27,7 +27,14 @@ Outputs (in ``--output-dir``, default ``docs/results``; STEM is ``convergence`` 
     STEM.png    FID vs steps, one panel per target (and one for a γ sweep): the mean over
                 seeds with its 95% interval as a band
     STEM.json   the settings, per-target speed-ups and the other comparisons with their
-                intervals, per-seed speed-ups, mean curves and FID bands
+                intervals, per-seed speed-ups, mean curves and FID bands, images seen
+    STEM_diagnostics.{json,md,png}   with --diagnose: x₀ error per timestep and the
+                split-sampler FID matrix of every checkpoint (`diagnostics`)
+
+The CSV records ``images_seen`` (optimizer steps x batch x grad-accum) and the plot puts FID
+against it. ``--batch-sizes 32 64 128`` runs the batch x weighting grid (x₀, ``constant``
+vs ``min_snr_5``, one seed unless ``--seeds``) into ``STEM_batch_grid.*``, with one summary
+per batch size.
 
 Speed-up (the paper's measure): the steps the baseline (``constant``, same target) needs to
 reach its own final FID, divided by the steps the candidate needs to reach that same FID.
@@ -48,7 +55,9 @@ benchmark started again with the same settings skips the runs it already finishe
 Usage::
 
     python benchmarks/convergence.py                 # MLP, ~1 hour on a 2-core CPU
-    python benchmarks/convergence.py --backbone vit_tiny   # Table 1 on the ViT (see docs)
+    python benchmarks/convergence.py --backbone vit_tiny   # Table 1 on the ViT, 2000 steps
+    python benchmarks/convergence.py --backbone vit_tiny --batch-size 128 --diagnose
+    python benchmarks/convergence.py --backbone vit_tiny --batch-sizes 32 64 128   # grid
     python benchmarks/convergence.py --quick --output-dir /tmp/conv   # ~1-2 minutes
     python benchmarks/convergence.py --backbone vit_tiny --table   # the Table-1 markdown
     KERAS_BACKEND=jax python benchmarks/convergence.py --seeds 0 1 2
@@ -69,6 +78,7 @@ for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import diagnostics  # noqa: E402
 from _common import device_description  # noqa: E402
 from stats import INTERVAL_METHODS  # noqa: E402
 from stats import interval  # noqa: E402
@@ -87,6 +97,10 @@ CSV_COLUMNS = (
     "kid_mean",
     "kid_std",
     "train_seconds",
+    # Optimizer steps x examples per step (batch_size x grad_accum): runs at different
+    # batch sizes are compared per image seen, not per step.
+    "batch_size",
+    "images_seen",
 )
 
 # The paper's in-context ViT (timestep and class as two extra tokens, learned positions,
@@ -132,9 +146,10 @@ BACKBONES = {
         "recipe": VIT_TINY,
         "stem": "convergence_vit",
         "plan": "table1",
-        # Sized from the step times measured on the shared 2-core CPU (docs/results.md,
-        # "ViT step time") so that 16 runs x 3 seeds fit one long run.
-        "full": {"steps": 800, "eval_every": 200, "num_samples": 300, "seeds": [0, 1, 2],
+        # The published ViT comparison (docs/results.md, "Longer training"): 2000 steps,
+        # FID every 400 steps from 300 DDIM-20 samples, 3 seeds. The 800-step Table-1 run
+        # is `--steps 800 --eval-every 200`.
+        "full": {"steps": 2000, "eval_every": 400, "num_samples": 300, "seeds": [0, 1, 2],
                  "sample_steps": 20},
         "quick": {"steps": 4, "eval_every": 2, "num_samples": 20, "seeds": [0],
                   "sample_steps": 2},
@@ -199,7 +214,7 @@ def run_plan(targets=TARGETS, ablation=True, plan="targets"):
 # -- runs ----------------------------------------------------------------------------------
 
 
-def _config(args, target, weighting, gamma, seed):
+def _config(args, target, weighting, gamma, seed, batch_size=None):
     from recipes.digits import RECIPE
     from keras_minsnr.run_config import resolve_config
 
@@ -212,26 +227,39 @@ def _config(args, target, weighting, gamma, seed):
     }
     if gamma is not None:
         overrides["gamma"] = gamma
+    batch_size = batch_size or getattr(args, "batch_size", None)
+    if batch_size:
+        overrides["batch_size"] = batch_size
+    if getattr(args, "grad_accum", 1) > 1:
+        overrides["grad_accum"] = args.grad_accum
     recipe = {**RECIPE, **BACKBONES[args.backbone]["recipe"]}
     return resolve_config(recipe, overrides)
 
 
+def run_key(seed, name, batch_size=None):
+    """The file name stem of one training in the work directory."""
+    batch = "" if batch_size is None else f"b{batch_size}_"
+    return f"{seed}_{batch}{name.replace('/', '_')}"
+
+
 def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weights, real,
-                       extractor, workdir):
-    """One run; returns its CSV rows."""
+                       extractor, workdir, batch_size=None):
+    """One run; returns its CSV rows. With ``args.diagnose`` it also leaves each
+    checkpoint's EMA weights in `workdir` (`diagnostics.SaveEMAWeights`)."""
     import keras
 
     from keras_minsnr.evaluation import FIDCallback
     from keras_minsnr.training import build_dataset
     from keras_minsnr.builders import build_model
 
-    config = _config(args, target, weighting, gamma, seed)
+    config = _config(args, target, weighting, gamma, seed, batch_size)
     keras.utils.set_random_seed(seed)
     dataset, info = build_dataset(config)
     model = build_model(config, info)
     model.backbone.set_weights(initial_weights)
     model.reset_ema()
-    path = os.path.join(workdir, f"{seed}_{name.replace('/', '_')}.csv")
+    key = run_key(seed, name, batch_size)
+    path = os.path.join(workdir, key + ".csv")
     if os.path.exists(path):  # left by a killed run; the callback appends
         os.remove(path)
     callback = FIDCallback(
@@ -246,12 +274,19 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
         clip_denoised=True,
         seed=args.sample_seed,
     )
+    callbacks = [callback]
+    if args.diagnose:
+        from diagnostics import SaveEMAWeights
+
+        callbacks.append(SaveEMAWeights(os.path.join(workdir, key)))
+    accum = max(int(config.get("grad_accum", 1)), 1)
     start = time.perf_counter()
     model.fit(
         dataset,
         epochs=args.steps // args.eval_every,
-        steps_per_epoch=args.eval_every,
-        callbacks=[callback],
+        # fit() counts micro-batches; a checkpoint is every eval_every optimizer updates.
+        steps_per_epoch=args.eval_every * accum,
+        callbacks=callbacks,
         verbose=args.verbose,
     )
     elapsed = time.perf_counter() - start
@@ -270,6 +305,8 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
                     "kid_mean": float(record["kid_mean"]),
                     "kid_std": float(record["kid_std"]),
                     "train_seconds": round(elapsed, 2),
+                    "batch_size": config["batch_size"],
+                    "images_seen": int(record["step"]) * config["batch_size"] * accum,
                 }
             )
     return rows
@@ -478,6 +515,12 @@ def read_rows(path):
             row["step"] = int(row["step"])
             for key in ("fid", "kid_mean", "kid_std", "train_seconds"):
                 row[key] = float(row[key])
+            # CSVs written before these columns existed have neither.
+            for key in ("batch_size", "images_seen"):
+                if row.get(key):
+                    row[key] = int(row[key])
+                else:
+                    row.pop(key, None)
             row["gamma"] = float(row["gamma"]) if row["gamma"] else ""
             rows.append(row)
     return rows
@@ -498,6 +541,48 @@ def plot_panels(runs):
     return panels
 
 
+def images_per_step(rows):
+    """``{run: examples per optimizer step}`` from the rows' ``images_seen`` (empty for
+    rows written before that column existed)."""
+    result = {}
+    for row in rows:
+        if row.get("images_seen") and row["step"]:
+            result[row["run"]] = row["images_seen"] // row["step"]
+    return result if len(result) == len({row["run"] for row in rows}) else {}
+
+
+def plot_batch_grid(rows, path, title):
+    """The batch grid: FID of each seed-mean curve against images seen, one line per
+    weighting and batch size (same colour per batch size, dashed for ``constant``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = sorted({row["batch_size"] for row in rows})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, size in enumerate(sizes):
+        for run, (steps, fids) in mean_curves([r for r in rows
+                                               if r["batch_size"] == size]).items():
+            label = run.split("/", 1)[1]
+            ax.plot([s * images_per_step([r for r in rows if r["batch_size"] == size])
+                     .get(run, size) for s in steps], fids,
+                    "--" if label == "constant" else "-", marker="o", markersize=3,
+                    color=colors[i % len(colors)], label=f"{label}, batch {size}")
+    ax.set_xlabel("images seen (steps x batch)")
+    ax.set_ylabel("FID (digits features)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    seeds = len({row["seed"] for row in rows})
+    ax.set_title(f"{title}: batch x weighting ({seeds} seed{'s' * (seeds > 1)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(rows, path, title="Digits, mlp_digits", method="t"):
     import matplotlib
 
@@ -506,20 +591,21 @@ def plot(rows, path, title="Digits, mlp_digits", method="t"):
 
     bands = fid_intervals(rows, method)
     panels = plot_panels(list(dict.fromkeys(row["run"] for row in rows)))
+    per_step = images_per_step(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (panel, names) in zip(axes[0], panels.items()):
         for name in names:
             band = bands[name]
             label = name.split("/", 1)[1]
             style = "--" if label == "constant" else "-"
-            (line,) = ax.plot(band["steps"], band["mean"], style, marker="o", markersize=3,
-                              label=label)
+            x = [s * per_step.get(name, 1) for s in band["steps"]]
+            (line,) = ax.plot(x, band["mean"], style, marker="o", markersize=3, label=label)
             if all(v is not None for v in band["low"] + band["high"]):
-                ax.fill_between(band["steps"], [max(v, 1e-3) for v in band["low"]],
+                ax.fill_between(x, [max(v, 1e-3) for v in band["low"]],
                                 band["high"], color=line.get_color(), alpha=0.15,
                                 linewidth=0)
         ax.set_title(panel)
-        ax.set_xlabel("training steps")
+        ax.set_xlabel("images seen (steps x batch)" if per_step else "training steps")
         ax.set_ylabel("FID (digits features)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -527,7 +613,8 @@ def plot(rows, path, title="Digits, mlp_digits", method="t"):
             ax.legend(fontsize=7)
     seeds = len({row["seed"] for row in rows})
     what = "mean and 95% interval" if seeds > 1 else "one seed"
-    fig.suptitle(f"{title}: FID vs steps ({what} over {seeds} seed{'s' * (seeds > 1)})")
+    x_name = "images seen" if per_step else "steps"
+    fig.suptitle(f"{title}: FID vs {x_name} ({what} over {seeds} seed{'s' * (seeds > 1)})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -652,7 +739,24 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, help="FID checkpoint period in steps")
     parser.add_argument("--num-samples", type=int, help="samples per FID")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds")
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--targets", nargs="+", choices=TARGETS,
+                        help="default: all three (x₀ only with --batch-sizes)")
+    parser.add_argument("--batch-size", type=int,
+                        help="examples per micro-batch (default: the backbone's recipe, 128 "
+                        "for mlp_digits, 32 for vit_tiny)")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (effective batch = "
+                        "batch size x grad-accum; steps count optimizer steps)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        help="the batch x weighting grid: constant vs Min-SNR-5 on x₀ at "
+                        "each batch size (one seed unless --seeds), into STEM_batch_grid.*")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="per-noise-level diagnostics of every checkpoint's EMA model: "
+                        "x₀ error at t = 10 … 990 and the split-sampler FID matrix "
+                        "(STEM_diagnostics.json/.md/.png)")
+    parser.add_argument("--t-split", type=int, default=500,
+                        help="--diagnose: the noisy-steps model samples t >= T_SPLIT "
+                        "(default 500)")
     parser.add_argument("--no-ablation", action="store_true",
                         help="skip the γ ablation and the other weightings")
     parser.add_argument("--sample-steps", type=int, help="DDIM steps")
@@ -677,6 +781,27 @@ def parse_args(argv=None):
     if args.plan is None:
         args.plan = spec["plan"]
     defaults = spec["quick"] if args.quick else spec["full"]
+    if args.batch_sizes:
+        if args.batch_size is not None:
+            parser.error("give --batch-size or --batch-sizes, not both.")
+        args.stem += "_batch_grid"
+        args.plan = "targets"
+        args.no_ablation = True
+        if args.targets is None:
+            args.targets = [SWEEP_TARGET]
+        if args.seeds is None:
+            args.seeds = [0]  # one seed first; --seeds 0 1 2 where it decides something
+    if args.targets is None:
+        args.targets = list(TARGETS)
+    for flag, values in (("--batch-size", [args.batch_size]),
+                         ("--batch-sizes", args.batch_sizes or []),
+                         ("--grad-accum", [args.grad_accum])):
+        bad = [v for v in values if v is not None and v < 1]
+        if bad:
+            parser.error(f"{flag} must be >= 1, got {bad[0]}.")
+    if not 0 <= args.t_split <= 1000:
+        parser.error(f"--t-split must be an integer in [0, 1000] (the recipes' T), got "
+                     f"{args.t_split}.")
     args.ablation = not args.quick and not args.no_ablation
     for key in ("steps", "eval_every", "num_samples", "seeds", "sample_steps"):
         if getattr(args, key) is None:
@@ -710,12 +835,18 @@ def main(argv=None):
     from keras_minsnr.metrics import get_feature_extractor
 
     runs = run_plan(args.targets, ablation=args.ablation, plan=args.plan)
+    batch_sizes = args.batch_sizes or [None]
     probe = _config(args, "epsilon", "constant", None, args.seeds[0])
     checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
-    total = len(runs) * len(args.seeds)
+    total = len(runs) * len(args.seeds) * len(batch_sizes)
+    batch = (f"batch sizes {args.batch_sizes}" if args.batch_sizes else
+             f"batch {probe['batch_size']}")
+    if args.grad_accum > 1:
+        batch += f" x grad-accum {args.grad_accum}"
     print(
-        f"Plan ({keras.backend.backend()}): {len(runs)} runs x {len(args.seeds)} seeds = "
-        f"{total} trainings of {args.steps} steps (batch {probe['batch_size']}, "
+        f"Plan ({keras.backend.backend()}): {len(runs)} runs x {len(args.seeds)} seeds"
+        f"{f' x {len(batch_sizes)} batch sizes' if args.batch_sizes else ''} = "
+        f"{total} trainings of {args.steps} steps ({batch}, "
         f"{args.backbone}: {probe['backbone']} {probe['backbone_args']}, "
         f"{probe['image_size']}x{probe['image_size']}), FID from "
         f"{args.num_samples} DDIM-{args.sample_steps} samples at steps {checkpoints}.\n"
@@ -735,30 +866,57 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     settings = run_settings(args)
     done = 0
-    for seed in args.seeds:
-        initial = None
-        for name, target, weighting, gamma in runs:
-            record = os.path.join(workdir, f"{seed}_{name.replace('/', '_')}.json")
-            run_rows = load_finished_run(record, settings)
-            if run_rows is None:
-                if initial is None:
-                    initial = initial_backbone_weights(args, seed)
-                run_rows = train_and_evaluate(args, name, target, weighting, gamma, seed,
-                                              initial, real, extractor, workdir)
-                save_finished_run(record, settings, run_rows)
-                resumed = ""
-            else:
-                resumed = " (finished earlier, reused)"
-            rows.extend(run_rows)
-            done += 1
-            last = rows[-1]
-            print(f"\n[{done}/{total}] seed {seed} {name}: FID {last['fid']:.3f} at step "
-                  f"{last['step']}{resumed} ({time.perf_counter() - start:.0f} s so far)",
-                  flush=True)
-            bar.update(done)
+    for batch_size in batch_sizes:
+        for seed in args.seeds:
+            initial = None
+            for name, target, weighting, gamma in runs:
+                key = run_key(seed, name, batch_size)
+                record = os.path.join(workdir, key + ".json")
+                run_rows = load_finished_run(record, settings)
+                if run_rows is not None and args.diagnose and not all(
+                        os.path.exists(diagnostics.checkpoint_path(
+                            os.path.join(workdir, key), step)) for step in checkpoints):
+                    run_rows = None  # finished without its EMA checkpoints: train again
+                if run_rows is None:
+                    if initial is None:
+                        initial = initial_backbone_weights(args, seed)
+                    run_rows = train_and_evaluate(args, name, target, weighting, gamma, seed,
+                                                  initial, real, extractor, workdir,
+                                                  batch_size)
+                    save_finished_run(record, settings,
+                                      run_rows)
+                    resumed = ""
+                else:
+                    resumed = " (finished earlier, reused)"
+                rows.extend(run_rows)
+                done += 1
+                last = rows[-1]
+                where = "" if batch_size is None else f"batch {batch_size} "
+                print(f"\n[{done}/{total}] {where}seed {seed} {name}: FID {last['fid']:.3f} "
+                      f"at step {last['step']}{resumed} ({time.perf_counter() - start:.0f} s "
+                      "so far)", flush=True)
+                bar.update(done)
     write_outputs(args, runs, rows, checkpoints, time.perf_counter() - start)
+    if args.diagnose:
+        summary = diagnostics.run_diagnostics(
+            args, runs, batch_sizes, checkpoints, workdir, real, extractor,
+            lambda name, seed, batch_size: _model_for(args, name, seed, batch_size))
+        diagnostics.write_diagnostics(summary, os.path.join(args.output_dir, args.stem))
+        print(f"wrote {args.stem}_diagnostics.json/.md/.png")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _model_for(args, name, seed, batch_size):
+    """A run's `DiffusionModel` (untrained) for the diagnostics to load weights into."""
+    from keras_minsnr.builders import build_model
+    from keras_minsnr.training import build_dataset
+
+    _, target, weighting, gamma = next(r for r in run_plan(
+        args.targets, ablation=args.ablation, plan=args.plan) if r[0] == name)
+    config = _config(args, target, weighting, gamma, seed, batch_size)
+    _, info = build_dataset(config)
+    return build_model(config, info)
 
 
 def run_settings(args):
@@ -774,6 +932,8 @@ def run_settings(args):
         "backbone": args.backbone,
         # A changed VIT_TINY must not reuse runs trained with the old one.
         "recipe": BACKBONES[args.backbone]["recipe"],
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
     }
 
 
@@ -805,9 +965,23 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, stem + ".png", _title(args.backbone), args.interval)
-    summary = summarise(rows, runs, args.interval)
+    if args.batch_sizes:
+        summary = {"batch_grid": {
+            str(size): summarise([r for r in rows if r["batch_size"] == size], runs,
+                                 args.interval)
+            for size in args.batch_sizes
+        }}
+        plot_batch_grid(rows, stem + ".png", _title(args.backbone))
+    else:
+        plot(rows, stem + ".png", _title(args.backbone), args.interval)
+        summary = summarise(rows, runs, args.interval)
     config = _config(args, "epsilon", "constant", None, args.seeds[0])
+    # Images seen = optimizer steps x examples per step; per run, or per batch size.
+    per_step = ({str(size): size * args.grad_accum for size in args.batch_sizes}
+                if args.batch_sizes else images_per_step(rows))
+    summary["images_per_step"] = per_step
+    summary["images_seen_at_checkpoints"] = {
+        key: [step * value for step in checkpoints] for key, value in per_step.items()}
     summary.update(
         {
             "quick": bool(args.quick),
@@ -816,8 +990,10 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
                 key: config[key]
                 for key in ("backbone", "backbone_args", "image_size", "batch_size",
                             "learning_rate", "beta_1", "beta_2", "weight_decay",
-                            "warmup_steps", "ema_decay", "schedule")
+                            "warmup_steps", "ema_decay", "schedule", "grad_accum")
+                if key in config
             },
+            "batch_sizes": args.batch_sizes,
             "plan": args.plan,
             "runs": [name for name, *_ in runs],
             "backend": keras.backend.backend(),
@@ -841,10 +1017,13 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
     )
     with open(stem + ".json", "w") as f:
         json.dump(_finite_or_null(summary), f, indent=2)
-    for target, entry in summary["speedups"].items():
-        value = entry["speedup"]
-        print(f"{target}: speed-up {'never reached (null)' if value is None else f'{value:.2f}x'}"
-              f" (baseline final FID {entry['target_fid']:.3f})")
+    groups = summary["batch_grid"] if args.batch_sizes else {"": summary}
+    for group, part in groups.items():
+        for target, entry in part["speedups"].items():
+            value = entry["speedup"]
+            speed = "never reached (null)" if value is None else f"{value:.2f}x"
+            print(f"{f'batch {group} ' if group else ''}{target}: speed-up {speed}"
+                  f" (baseline final FID {entry['target_fid']:.3f})")
 
 
 def resummarise(output_dir, stem="convergence", method=None):
@@ -860,9 +1039,18 @@ def resummarise(output_dir, stem="convergence", method=None):
     rows = read_rows(csv_path)
     runs = [(name, name.split("/", 1)[0], None, None)
             for name in dict.fromkeys(row["run"] for row in rows)]
-    summary = {**previous, **summarise(rows, runs, method), "interval": method}
-    plot(rows, os.path.join(output_dir, stem + ".png"),
-         _title(previous.get("backbone", "mlp_digits")), method)
+    title = _title(previous.get("backbone", "mlp_digits"))
+    if previous.get("batch_sizes"):  # a batch grid: one summary per batch size
+        fresh = {"batch_grid": {
+            str(size): summarise([r for r in rows if r.get("batch_size") == size], runs,
+                                 method)
+            for size in previous["batch_sizes"]
+        }}
+        plot_batch_grid(rows, os.path.join(output_dir, stem + ".png"), title)
+    else:
+        fresh = summarise(rows, runs, method)
+        plot(rows, os.path.join(output_dir, stem + ".png"), title, method)
+    summary = {**previous, **fresh, "interval": method}
     with open(summary_path, "w") as f:
         json.dump(_finite_or_null(summary), f, indent=2)
     print(f"rewrote {summary_path} and {stem}.png from {csv_path}")

@@ -25,6 +25,8 @@ _EXPORTS = {
     "run_sharing": ("keras_minsnr.run_sharing", None),
     "sharded_checkpoint": ("keras_minsnr.sharded_checkpoint", None),
     "samplers": ("keras_minsnr.samplers", None),
+    "split_sampling": ("keras_minsnr.split_sampling", None),
+    "noise_level_error": ("keras_minsnr.noise_level_error", None),
     "official": ("keras_minsnr.official", None),
     "weighting": ("keras_minsnr.weighting", None),
     "DiffusionModel": ("keras_minsnr.diffusion_model", "DiffusionModel"),
@@ -40,6 +42,8 @@ _EXPORTS = {
     "STRATEGIES": ("keras_minsnr.weighting", "STRATEGIES"),
     "LossWeighting": ("keras_minsnr.weighting", "LossWeighting"),
     "loss_weight": ("keras_minsnr.weighting", "loss_weight"),
+    "generate_split": ("keras_minsnr.split_sampling", "generate_split"),
+    "x0_error_by_timestep": ("keras_minsnr.noise_level_error", "x0_error_by_timestep"),
 }
 COMMAND_NAME = "keras-minsnr"
 

@@ -84,6 +84,9 @@ def test_quick_run_writes_the_three_files_and_resumes(tmp_path):
     fids = {(r["run"], int(r["step"])): float(r["fid"]) for r in rows}
     assert fids[("epsilon/constant", 20)] == 777.0 and fids[("epsilon/constant", 40)] == 555.0
     assert fids[("epsilon/min_snr_5", 20)] not in (999.0, 888.0)
+    # Images seen: optimizer steps x the recipe's batch of 128.
+    trained = [r for r in rows if r["run"] == "epsilon/min_snr_5"]
+    assert [int(r["images_seen"]) for r in trained] == [20 * 128, 40 * 128]
     for r in rows:
         assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0
         assert math.isfinite(float(r["kid_mean"]))
@@ -291,8 +294,9 @@ def _vit_rows(seed, run, weighting, gamma, fids):
 
 def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
     out = tmp_path / "results"
+    # Batch 4 with 2 micro-batches per update: the 4 steps are optimizer updates.
     argv = ["--backbone", "vit_tiny", "--quick", "--targets", "epsilon", "--seeds", "0", "1",
-            "--output-dir", str(out)]
+            "--batch-size", "4", "--grad-accum", "2", "--output-dir", str(out)]
     # Three of the four trainings finished before a kill; only seed 1's min_snr_5 trains.
     workdir = out / "convergence_vit_runs"
     workdir.mkdir(parents=True)
@@ -314,11 +318,14 @@ def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
     assert len(rows) == 8
     trained = [r for r in rows if r["seed"] == "1" and r["run"] == "epsilon/min_snr_5"]
     assert [int(r["step"]) for r in trained] == [2, 4]
+    assert [int(r["images_seen"]) for r in trained] == [2 * 4 * 2, 4 * 4 * 2]
     assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0 for r in trained)
     assert (out / "convergence_vit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "convergence_vit.json").read_text())
     assert summary["backbone"] == "vit_tiny" and summary["plan"] == "table1"
     assert summary["backbone_config"]["backbone"] == "vit_b_2_in256"
+    assert summary["backbone_config"]["batch_size"] == 4
+    assert summary["backbone_config"]["grad_accum"] == 2
     assert summary["runs"] == ["epsilon/constant", "epsilon/min_snr_5"]
     band = summary["fid_intervals"]["epsilon/constant"]
     # Two seeds, final FIDs 200 and 220: mean 210 ± tan(0.475 π) · 10.
@@ -518,3 +525,182 @@ def test_memory_plan_with_checkpointing_keeps_one_block_and_the_block_inputs(mon
     rows = memory_plan.plan(backbone, devices=1, batch=b, precision="fp32",
                             gradient_checkpointing=True)
     assert rows[0]["activations"] == 4 * remat
+
+
+# -- issue 26: the published defaults, batch grid, diagnostics ------------------------------
+
+
+def test_vit_tiny_defaults_are_the_published_run():
+    """`--backbone vit_tiny` without options repeats the ViT run docs/results.md quotes
+    (its committed JSON): 2000 steps at batch 32, FID every 400 steps, 3 seeds."""
+    with open(os.path.join(ROOT, "docs", "results", "convergence_vit_long",
+                           "convergence_vit.json")) as f:
+        published = json.load(f)
+    args = convergence.parse_args(["--backbone", "vit_tiny"])
+    assert args.steps == published["steps"] == 2000
+    assert list(range(args.eval_every, args.steps + 1, args.eval_every)) == published[
+        "checkpoints"]
+    assert args.num_samples == published["num_samples"]
+    assert args.seeds == published["seeds"]
+    assert published["sampler"].startswith(f"ddim-{args.sample_steps},")
+    assert convergence.VIT_TINY["batch_size"] == published["backbone_config"]["batch_size"]
+
+
+def _grid_rows(seed, run, batch_size, fids, steps=(20, 40)):
+    weighting = run.split("/")[1].split("_5")[0]
+    return [
+        {"seed": seed, "run": run, "target": "sample", "weighting": weighting,
+         "gamma": 5.0 if "min_snr" in run else "", "step": step, "fid": fid,
+         "kid_mean": 0.0, "kid_std": 0.0, "train_seconds": 1.0, "batch_size": batch_size,
+         "images_seen": step * batch_size}
+        for step, fid in zip(steps, fids)
+    ]
+
+
+def test_batch_grid_resumes_into_one_csv_and_json(tmp_path):
+    """Every training of the grid was finished before a kill: the rerun trains nothing and
+    writes the grid's CSV, JSON (one summary per batch size) and plot."""
+    out = tmp_path / "results"
+    argv = ["--quick", "--batch-sizes", "8", "16", "--output-dir", str(out)]
+    args = convergence.parse_args(argv)
+    assert args.targets == ["sample"] and args.seeds == [0]
+    assert [name for name, *_ in convergence.run_plan(args.targets, args.ablation,
+                                                      args.plan)] == [
+        "sample/constant", "sample/min_snr_5"]
+    workdir = out / "convergence_batch_grid_runs"
+    workdir.mkdir(parents=True)
+    settings = convergence.run_settings(args)
+    planted = {  # (batch, run): FIDs at steps 20, 40
+        (8, "sample/constant"): (30.0, 10.0), (8, "sample/min_snr_5"): (40.0, 20.0),
+        (16, "sample/constant"): (50.0, 40.0), (16, "sample/min_snr_5"): (30.0, 20.0),
+    }
+    for (size, run), fids in planted.items():
+        convergence.save_finished_run(
+            str(workdir / (convergence.run_key(0, run, size) + ".json")), settings,
+            _grid_rows(0, run, size, fids))
+    assert convergence.main(argv) == 0
+    assert not workdir.exists()
+    with open(out / "convergence_batch_grid.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert {(int(r["batch_size"]), int(r["step"]), int(r["images_seen"])) for r in rows} == {
+        (8, 20, 160), (8, 40, 320), (16, 20, 320), (16, 40, 640)}
+    summary = json.loads((out / "convergence_batch_grid.json").read_text())
+    grid = summary["batch_grid"]
+    # Batch 8: Min-SNR never reaches constant's final 10; constant reaches Min-SNR's final
+    # 20 at step 30 (halfway from 30 to 10), Min-SNR at 40: reverse 40/30. Batch 16:
+    # constant reaches its 40 at step 40, Min-SNR is below it at step 20: 40/20 = 2.
+    assert grid["8"]["speedups"]["sample"]["speedup"] is None
+    assert grid["8"]["speedups"]["sample"]["constant_speedup"] == pytest.approx(40 / 30)
+    assert grid["16"]["speedups"]["sample"]["speedup"] == pytest.approx(2.0)
+    assert summary["images_seen_at_checkpoints"] == {"8": [160, 320], "16": [320, 640]}
+    assert summary["batch_sizes"] == [8, 16]
+    assert (out / "convergence_batch_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --from-csv re-summarises the grid per batch size from the CSV alone.
+    (out / "convergence_batch_grid.json").write_text(json.dumps({**summary, "batch_grid": {}}))
+    assert convergence.main(["--batch-sizes", "8", "16", "--from-csv", "--output-dir",
+                             str(out)]) == 0
+    again = json.loads((out / "convergence_batch_grid.json").read_text())
+    assert again["batch_grid"] == grid
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--batch-sizes", "32", "0"])
+
+
+def test_diagnostics_summary_means_over_seeds_and_tables():
+    import diagnostics
+
+    per_seed = {
+        "x0_error": {"": {"sample/constant": {"40": {
+            "0": {"timesteps": [10, 990], "snr": [400.0, 1e-4], "x0_mse": [0.1, 0.9]},
+            "1": {"timesteps": [10, 990], "snr": [400.0, 1e-4], "x0_mse": [0.3, 0.7]},
+        }}}},
+        "split_fid": {"": {"sample": {"40": {
+            "constant|constant": {"0": 10.0, "1": 12.0},
+            "constant|min_snr_5": {"0": 8.0, "1": 9.0},
+        }}}},
+    }
+    summary = diagnostics.summarise_diagnostics(per_seed, {"t_split": 500})
+    entry = summary["x0_error"][""]["sample/constant"]["40"]
+    assert entry["x0_mse"] == [pytest.approx(0.2), pytest.approx(0.8)]
+    cells = summary["split_fid"][""]["sample"]["40"]
+    assert cells["constant|min_snr_5"]["fid"] == pytest.approx(8.5)
+    table = diagnostics.diagnostics_markdown(summary)
+    assert "| x₀ `constant` | 0.2 | 0.8 |" in table
+    assert "| SNR | 400 | 0.0001 |" in table
+    assert "| `constant` | 11.00 | 8.50 |" in table and "| `min_snr_5` | — | — |" in table
+
+
+def test_diagnose_measures_planted_checkpoints_and_resumes(tmp_path):
+    """--diagnose on finished runs whose EMA checkpoints are planted: the x₀ errors sit on
+    the cosine schedule's SNR grid, a recorded value is reused, and the split sampler with
+    A == B gives the FID of the benchmark's own (plain DDIM) evaluation."""
+    import diagnostics
+    from keras_minsnr.evaluation import evaluate_model
+    from keras_minsnr.evaluation import real_images_for
+
+    out = tmp_path / "results"
+    argv = ["--quick", "--targets", "sample", "--steps", "20", "--eval-every", "20",
+            "--num-samples", "8", "--sample-steps", "2", "--num-real", "200", "--diagnose",
+            "--output-dir", str(out)]
+    args = convergence.parse_args(argv)
+    workdir = out / "convergence_runs"
+    workdir.mkdir(parents=True)
+    settings = convergence.run_settings(args)
+    initial = convergence.initial_backbone_weights(args, 0)
+    rng = np.random.default_rng(0)
+    weights = {"sample/constant": initial,
+               "sample/min_snr_5": [w + 0.01 * rng.standard_normal(w.shape).astype(w.dtype)
+                                    for w in initial]}
+    for run, values in weights.items():
+        key = convergence.run_key(0, run)
+        rows = [dict(r, target="sample") for r in
+                _planted_rows(run, run.split("/")[1], "", (50.0, 40.0))][:1]
+        convergence.save_finished_run(str(workdir / (key + ".json")), settings, rows)
+        diagnostics.save_weights(diagnostics.checkpoint_path(str(workdir / key), 20), values)
+    # A split FID measured before a kill is reused.
+    diag_settings = {"timesteps": list(diagnostics.DIAGNOSTIC_TIMESTEPS), "t_split": 500,
+                     "num_samples": 8, "sample_steps": 2, "sample_seed": 1234,
+                     "noise_seed": 0}
+    (workdir / "diag_split_0_sample_min_snr_5_then_constant_step20.json").write_text(
+        json.dumps({"settings": diag_settings, "value": 123.0}))
+    assert convergence.main(argv) == 0
+    summary = json.loads((out / "convergence_diagnostics.json").read_text())
+    from keras_minsnr.schedules import NoiseSchedule
+
+    abar = NoiseSchedule("cosine", num_timesteps=1000).alphas_cumprod
+    for run in weights:
+        entry = summary["x0_error"][""][run]["20"]
+        assert entry["timesteps"] == [10, 100, 300, 500, 700, 850, 950, 990]
+        t = np.array(entry["timesteps"])
+        np.testing.assert_allclose(entry["snr"], abar[t] / (1 - abar[t]), rtol=1e-12)
+        assert all(math.isfinite(v) and v > 0 for v in entry["x0_mse"])
+    cells = summary["split_fid"][""]["sample"]["20"]
+    assert set(cells) == {"constant|constant", "constant|min_snr_5", "min_snr_5|constant",
+                          "min_snr_5|min_snr_5"}
+    assert cells["min_snr_5|constant"]["fid"] == 123.0
+    # The diagonal is the plain sampler: the benchmark's FID evaluation of the same weights.
+    model = convergence._model_for(args, "sample/min_snr_5", 0, None)
+    model.backbone.set_weights(weights["sample/min_snr_5"])
+    model.reset_ema()
+    real = real_images_for({"data": "digits", "image_size": 8}, 200)
+    plain = evaluate_model(model, real, 8, "digits", num_steps=2, seed=1234)
+    assert cells["min_snr_5|min_snr_5"]["fid"] == pytest.approx(plain["fid"], rel=1e-6)
+    table = (out / "convergence_diagnostics.md").read_text()
+    assert "| `min_snr_5` | 123.00 |" in table and "t=990" in table
+    assert (out / "convergence_diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evidence_estimate_adds_up_the_plan():
+    import evidence_estimate
+
+    part = evidence_estimate.parse_part("grid:32,128:1000:250:2:3")
+    assert part == {"name": "grid", "batch_sizes": [32, 128], "steps": 1000,
+                    "eval_every": 250, "runs": 2, "seeds": 3}
+    # 2 runs x 3 seeds x (1000 steps at 0.1 s + 4 FIDs of 5 s, and at 0.4 s + 4 FIDs),
+    # and with diagnostics 2 more FIDs per checkpoint (12 FIDs per training, not 4).
+    seconds = evidence_estimate.part_seconds(part, {32: 0.1, 128: 0.4}, 5.0)
+    assert seconds == pytest.approx(6 * (100 + 20 + 400 + 20))
+    assert evidence_estimate.part_seconds(part, {32: 0.1, 128: 0.4}, 5.0, 2.0) == (
+        pytest.approx(6 * (100 + 60 + 400 + 60)))
+    with pytest.raises(Exception, match="NAME:BATCHES:STEPS"):
+        evidence_estimate.parse_part("grid:32:1000")
