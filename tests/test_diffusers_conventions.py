@@ -26,6 +26,7 @@ import pytest
 from keras import ops
 
 import keras_minsnr as kms
+from keras_minsnr import backend as backend_lib
 from keras_minsnr import builders
 from keras_minsnr import run_config
 from keras_minsnr.backbones.autoencoders import StableDiffusionAutoencoder
@@ -113,18 +114,36 @@ def test_sd15_captions_step_is_diffusers_min_snr_loss(vae_and_pixels):
     timesteps = np.array([30, 800], "int32")  # SNR above and below γ = 5
     context = rng.normal(size=(2, 77, 768)).astype("float32")
 
+    # The UNet's forward pass and the losses, compiled once on JAX: run eagerly there, each
+    # of their few hundred ops compiled on its own (a minute of this test). A compiled
+    # function keeps the weights it first saw, so every check comes before the update.
+    compiled = backend_lib.compile_function if keras.backend.backend() == "jax" else (
+        lambda fn: fn)
+    forward = compiled(lambda x: model.backbone({"x": x, "t": timesteps, "y": context}))
+
     def predict(noisy):  # the model's UNet before the update, on the reference's input
-        out = model.backbone({"x": noisy.astype("float32"), "t": timesteps, "y": context})
-        return ops.convert_to_numpy(out)
+        return ops.convert_to_numpy(forward(noisy.astype("float32")))
 
     # v-prediction (SD 2.x's target): the same UNet and latents, diffusers' v weights.
     v_model = kms.DiffusionModel(model.backbone, model.schedule, prediction_type="v_prediction",
                                  weighting="min_snr", gamma=5.0, ema_decay=0.0)
-    v_loss, _ = v_model.diffusion_loss_terms(latents, context, timesteps,
-                                             noise.astype("float32"))
+    v_loss, _ = compiled(v_model.diffusion_loss_terms)(latents, context, timesteps,
+                                                       noise.astype("float32"))
     v_expected = diffusers_loss(predict, posterior_mean, noise, timesteps, "v_prediction",
                                 snr_gamma=5.0)
     assert float(ops.convert_to_numpy(v_loss)) == pytest.approx(v_expected, rel=2e-4)
+
+    # --noise_offset 0.1: the noise gains 0.1·δ, δ ~ N(0, 1) per image and channel, and the
+    # target keeps it. The model draws δ in its step (tests/test_loss_knobs.py checks that
+    # draw); here the loss of a given offset noise against diffusers' formula.
+    offset = rng.normal(size=(2, 1, 1, 4))
+    offset_model = kms.DiffusionModel(model.backbone, model.schedule, weighting="min_snr",
+                                      gamma=5.0, noise_offset=0.1, ema_decay=0.0)
+    offset_loss, _ = compiled(offset_model.diffusion_loss_terms)(
+        latents, context, timesteps, (noise + 0.1 * offset).astype("float32"))
+    offset_expected = diffusers_loss(predict, posterior_mean, noise, timesteps, "epsilon",
+                                     snr_gamma=5.0, noise_offset=0.1, offset_noise=offset)
+    assert float(ops.convert_to_numpy(offset_loss)) == pytest.approx(offset_expected, rel=2e-4)
 
     # One training step of the recipe's model (ε): its loss, before the update.
     expected = diffusers_loss(predict, posterior_mean, noise, timesteps, "epsilon",
@@ -133,15 +152,3 @@ def test_sd15_captions_step_is_diffusers_min_snr_loss(vae_and_pixels):
              "noise": noise.astype("float32")}
     history = model.fit(batch, batch_size=2, epochs=1, verbose=0)
     assert history.history["loss"][0] == pytest.approx(expected, rel=2e-4)
-
-    # --noise_offset 0.1: the noise gains 0.1·δ, δ ~ N(0, 1) per image and channel, and the
-    # target keeps it. The model draws δ in its step (tests/test_loss_knobs.py checks that
-    # draw); here the loss of a given offset noise against diffusers' formula.
-    offset = rng.normal(size=(2, 1, 1, 4))
-    offset_model = kms.DiffusionModel(model.backbone, model.schedule, weighting="min_snr",
-                                      gamma=5.0, noise_offset=0.1, ema_decay=0.0)
-    offset_loss, _ = offset_model.diffusion_loss_terms(
-        latents, context, timesteps, (noise + 0.1 * offset).astype("float32"))
-    offset_expected = diffusers_loss(predict, posterior_mean, noise, timesteps, "epsilon",
-                                     snr_gamma=5.0, noise_offset=0.1, offset_noise=offset)
-    assert float(ops.convert_to_numpy(offset_loss)) == pytest.approx(offset_expected, rel=2e-4)
