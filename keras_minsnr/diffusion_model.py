@@ -556,6 +556,10 @@ class DiffusionModel(keras.Model):
         if self.ema is not None:
             # Weights unfrozen since the last fit() get their EMA copy now.
             self.ema.track(self.backbone)
+        if self.optimizer is not None and not self.optimizer.built and self.backbone.built:
+            # Keras' TensorFlow trainer would build the slots inside the first traced
+            # step, and TensorFlow traces a step that creates variables twice.
+            self.optimizer.build(self.trainable_variables)
         guard = _StopOnNonFiniteLoss()
         callbacks = list(kwargs.pop("callbacks", None) or []) + [guard]
         x = batches.with_label_check(x, self.contract)

@@ -511,3 +511,18 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     np.testing.assert_allclose(ema, decay * np.array([0.5, 0.1]) + (1 - decay) * expected,
                                rtol=1e-5)
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 1
+
+
+def test_the_first_fit_traces_the_train_step_once(monkeypatch):
+    # TensorFlow traces a step that creates variables twice; with the optimizer's slots
+    # made inside the step, a fresh model's first fit built its graph two times.
+    model = tiny_conditional_model()
+    model.compile(optimizer="adamw")
+    traced = []
+    original = kms.DiffusionModel.train_step
+    monkeypatch.setattr(kms.DiffusionModel, "train_step",
+                        lambda self, *args: traced.append(1) or original(self, *args))
+    batch = {"images": np.zeros((4, 8, 8, 1), "float32"), "labels": np.arange(4)}
+    model.fit(batch, batch_size=4, epochs=2, verbose=0)
+    assert len(traced) == 1
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 2
