@@ -113,7 +113,11 @@ def announcement():
 
 
 def splits_weights(distribution, mesh_shape):
-    """Whether a run's programs are sharded over a model axis (the flag breaks them)."""
+    """Whether a run's weights are split over devices, over a model axis or (FSDP) over
+    the data axis: the flag breaks such sharded programs (FSDP over two processes failed
+    in sampling with it, tests/test_multihost.py)."""
+    if distribution == "fsdp":
+        return True
     return distribution == "model_parallel" and mesh_shape is not None and mesh_shape[1] > 1
 
 

@@ -138,7 +138,7 @@ def test_two_hosts_share_one_run_directory_survive_a_kill_and_equal_one_device(t
 
 @JAX_ONLY
 @pytest.mark.large  # two processes, then export and a resume here: minutes
-def test_a_model_axis_across_two_hosts_checkpoints_and_resumes_on_one_device(tmp_path):
+def test_weights_split_across_two_hosts_checkpoint_and_resume_on_one_device(tmp_path):
     reference = tmp_path / "one_device"
     assert cli.main(["train", "digits", "--output-dir", str(reference), "--steps", "4",
                      *TINY, *TINY_DIT]) == 0
@@ -160,6 +160,14 @@ def test_a_model_axis_across_two_hosts_checkpoints_and_resumes_on_one_device(tmp
     assert cli.main(["train", "digits", "--output-dir", str(run), "--steps", "4",
                      "--distribution", "none", *TINY, *TINY_DIT]) == 0
     assert_same_weights(all_weights(run / "model.keras"), all_weights(reference / "model.keras"))
+    # FSDP over the two hosts (docs/scaling.md's TPU command): every large weight, its
+    # EMA copy and AdamW slots split over the data axis, so the checkpoint is sharded too.
+    fsdp = tmp_path / "fsdp"
+    _finish(_start_hosts([fsdp, fsdp], ["--steps", "2", "--distribution", "fsdp",
+                                        *TINY, *TINY_DIT]), fsdp)
+    checkpoint = fsdp / "checkpoints" / "step-00000002.orbax"
+    assert len(glob.glob(str(checkpoint / "ocdbt.process_*"))) == 2
+    assert_same_weights(all_weights(fsdp / "model.keras"), step_2)
 
 
 # -- the decision, with threads for processes (both backends) ---------------------------

@@ -57,6 +57,10 @@ def test_a_run_that_splits_its_weights_takes_the_flag_out_before_jax_starts(fres
         assert xla_flags.FUSION_FLAG in environ["XLA_FLAGS"]
     assert xla_flags.withdraw_for_mesh("model_parallel", (1, 2), environ=environ)
     assert environ == {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    # FSDP splits every large weight over the data axis, whatever the mesh.
+    assert xla_flags.configure("jax", environ, io.StringIO())
+    assert xla_flags.withdraw_for_mesh("fsdp", None, environ=environ)
+    assert environ == {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     # A flag the user set stays; after JAX started it is too late, and said so.
     own = {"XLA_FLAGS": xla_flags.FUSION_FLAG}
     assert not xla_flags.withdraw_for_mesh("model_parallel", (1, 2), environ=own)
