@@ -155,6 +155,16 @@ def host_value(value):
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
+def state_variables(model):
+    """Every variable of ``model`` and of its optimizer (slots, iterations), each once:
+    the whole training state."""
+    variables = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        seen = {id(v) for v in variables}
+        variables += [v for v in model.optimizer.variables if id(v) not in seen]
+    return variables
+
+
 @contextlib.contextmanager
 def readable_variables(model):
     """A scope in which every variable of ``model`` (and its optimizer) holds a whole
@@ -163,11 +173,7 @@ def readable_variables(model):
     processes must enter it together) and puts the split ones back on exit. Nothing is
     gathered when no array is split.
     """
-    variables = list(model.variables)
-    if getattr(model, "optimizer", None) is not None:
-        seen = {id(v) for v in variables}
-        variables += [v for v in model.optimizer.variables if id(v) not in seen]
-    split = [v for v in variables if spans_other_hosts(v.value)]
+    split = [v for v in state_variables(model) if spans_other_hosts(v.value)]
     if not split:
         yield
         return

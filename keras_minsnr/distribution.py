@@ -47,6 +47,7 @@ import re
 import keras
 
 from keras_minsnr import backbones
+from keras_minsnr import backend
 from keras_minsnr.backbones.contract import DATA_AXIS
 from keras_minsnr.backbones.contract import MODEL_AXIS
 from keras_minsnr.backbones.contract import layout_rules
@@ -364,12 +365,8 @@ def describe(model):
     Reads the sharding the arrays really have (``variable.value.sharding.spec``), so it
     shows where each piece of state lives after training started.
     """
-    variables = list(model.variables)
-    if getattr(model, "optimizer", None) is not None:
-        seen = {id(v) for v in variables}
-        variables += [v for v in model.optimizer.variables if id(v) not in seen]
     out = {}
-    for v in variables:
+    for v in backend.state_variables(model):
         sharding = getattr(v.value, "sharding", None)
         spec = getattr(sharding, "spec", None)
         axes = tuple(spec) if spec is not None else ()

@@ -19,6 +19,9 @@ import os
 
 import keras
 
+from keras_minsnr import backend
+
+
 def _check_available():
     if keras.backend.backend() != "jax":
         raise ValueError(
@@ -49,11 +52,7 @@ def _variables(model):
     """
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    variables = list(model.variables)
-    if model.optimizer is not None:
-        seen = {id(v) for v in variables}
-        variables += [v for v in model.optimizer.variables if id(v) not in seen]
-    return variables
+    return backend.state_variables(model)
 
 
 def _key(index):
