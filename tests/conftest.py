@@ -16,6 +16,16 @@ if os.environ.get("KERAS_MINSNR_TEST_FULL_XLA") != "1":
     _missing = [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in _flags]
     os.environ["XLA_FLAGS"] = " ".join([_flags, *_missing]).strip()
 
+# Tests build many models of the same few shapes, in this process and in the child
+# processes they start: a persistent compilation cache, fresh for each session, lets a
+# program compiled once be loaded instead of compiled again (even the sub-second ones).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kms-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import keras  # noqa: E402
 
 keras.utils.disable_interactive_logging()
