@@ -131,6 +131,8 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
     # Several hosts: process 0 writes a directory they share; one of its own each
     # process writes itself.
     sharing = run_sharing.decide(run_dir)
+    if config.get("checkpoint_format") == "orbax":
+        _check_orbax_sharing(sharing)
     run.writes = sharing.writes
     if sharing.writes:
         os.makedirs(run_dir, exist_ok=True)
@@ -153,14 +155,21 @@ def checkpoint_format(config, model, sharing):
     if chosen is None:
         split = any(backend_lib.spans_other_hosts(v.value) for v in model.variables)
         chosen = "orbax" if split and sharing.all_shared else "keras"
-    if chosen == "orbax" and sharing.process_count > 1 and not sharing.all_shared:
+    if chosen == "orbax":
+        _check_orbax_sharing(sharing)
+    return chosen
+
+
+def _check_orbax_sharing(sharing):
+    """Raises `ValueError` when several hosts would write Orbax shards into folders that
+    are not one."""
+    if sharing.process_count > 1 and not sharing.all_shared:
         raise ValueError(
             "checkpoint_format=orbax needs one --output-dir shared by all "
             f"{sharing.process_count} processes (every host writes its shards into the "
             "same folder), but they do not all see process 0's; use a shared folder or "
             "checkpoint_format=keras."
         )
-    return chosen
 
 
 def _train_locked(config, run, built, data, scope, verbose, allow_config_change,

@@ -71,6 +71,28 @@ def test_orbax_on_tensorflow_is_refused_before_anything_is_written(tmp_path, cap
     assert not run.exists()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax",
+                    reason="on TensorFlow Orbax is refused before this (the test above)")
+def test_orbax_with_a_folder_per_host_is_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch):
+    """Two hosts that each see only their own --output-dir cannot write one sharded
+    checkpoint: refused before the run directory is made (it was made, then refused)."""
+    from keras_minsnr import run_sharing
+
+    # What `run_sharing.decide` finds on process 0 when process 1 did not see its marker
+    # (the decision itself is tested with threads for processes in tests/test_multihost.py).
+    apart = run_sharing.RunSharing(process_index=0, process_count=2, writes=True,
+                                   all_shared=False)
+    monkeypatch.setattr(run_sharing, "decide", lambda run_dir, *args, **kwargs: apart)
+    run = tmp_path / "run"
+    assert cli.main(["train", "digits", "--output-dir", str(run), "--steps", "2",
+                     *ORBAX, *TINY]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("keras-minsnr: error: checkpoint_format=orbax needs one "
+                                "--output-dir shared by all 2 processes"), error[-1]
+    assert not run.exists()
+
+
 def test_export_refuses_a_bad_output_or_run_directory_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
