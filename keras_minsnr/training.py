@@ -131,8 +131,14 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
     # Several hosts: process 0 writes a directory they share; one of its own each
     # process writes itself.
     sharing = run_sharing.decide(run_dir)
-    if config.get("checkpoint_format") == "orbax":
-        _check_orbax_sharing(sharing)
+    if config.get("checkpoint_format") == "orbax" and (
+            sharing.process_count > 1 and not sharing.all_shared):
+        raise ValueError(
+            "checkpoint_format=orbax needs one --output-dir shared by all "
+            f"{sharing.process_count} processes (every host writes its shards into the "
+            "same folder), but they do not all see process 0's; use a shared folder or "
+            "checkpoint_format=keras."
+        )
     run.writes = sharing.writes
     if sharing.writes:
         os.makedirs(run_dir, exist_ok=True)
@@ -146,30 +152,14 @@ def train(config, run_dir, verbose=None, allow_config_change=(), restart=False,
 def checkpoint_format(config, model, sharing):
     """The format of this session's checkpoints: the config's ``checkpoint_format``, or
     (null) ``orbax`` when some array of ``model`` is split over several hosts and they
-    share the run directory, else ``keras``.
-
-    Raises:
-        ValueError: ``orbax`` with several hosts that do not share the run directory.
+    share the run directory, else ``keras``. An explicit ``orbax`` with hosts that do
+    not share the directory was refused by `train` before anything was written.
     """
     chosen = config.get("checkpoint_format")
     if chosen is None:
         split = any(backend_lib.spans_other_hosts(v.value) for v in model.variables)
         chosen = "orbax" if split and sharing.all_shared else "keras"
-    if chosen == "orbax":
-        _check_orbax_sharing(sharing)
     return chosen
-
-
-def _check_orbax_sharing(sharing):
-    """Raises `ValueError` when several hosts would write Orbax shards into folders that
-    are not one."""
-    if sharing.process_count > 1 and not sharing.all_shared:
-        raise ValueError(
-            "checkpoint_format=orbax needs one --output-dir shared by all "
-            f"{sharing.process_count} processes (every host writes its shards into the "
-            "same folder), but they do not all see process 0's; use a shared folder or "
-            "checkpoint_format=keras."
-        )
 
 
 def _train_locked(config, run, built, data, scope, verbose, allow_config_change,
