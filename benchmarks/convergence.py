@@ -50,7 +50,9 @@ distinct resamples and comes out too narrow. Speed-up intervals come from each s
 speed-up, on the log scale (`speedup_interval`).
 
 Each finished run is recorded in ``OUTPUT_DIR/STEM_runs/`` (removed at the end), so a killed
-benchmark started again with the same settings skips the runs it already finished.
+benchmark started again with the same settings skips the runs it already finished, and
+continues the one it was in from its last FID checkpoint (`SaveResumePoint`: the model,
+optimizer, EMA and random generators; the data pipeline skips the batches already seen).
 
 Usage::
 
@@ -79,6 +81,7 @@ for path in (ROOT, HERE):
         sys.path.insert(0, path)
 
 import diagnostics  # noqa: E402
+import keras  # noqa: E402
 from _common import device_description  # noqa: E402
 from stats import INTERVAL_METHODS  # noqa: E402
 from stats import interval  # noqa: E402
@@ -255,13 +258,22 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
     config = _config(args, target, weighting, gamma, seed, batch_size)
     keras.utils.set_random_seed(seed)
     dataset, info = build_dataset(config)
-    model = build_model(config, info)
-    model.backbone.set_weights(initial_weights)
-    model.reset_ema()
     key = run_key(seed, name, batch_size)
     path = os.path.join(workdir, key + ".csv")
-    if os.path.exists(path):  # left by a killed run; the callback appends
-        os.remove(path)
+    resume_prefix = os.path.join(workdir, key + "_resume")
+    settings = run_settings(args)
+    resumed = load_resume_point(resume_prefix, settings)
+    if resumed is None:
+        model = build_model(config, info)
+        model.backbone.set_weights(initial_weights)
+        model.reset_ema()
+        initial_epoch, seconds_before = 0, 0.0
+        if os.path.exists(path):  # left by a killed run; the callback appends
+            os.remove(path)
+    else:
+        model, initial_epoch, seconds_before = resumed
+        _keep_csv_rows_before(path, initial_epoch)
+        print(f"{key}: resuming at step {initial_epoch * args.eval_every}", flush=True)
     callback = FIDCallback(
         real,
         path,
@@ -280,16 +292,20 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
 
         callbacks.append(SaveEMAWeights(os.path.join(workdir, key)))
     accum = max(int(config.get("grad_accum", 1)), 1)
+    # fit() counts micro-batches; a checkpoint is every eval_every optimizer updates.
+    steps_per_epoch = args.eval_every * accum
     start = time.perf_counter()
+    callbacks.append(SaveResumePoint(resume_prefix, settings, start - seconds_before))
     model.fit(
-        dataset,
+        # A resumed run sees the batches the uninterrupted one would have seen next.
+        dataset.skip(initial_epoch * steps_per_epoch),
+        initial_epoch=initial_epoch,
         epochs=args.steps // args.eval_every,
-        # fit() counts micro-batches; a checkpoint is every eval_every optimizer updates.
-        steps_per_epoch=args.eval_every * accum,
+        steps_per_epoch=steps_per_epoch,
         callbacks=callbacks,
         verbose=args.verbose,
     )
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start + seconds_before
     rows = []
     with open(path) as f:
         for record in csv.DictReader(f):
@@ -310,6 +326,79 @@ def train_and_evaluate(args, name, target, weighting, gamma, seed, initial_weigh
                 }
             )
     return rows
+
+
+class SaveResumePoint(keras.callbacks.Callback):
+    """After each FID checkpoint, the whole training state: weights, optimizer, EMA and
+    random generators in ``PREFIX_epochN.keras``, then ``PREFIX.json`` naming it. A killed
+    benchmark continues a training from its last checkpoint instead of from step 0 (one
+    training of the issue-26 evidence run is about half an hour of CPU)."""
+
+    def __init__(self, prefix, settings, start):
+        super().__init__()
+        self.prefix, self.settings, self.start = prefix, settings, start
+
+    def on_epoch_end(self, epoch, logs=None):
+        from keras_minsnr import checkpointing
+
+        previous = _resume_record(self.prefix)
+        model_file = f"{os.path.basename(self.prefix)}_epoch{epoch + 1}.keras"
+        checkpointing.atomic_save_model(
+            self.model, os.path.join(os.path.dirname(self.prefix), model_file))
+        checkpointing.atomic_write_json(self.prefix + ".json", {
+            "settings": self.settings,
+            "epoch": epoch + 1,
+            "model": model_file,
+            "seed_states": checkpointing.seed_states(self.model),
+            "train_seconds": time.perf_counter() - self.start,
+        })
+        if previous and previous["model"] != model_file:
+            stale = os.path.join(os.path.dirname(self.prefix), previous["model"])
+            if os.path.exists(stale):
+                os.remove(stale)
+
+
+def _resume_record(prefix):
+    if not os.path.exists(prefix + ".json"):
+        return None
+    with open(prefix + ".json") as f:
+        return json.load(f)
+
+
+def load_resume_point(prefix, settings):
+    """``(model, epochs done, training seconds so far)`` of a training a killed benchmark
+    left half-way under the same settings, or None."""
+    record = _resume_record(prefix)
+    if record is None or record.get("settings") != settings:
+        return None
+    from keras_minsnr.resume import load_checkpoint_file
+
+    model_path = os.path.join(os.path.dirname(prefix), record["model"])
+    if not os.path.exists(model_path):
+        return None
+    model = load_checkpoint_file(model_path, {"seed_states": record["seed_states"]})
+    return model, int(record["epoch"]), float(record["train_seconds"])
+
+
+def remove_resume_point(prefix):
+    record = _resume_record(prefix)
+    if record is not None:
+        for path in (os.path.join(os.path.dirname(prefix), record["model"]),
+                     prefix + ".json"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _keep_csv_rows_before(path, epoch):
+    """Drops the FID rows a killed run wrote after its last resume point."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epoch]
+    with open(path + ".partial", "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + ".partial", path)
 
 
 def initial_backbone_weights(args, seed):
@@ -883,8 +972,8 @@ def main(argv=None):
                     run_rows = train_and_evaluate(args, name, target, weighting, gamma, seed,
                                                   initial, real, extractor, workdir,
                                                   batch_size)
-                    save_finished_run(record, settings,
-                                      run_rows)
+                    save_finished_run(record, settings, run_rows)
+                    remove_resume_point(os.path.join(workdir, key + "_resume"))
                     resumed = ""
                 else:
                     resumed = " (finished earlier, reused)"
