@@ -364,14 +364,20 @@ def test_preset_parameter_counts_match_the_papers():
     assert (config["depth"], config["hidden_size"]) == (12, 768)
 
 
-@pytest.mark.large
-def test_largest_preset_builds_with_paper_count():
-    """Builds the 675M DiT-XL/2 once (~3 GB of float32 weights)."""
+def test_largest_preset_at_full_width_builds_with_paper_count():
+    """DiT-XL/2's layers at their full width, one and two blocks deep: the built counts are
+    the reference's, and 28 blocks of the measured block size give the paper's 675M.
+    (Building all 28 blocks takes ~3 GB and most of a minute of random initialisation on
+    JAX; that the count grows by one block per block is checked on the small models.)"""
     name = "dit_xl_2"
-    model = backbones.get(name)
-    count = model.count_params()
-    assert count == _count_reference(**PRESETS[name]["config"])
-    assert abs(count / PAPER[name] - 1) < 0.01
+    config = PRESETS[name]["config"]
+    counts = {}
+    for depth in (1, 2):
+        counts[depth] = backbones.get(name, depth=depth).count_params()
+        assert counts[depth] == _count_reference(**{**config, "depth": depth})
+    full = counts[1] + (config["depth"] - 1) * (counts[2] - counts[1])
+    assert full == _count_reference(**config)
+    assert abs(full / PAPER[name] - 1) < 0.01
 
 
 def test_registry_get_with_overrides_and_unknown_name():
