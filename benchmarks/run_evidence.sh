@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The issue-26 evidence run, resumable: kill it at any point and start it again with the
-# same settings; every training, FID and diagnostic already finished is reused.
+# same settings; every training, FID and diagnostic already finished is reused, and the
+# training that was running continues from its last FID checkpoint.
 #
 #   1. headline: the in-context ViT (vit_tiny) at batch 128, constant vs Min-SNR-5 for
 #      x0, eps and v, 3 seeds, with the per-noise-level diagnostics   -> docs/results/vit_b128/
