@@ -24,6 +24,8 @@ Two modes (one backend per process):
   - ``donation`` (JAX): the state donated to the step (as Keras does) vs not;
   - ``tf_xla`` (TF): the TensorFlow step without XLA (Keras' default on CPU here) vs with
     ``jit_compile=True``: is the gap JAX's front end or XLA:CPU's code?
+  - ``keras_adamw`` (TF): the library's AdamW (TensorFlow's fused Adam kernel per weight,
+    `keras_minsnr.optimizers.AdamW`) vs `keras.optimizers.AdamW`.
 
   Ratios measured on a loaded machine are indicative only: the report carries the load
   averages.
@@ -55,9 +57,9 @@ for path in (HERE, ROOT):
 
 import _common  # noqa: E402
 
-LEVERS = ("gelu", "gelu_erf", "attention", "layernorm", "donation", "tf_xla")
+LEVERS = ("gelu", "gelu_erf", "attention", "layernorm", "donation", "tf_xla", "keras_adamw")
 JAX_ONLY = ("donation",)
-TF_ONLY = ("tf_xla",)
+TF_ONLY = ("tf_xla", "keras_adamw")
 
 
 def build_model(backbone_name, depth, seed=0, backbone_args=None):
@@ -235,7 +237,7 @@ def variant(lever, model, which):
 
     from keras_minsnr.backbones import dit
 
-    if which == "A" or lever in ("donation", "tf_xla"):
+    if which == "A" or lever in ("donation", "tf_xla", "keras_adamw"):
         yield
         return
     if lever == "gelu":
@@ -293,11 +295,14 @@ def ab_mode(args):
             logs, states[which] = steps[which](states[which], batch)
             return float(logs["loss"])
     else:
+        from keras_minsnr.optimizers import AdamW
+
         models = {}
         for which in "AB":
             m = build_model(args.backbone, args.depth, backbone_args=args.backbone_args)
-            m.compile(optimizer=keras.optimizers.AdamW(1e-4),
-                      jit_compile=(lever == "tf_xla" and which == "B"))
+            adamw = (keras.optimizers.AdamW if lever == "keras_adamw" and which == "B"
+                     else AdamW)
+            m.compile(optimizer=adamw(1e-4), jit_compile=(lever == "tf_xla" and which == "B"))
             models[which] = m
             with variant(lever, m, which):
                 m.train_on_batch(batch)  # traces under the variant
@@ -327,7 +332,8 @@ def ab_mode(args):
                       "attention": "explicit einsum softmax attention",
                       "layernorm": "LayerNorm formula in keras.ops",
                       "donation": "state not donated",
-                      "tf_xla": "jit_compile=True"}[lever],
+                      "tf_xla": "jit_compile=True",
+                      "keras_adamw": "keras.optimizers.AdamW"}[lever],
         "step_ms_A": 1e3 * statistics.median(times["A"]),
         "step_ms_B": 1e3 * statistics.median(times["B"]),
         "ratio_B_over_A_median_of_pairs": statistics.median(ratios),

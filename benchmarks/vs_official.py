@@ -10,8 +10,9 @@ Both sides train the same task: ViT-B/2 (the official ``vit_base_patch2_32``, 89
 parameters, vs ``vit_b_2_in256``, 86.8M; the difference is the official 4000-row timestep
 table), batch ``--batch-size`` of 32×32×4 latents, class-conditional, label drop 0.15,
 cosine schedule, Min-SNR-5 with an x₀ target, AdamW (1e-4, β = (0.99, 0.99), weight decay
-0.03) and an EMA of the weights (0.9999) updated after every step. The official step is
-its own code: `GaussianDiffusion.training_losses` with ``mse_loss_weight_type="min_snr_5"``,
+0.03; ours is the run's `keras_minsnr.optimizers.AdamW`) and an EMA of the weights (0.9999)
+updated after every step. The official step is its own code:
+`GaussianDiffusion.training_losses` with ``mse_loss_weight_type="min_snr_5"``,
 ``torch.optim.AdamW`` and `guided_diffusion.nn.update_ema`, as its trainer calls them. Ours
 is `DiffusionModel.train_on_batch`.
 
@@ -184,6 +185,7 @@ def build_ours(task, precision):
 
     from keras_minsnr import backbones
     from keras_minsnr.diffusion_model import DiffusionModel
+    from keras_minsnr.optimizers import AdamW
 
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(
@@ -198,7 +200,7 @@ def build_ours(task, precision):
         model = DiffusionModel(backbone, "cosine", prediction_type="sample",
                                weighting="min_snr", gamma=GAMMA, label_dropout=LABEL_DROPOUT,
                                ema_decay=EMA_DECAY, seed=0)
-        model.compile(optimizer=keras.optimizers.AdamW(
+        model.compile(optimizer=AdamW(
             LEARNING_RATE, beta_1=BETAS[0], beta_2=BETAS[1], weight_decay=WEIGHT_DECAY))
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
@@ -394,11 +396,13 @@ def run(args):
             report["rows"].append(row)
             print("  " + json.dumps({k: row.get(k) for k in (
                 "step_s", "speed_ours_over_official", "official_skipped")}), flush=True)
-    report["model_flops_per_step"] = model_flops
-    for row in report["rows"]:
-        add_rates(row, model_flops)
-    name = "vs_official" + ("_quick" if args.quick else "")
-    _common.write_report(os.path.join(args.output_dir, name + ".json"), report)
+            # Written after every child: a full-size run takes hours on a small CPU, and a
+            # stopped one keeps the rows it finished.
+            report["model_flops_per_step"] = model_flops
+            for done in report["rows"]:
+                add_rates(done, model_flops)
+            name = "vs_official" + ("_quick" if args.quick else "")
+            _common.write_report(os.path.join(args.output_dir, name + ".json"), report)
     return report
 
 

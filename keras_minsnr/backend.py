@@ -346,6 +346,69 @@ def train_step_tensorflow(model, data):
     return _reducible_across_workers(model.update_metrics(loss, aux))
 
 
+def adam_scalars_tensorflow(optimizer, learning_rate):
+    """The scalars of one Adam update (`adam_update_tensorflow`), made once per update.
+
+    Keras' `Adam.update_step` makes them per weight, in the weight's dtype; here they are
+    made per dtype, on first use.
+    """
+    import tensorflow as tf
+
+    cache = {}
+
+    def scalars(dtype):
+        if dtype not in cache:
+            step = tf.cast(optimizer.iterations + 1, dtype)
+            beta_1 = tf.cast(optimizer.beta_1, dtype)
+            beta_2 = tf.cast(optimizer.beta_2, dtype)
+            cache[dtype] = dict(
+                beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+                lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+                epsilon=tf.cast(optimizer.epsilon, dtype))
+        return cache[dtype]
+
+    return scalars
+
+
+def adam_update_tensorflow(variable, momentum, velocity, gradient, scalars):
+    """One weight's Adam update as TensorFlow's fused ``ResourceApplyAdam`` kernel: the
+    formula of Keras' `Adam.update_step`, in one pass over the weight and its slots."""
+    import tensorflow as tf
+
+    dtype = variable.dtype
+    tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=momentum.handle, v=velocity.handle,
+        # An embedding's gradient arrives as IndexedSlices; the kernel takes it dense, as
+        # Keras' update densifies it.
+        grad=tf.cast(tf.convert_to_tensor(gradient), dtype), use_locking=False,
+        use_nesterov=False,
+        **scalars(dtype))
+
+
+def decay_weights_tensorflow(optimizer, variables):
+    """AdamW's decoupled weight decay ``w -= w·wd·lr`` as Keras applies it (its order of
+    multiplication, each replica's copy through the strategy), with the learning rate
+    read once per update rather than once per weight."""
+    import tensorflow as tf
+
+    lr = optimizer.learning_rate
+    factors = {}
+
+    def decay(distribution, variables):
+        for variable in variables:
+            if isinstance(variable, keras.Variable):
+                variable = variable.value
+            dtype = variable.dtype
+            if dtype not in factors:
+                factors[dtype] = (tf.cast(optimizer.weight_decay, dtype), tf.cast(lr, dtype))
+            distribution.extended.update(
+                variable, lambda v, wd, lr: v.assign_sub(v * wd * lr),
+                args=factors[dtype], group=False)
+
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        decay, optimizer._distribution_strategy, variables)
+
+
 def _reducible_across_workers(logs):
     """The step's logs in a shape Keras can average over several workers.
 

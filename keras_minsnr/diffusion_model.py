@@ -10,6 +10,7 @@ from keras import ops
 from keras_minsnr import backend as kms_backend
 from keras_minsnr import batches
 from keras_minsnr import lora as lora_lib
+from keras_minsnr import optimizers  # noqa: F401  (registers AdamW for .keras files)
 from keras_minsnr import sampling
 from keras_minsnr import samplers
 from keras_minsnr import timestep_sampling as timestep_sampling_lib
