@@ -9,10 +9,13 @@ grouped by what the op does:
 * ``matmul``: dots, matmuls, batched matmuls, convolutions (on JAX with the library's
   XLA:CPU flag these are YNN fusions, which also hold the element-wise work fused with
   the dot);
-* ``optimizer+ema``: the weight, slot and EMA updates (TensorFlow's ``ResourceApplyAdam``
-  and variable assignments; on JAX these are ordinary fusions and land in ``other``);
+* ``optimizer+ema``: the weight, slot and EMA updates (on TensorFlow every op of the
+  non-finite-loss guard's update branch; on JAX the update fusions, which end in the
+  guard's ``select``);
 * ``layout``: transposes, copies, pads, concatenations, slices, broadcasts;
-* ``other``: everything else (element-wise fusions, reductions, softmax, layer norms).
+* ``other``: every other op (element-wise fusions, reductions, softmax, layer norms).
+
+Events that only wrap ops (function calls, the executor, thread-pool waits) are left out.
 
 Each category's seconds are per step, summed over threads, so with two busy threads they
 can add up to twice the step. The report also lists the 25 ops that took longest.
@@ -33,6 +36,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,45 +51,62 @@ for path in (HERE, ROOT):
 import _common  # noqa: E402
 
 BACKENDS = ("tensorflow", "jax")
+# An op event is "scope/name:OpType" (TensorFlow) or carries an ``hlo_op`` stat (JAX: an
+# HLO instruction "kind.N"); other events wrap ops (function calls, the executor, waits).
+TF_OP = re.compile(r"^[^:]+:([A-Z][A-Za-z0-9]*)$")
+HLO_SUFFIX = re.compile(r"\.\d+$")
 CATEGORIES = (
-    ("matmul", re.compile(r"matmul|einsum|conv2d|convolution|\bdot\b|dot[._]|gemm|ynn",
-                          re.IGNORECASE)),
-    ("optimizer+ema", re.compile(r"ResourceApply|Assign(Add|Sub)?VariableOp")),
-    ("layout", re.compile(r"transpose|copy|\bpad|pad[._]|concat|slice|broadcast|Tile|"
-                          r"Reshape|gather", re.IGNORECASE)),
+    ("matmul", re.compile(r"^(Einsum|MatMul|BatchMatMul\w*|Conv\w*|ynn_fusion|dot|"
+                          r"convolution[\w\-]*)$")),
+    # TensorFlow: the guarded update branch and the optimizer's scope; JAX: the update
+    # fusions, which all end in the non-finite-loss guard's select.
+    ("optimizer+ema", re.compile(r"^(ResourceApply\w+|Assign(Add|Sub)?VariableOp|"
+                                 r"\w*select\w*)$")),
+    ("layout", re.compile(r"^(Transpose|StridedSlice\w*|Slice|Pad\w*|ConcatV2|Tile|"
+                          r"BroadcastTo|GatherV2|\w*(transpose|copy|pad|concatenate|slice|"
+                          r"broadcast|dynamic)\w*)$")),
 )
-# Events that wrap others (a whole step, an executor run): not ops themselves.
-WRAPPERS = re.compile(r"^(\$|Xla|PjRt|TfrtCpu|ThunkExecutor|__inference_|train_function|"
-                      r"EagerExecute|EagerLocalExecute|Run|FunctionRun|ExecutorState|"
-                      r"Iterator::|ParallelFor|pjit|jit_)|TraceContext|Session|"
-                      r"tf_data|ThreadpoolListener")
+UPDATE_SCOPE = re.compile(r"^cond/then/|/adam")
 
 
-def category(name):
+def op_kind(name, hlo=False):
+    """The op type of a trace event (``MatMul``, ``ynn_fusion``), or None if it is not one."""
+    if hlo:
+        return HLO_SUFFIX.sub("", name)
+    match = TF_OP.match(name)
+    return match.group(1) if match else None
+
+
+def category(kind, name=""):
+    if UPDATE_SCOPE.search(name):
+        return "optimizer+ema"
     for label, pattern in CATEGORIES:
-        if pattern.search(name):
+        if pattern.match(kind):
             return label
     return "other"
 
 
 def op_times(xplane_path):
-    """{op name: (total seconds, count)} over the host planes' events, wrappers left out."""
+    """{op event name: [total seconds, count, op kind]} over the host planes' op events."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
     with open(xplane_path, "rb") as f:
         space.ParseFromString(f.read())
-    totals = collections.defaultdict(lambda: [0.0, 0])
+    totals = collections.defaultdict(lambda: [0.0, 0, None])
     for plane in space.planes:
         if not plane.name.startswith("/host:"):
             continue
+        hlo_stat = {k for k, v in plane.stat_metadata.items() if v.name == "hlo_op"}
         for line in plane.lines:
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
-                if not name or WRAPPERS.search(name):
+                kind = op_kind(name, hlo=any(st.metadata_id in hlo_stat for st in event.stats))
+                if kind is None:
                     continue
                 totals[name][0] += event.duration_ps * 1e-12
                 totals[name][1] += 1
+                totals[name][2] = kind
     return totals
 
 
@@ -126,20 +147,25 @@ def child(args):
         tf.profiler.experimental.stop()
     path = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))[-1]
     totals = op_times(path)
-    per_step = {name: (seconds / args.steps, count // args.steps)
-                for name, (seconds, count) in totals.items()}
-    by_category = collections.Counter()
-    for name, (seconds, _) in per_step.items():
-        by_category[category(name)] += seconds
+    shutil.rmtree(folder, ignore_errors=True)
+    per_step = {name: (seconds / args.steps, count // args.steps, kind)
+                for name, (seconds, count, kind) in totals.items()}
+    by_category, by_kind = collections.Counter(), collections.Counter()
+    for name, (seconds, _, kind) in per_step.items():
+        by_category[category(kind, name)] += seconds
+        by_kind[kind] += seconds
     top = sorted(per_step.items(), key=lambda item: -item[1][0])[:25]
     return {
         "backend": backend,
+        "device": _common.device_description(backend),
         "step_seconds_untraced_median": statistics.median(untraced),
         "step_seconds_traced": traced,
         "op_seconds_per_step": {k: round(v, 4) for k, v in by_category.items()},
         "op_seconds_per_step_total": round(sum(by_category.values()), 4),
-        "top_ops": [{"name": name, "category": category(name), "seconds": round(s, 4),
-                     "count": c} for name, (s, c) in top],
+        "op_seconds_per_step_by_kind": {k: round(v, 4) for k, v in by_kind.most_common(20)},
+        "top_ops": [{"name": name, "kind": kind, "category": category(kind, name),
+                     "seconds": round(seconds, 4), "count": count}
+                    for name, (seconds, count, kind) in top],
         "load_average_after": os.getloadavg(),
     }
 
@@ -167,8 +193,7 @@ def main(argv=None):
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])
                  if not a.startswith("--backend") and a not in BACKENDS]
     report = {"backbone": args.backbone, "depth": args.depth, "batch_size": args.batch_size,
-              "device": _common.device_description(), "load_average_before": os.getloadavg(),
-              "backends": {}}
+              "load_average_before": os.getloadavg(), "backends": {}}
     for backend in [args.backend] if args.backend else BACKENDS:
         print(f"[{backend}] tracing {args.steps} steps ...", flush=True)
         row = _common.run_child(__file__, backend, ["--child", *forwarded], cwd=ROOT)

@@ -524,6 +524,26 @@ def test_jax_gap_levers_are_the_same_function(lever):
     np.testing.assert_allclose(report["losses_B"], report["losses_A"], rtol=1e-4)
 
 
+def test_step_profile_reads_the_ops_of_a_traced_step_from_the_backends_profiler():
+    """The profiler's op events of a tiny ViT's step: matmuls found by their kinds, the
+    update ops apart, and no wrapper event (a function call, the executor) counted as an op,
+    which would make the ops' time several times the step's."""
+    import step_profile
+
+    args = step_profile.parse_args(["--depth", "1", "--batch-size", "2", "--steps", "2",
+                                    "--warmup", "1", "--backbone-args",
+                                    '{"hidden_size": 32, "num_heads": 2}'])
+    report = step_profile.child(args)
+    seconds = report["op_seconds_per_step"]
+    assert seconds["matmul"] > 0 and seconds["optimizer+ema"] > 0
+    kinds = set(report["op_seconds_per_step_by_kind"])
+    assert kinds & {"MatMul", "Einsum", "ynn_fusion", "dot"}
+    assert not kinds & {"Run", "Execute", "Process", "one_step_on_data", "Await"}
+    # Ops run on at most two threads at once here, so their time stays within about twice
+    # the traced step; each wrapper event counted would add about one step more.
+    assert 0 < report["op_seconds_per_step_total"] <= 2.5 * report["step_seconds_traced"]
+
+
 # -- the official code side by side, gradient checkpointing ---------------------------------
 
 # A checkout of TiankaiHang/Min-SNR-Diffusion-Training; without it (or without torch) the
