@@ -69,6 +69,12 @@ EMA_DECAY, LABEL_DROPOUT, GAMMA, TIMESTEPS = 0.9999, 0.15, 5.0, 1000
 
 # -- the official side (torch) ------------------------------------------------------------
 
+# torch imports triton when it is installed (the default Linux wheels bring it); loading
+# triton's native module in a process that has loaded TensorFlow crashed it (torch
+# 2.14.1+cu130, TensorFlow 2.21: a segfault in triton/knobs.py). Neither side compiles
+# with triton here, so torch is told it is absent.
+sys.modules.setdefault("triton", None)
+
 
 def install_timm_stand_in():
     """``timm.models.layers.{drop_path, to_2tuple, trunc_normal_}`` and
