@@ -21,8 +21,8 @@ models and alternates one step of each (the order flipping every pair), so a sha
 machine's load hits both alike; it reports medians. Precisions: ``float32``, and
 ``bfloat16`` = the official step under ``torch.autocast(device, dtype=torch.bfloat16)``
 vs ours under the ``mixed_bfloat16`` policy. Each child also times a ``--matmul``² matmul
-in torch and in the backend (float32 and bfloat16): the machine's rates the steps are
-measured against. On a GPU (torch on ``cuda``, the backend on its GPU) the steps run there
+in torch and in the backend at its precision: the machine's rates the steps are measured
+against. On a GPU (torch on ``cuda``, the backend on its GPU) the steps run there
 unchanged and the report adds the MFU against the device's bfloat16 data-sheet peak
 (benchmarks/flops.py). The JSON holds the machine, the versions and the load averages
 before and after each child.
@@ -225,8 +225,12 @@ def _best_seconds(run, repeats):
     return best
 
 
-def matmul_rates(size, device, with_torch):
-    """GFLOP/s of a ``size``² matmul: torch (float32, bfloat16) and this backend."""
+def matmul_rates(size, device, with_torch, precisions=PRECISIONS):
+    """GFLOP/s of a ``size``² matmul in torch and in this backend, at each precision.
+
+    A child times only its own precision: without native bf16 (no AVX-512-BF16 or AMX) a
+    4096² bfloat16 matmul takes minutes on a small CPU.
+    """
     import keras
     from keras import ops
 
@@ -235,13 +239,13 @@ def matmul_rates(size, device, with_torch):
     if with_torch:
         import torch
 
-        for dtype in PRECISIONS:
+        for dtype in precisions:
             a = torch.ones((size, size), dtype=getattr(torch, dtype), device=device) / size
             sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
             (a @ a).sum().item()
             rates[f"torch_{dtype}"] = flop / _best_seconds(lambda: ((a @ a), sync()), 3)
     backend = keras.backend.backend()
-    for dtype in PRECISIONS:
+    for dtype in precisions:
         a = ops.ones((size, size), dtype=dtype) / size
         if backend == "jax":
             import jax
@@ -350,7 +354,7 @@ def child(args):
         result["model_flops_per_step"] = flops.TRAIN_STEP_FORWARDS * forward
     result["matmul_gflops"] = matmul_rates(args.matmul, "cuda" if official is not None and
                                            official.device == "cuda" else "cpu",
-                                           official is not None)
+                                           official is not None, (args.precision,))
     result["load_average_after"] = os.getloadavg()
     return result
 
