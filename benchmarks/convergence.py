@@ -67,6 +67,7 @@ Usage::
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -393,12 +394,13 @@ def _keep_csv_rows_before(path, epoch):
     """Drops the FID rows a killed run wrote after its last resume point."""
     if not os.path.exists(path):
         return
+    from keras_minsnr import checkpointing
+
     with open(path) as f:
         rows = list(csv.reader(f))
-    kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epoch]
-    with open(path + ".partial", "w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    os.replace(path + ".partial", path)
+    kept = io.StringIO()
+    csv.writer(kept).writerows(rows[:1] + [row for row in rows[1:] if int(row[0]) < epoch])
+    checkpointing.atomic_write_text(path, kept.getvalue())
 
 
 def initial_backbone_weights(args, seed):
