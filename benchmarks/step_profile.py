@@ -53,16 +53,18 @@ import _common  # noqa: E402
 BACKENDS = ("tensorflow", "jax")
 # An op event is "scope/name:OpType" (TensorFlow) or carries an ``hlo_op`` stat (JAX: an
 # HLO instruction "kind.N"); other events wrap ops (function calls, the executor, waits).
-TF_OP = re.compile(r"^[^:]+:([A-Z][A-Za-z0-9]*)$")
+# With oneDNN on, TensorFlow's kernels are "_MklMatMul", "_MklNativeFusedConv2D" and such.
+TF_OP = re.compile(r"^[^:]+:(_?[A-Z][A-Za-z0-9_]*)$")
+ONEDNN_PREFIX = r"(_Mkl(Native)?)?(_?Fused)?"
 HLO_SUFFIX = re.compile(r"\.\d+$")
 CATEGORIES = (
-    ("matmul", re.compile(r"^(Einsum|MatMul|BatchMatMul\w*|Conv\w*|ynn_fusion|dot|"
-                          r"convolution[\w\-]*)$")),
+    ("matmul", re.compile(ONEDNN_PREFIX + r"(Einsum|MatMul|BatchMatMul\w*|Conv\w*|ynn_fusion|"
+                          r"dot|convolution[\w\-]*)$")),
     # TensorFlow: the guarded update branch and the optimizer's scope; JAX: the update
     # fusions, which all end in the non-finite-loss guard's select.
     ("optimizer+ema", re.compile(r"^(ResourceApply\w+|Assign(Add|Sub)?VariableOp|"
                                  r"\w*select\w*)$")),
-    ("layout", re.compile(r"^(Transpose|StridedSlice\w*|Slice|Pad\w*|ConcatV2|Tile|"
+    ("layout", re.compile(r"^(_Mkl)?(Transpose|StridedSlice\w*|Slice|Pack|Unpack|Pad\w*|ConcatV2|Tile|"
                           r"BroadcastTo|GatherV2|\w*(transpose|copy|pad|concatenate|slice|"
                           r"broadcast|dynamic)\w*)$")),
 )
@@ -111,6 +113,8 @@ def op_times(xplane_path):
 
 
 def child(args):
+    import keras_minsnr  # noqa: F401 - first, for its CPU defaults (xla_flags, tf_onednn)
+
     import keras
 
     import jax_gap

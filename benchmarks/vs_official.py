@@ -284,10 +284,12 @@ def machine():
 
 
 def child(args):
+    # First, as a user would: it sets the XLA:CPU flag before JAX starts and TensorFlow's
+    # oneDNN default before TensorFlow starts (keras_minsnr.xla_flags, .tf_onednn).
+    import keras_minsnr  # noqa: F401
+
     import keras
     import numpy as np
-
-    import keras_minsnr  # noqa: F401 - on JAX it sets the XLA:CPU flag before JAX starts
 
     backend = keras.backend.backend()
     load_before = os.getloadavg()
@@ -335,6 +337,10 @@ def child(args):
         "losses": losses,
         "load_average_before": load_before,
     }
+    if backend == "tensorflow":
+        from keras_minsnr import tf_onednn
+
+        result["tensorflow_onednn"] = tf_onednn.is_enabled()
     if official is not None:
         # > 1: ours is faster. The pairs share the machine's load at that moment.
         result["speed_ours_over_official"] = statistics.median(

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from keras_minsnr import tf_onednn
 from keras_minsnr import xla_flags
 
 # public name -> (module, attribute or None for the module itself)
@@ -79,6 +80,7 @@ def _is_command_line_process():
 
 
 XLA_FLAGS_ADDED = xla_flags.configure(quiet=_is_command_line_process())  # before JAX starts
+ONEDNN_SET = tf_onednn.configure(quiet=_is_command_line_process())  # before TensorFlow starts
 
 if not _is_command_line_process():
     import_all()

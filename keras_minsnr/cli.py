@@ -23,6 +23,7 @@ import sys  # noqa: E402
 import keras_minsnr  # noqa: E402
 from keras_minsnr import diffusers_flags  # noqa: E402
 from keras_minsnr import run_config  # noqa: E402
+from keras_minsnr import tf_onednn  # noqa: E402
 from keras_minsnr import xla_flags  # noqa: E402
 
 PROG = "keras-minsnr"
@@ -206,6 +207,8 @@ def _train(args):
     training = _load_training()
     if flag_added:
         print(xla_flags.announcement(), file=sys.stderr)
+    if keras_minsnr.ONEDNN_SET:
+        print(tf_onednn.announcement(), file=sys.stderr)
     from keras_minsnr.data import preparation
 
     # An old-format cache, one of another VAE, or an image size the VAE cannot encode

@@ -91,3 +91,24 @@ def run_bad_call_test(model, inputs, words=(), match=None, error=ValueError):
 def run_parameter_count_test(model, expected):
     """``count_params()`` equals a count written independently from the architecture."""
     assert model.count_params() == expected
+
+
+def tensorflow_gradient_op_kinds(layer, x):
+    """The op types of TensorFlow's graph for the gradient of ``sum(layer(x)²)`` with
+    respect to ``x`` and the layer's weights (skips on other backends)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a tf.function graph is TensorFlow's")
+    import tensorflow as tf
+
+    layer(x)
+
+    @tf.function
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, *layer.trainable_variables])
+
+    graph = gradient.get_concrete_function(tf.constant(x)).graph
+    return [op.type for op in graph.get_operations()]

@@ -29,6 +29,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# Before Keras loads TensorFlow: the library's CPU defaults (TensorFlow's oneDNN kernels,
+# keras_minsnr.tf_onednn) then hold in this process as they do for a user's.
+import keras_minsnr  # noqa: E402, F401
 import keras  # noqa: E402
 
 keras.utils.disable_interactive_logging()

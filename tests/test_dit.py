@@ -227,6 +227,15 @@ def test_self_attention_matches_numpy():
     np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_self_attention_backward_writes_the_qkv_gradient_once():
+    # One stack of the q, k and v gradients; each slice's gradient (StridedSliceGrad) would
+    # write a zero-padded copy of the whole qkv tensor (0.8 s of a ViT-B/2 step on TF).
+    x = np.random.default_rng(0).standard_normal((2, 16, 32)).astype("float32")
+    kinds = contract.tensorflow_gradient_op_kinds(layers_lib.SelfAttention(32, num_heads=4), x)
+    assert {"MatMul", "BatchMatMulV2", "Einsum"} & set(kinds)  # the graph is the attention's
+    assert "StridedSliceGrad" not in kinds
+
+
 def test_dit_block_matches_numpy_with_nonzero_modulation():
     block = layers_lib.DiTBlock(32, num_heads=4)
     rng = np.random.default_rng(0)

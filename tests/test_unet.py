@@ -117,6 +117,12 @@ def test_attention_block_matches_numpy_reference():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_attention_block_backward_writes_the_qkv_gradient_once():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 32)).astype("float32")
+    kinds = contract.tensorflow_gradient_op_kinds(UNetAttentionBlock(num_heads=2, num_groups=4), x)
+    assert "StridedSliceGrad" not in kinds
+
+
 # ---------------------------------------------------------------- whole model
 def test_zero_initialised_output_and_identity_blocks():
     model = UNet(**TINY, num_classes=5)

@@ -119,7 +119,9 @@ class SelfAttention(keras.layers.Layer):
         head_dim = self.hidden_size // self.num_heads
         qkv = self.qkv(x)
         qkv = ops.reshape(qkv, (ops.shape(x)[0], -1, 3, self.num_heads, head_dim))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # One unstack, not three slices: on TensorFlow its gradient is one stack, where
+        # each slice's gradient writes a zero-padded copy of the whole qkv tensor.
+        q, k, v = ops.unstack(qkv, 3, axis=2)
         out = ops.dot_product_attention(q, k, v)  # (B, N, heads, head_dim)
         out = ops.reshape(out, (ops.shape(x)[0], -1, self.hidden_size))
         return self.proj(out)

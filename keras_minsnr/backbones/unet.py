@@ -172,7 +172,7 @@ class UNetAttentionBlock(keras.layers.Layer):
         head_dim = channels // self.num_heads
         qkv = self.qkv(self.norm(inputs))
         qkv = ops.reshape(qkv, (batch, height * width, 3, self.num_heads, head_dim))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = ops.unstack(qkv, 3, axis=2)  # one stack as gradient, not three pads
         out = ops.dot_product_attention(q, k, v)
         out = ops.reshape(out, (batch, height, width, channels))
         return inputs + self.proj(out)
