@@ -19,6 +19,7 @@ Usage::
     python benchmarks/tf_onednn.py                 # three cases, 2 rounds
     python benchmarks/tf_onednn.py --large --rounds 1
 
+``speed_up`` is the median over rounds of each round's off/on ratio of median steps.
 Writes ``benchmarks/results/tf_onednn.json``.
 """
 
@@ -96,6 +97,12 @@ def run_child(setting, labels, args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _rounds(children):
+    """(off child, on child) of each round."""
+    pairs = [children[i:i + 2] for i in range(0, len(children), 2)]
+    return [sorted(pair, key=lambda c: c["setting"]) for pair in pairs]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="off/on child pairs")
@@ -138,10 +145,15 @@ def main(argv=None):
             times = [t for c in report["children"] if c["setting"] == setting
                      for t in c["step_s"][label]]
             medians[setting] = statistics.median(times)
+        # Each round's off/on pair ran back to back, so its ratio shares that moment's load.
+        per_round = [statistics.median(off["step_s"][label]) / statistics.median(on["step_s"][label])
+                     for off, on in _rounds(report["children"])]
         summary[label] = {"step_s_off": medians["0"], "step_s_on": medians["1"],
-                          "speed_up": medians["0"] / medians["1"]}
-        print(f"{label}: off {medians['0']:.4f} s, on {medians['1']:.4f} s, "
-              f"speed-up {medians['0'] / medians['1']:.3f}")
+                          "speed_up_per_round": per_round,
+                          "speed_up": statistics.median(per_round)}
+        print(f"{label}: off {medians['0']:.4f} s, on {medians['1']:.4f} s, speed-up "
+              f"{statistics.median(per_round):.3f} (rounds: "
+              f"{', '.join(f'{r:.3f}' for r in per_round)})")
     report["summary"] = summary
     report["load_average_after"] = os.getloadavg()
     os.makedirs(args.output_dir, exist_ok=True)
