@@ -32,10 +32,12 @@ Usage::
     python benchmarks/vs_official.py --official /path/to/Min-SNR-Diffusion-Training
     python benchmarks/vs_official.py --official PATH --backend jax --precision float32
     python benchmarks/vs_official.py --official PATH --quick   # a tiny ViT, one step
+    # where a full-size step takes too long (bf16 on a CPU without bf16 kernels):
+    python benchmarks/vs_official.py --official PATH --width 256 --depth 2 --matmul 512
 
 Without ``--official`` only our side is timed; an ``--official`` path without the
 official ViT, or without torch installed, is refused (exit 2). Writes
-``benchmarks/results/vs_official[_quick].json`` (``--output-dir``).
+``benchmarks/results/vs_official[_quick|_wW_dD].json`` (``--output-dir``).
 """
 
 import argparse
@@ -293,7 +295,7 @@ def child(args):
 
     backend = keras.backend.backend()
     load_before = os.getloadavg()
-    task = QUICK if args.quick else VIT_B
+    task = task_of(args)
     gpu = _common.gpu_name(backend)
     why_not = official_available(args.official)
     official = None
@@ -327,7 +329,8 @@ def child(args):
     result = {
         "backend": backend,
         "precision": args.precision,
-        "ours": "vit_b_2_in256" + (" (quick size)" if args.quick else ""),
+        "ours": "vit_b_2_in256" + (" (quick size)" if args.quick else
+                                   " (reduced size)" if task != VIT_B else ""),
         "ours_params": int(ours.backbone.count_params()),
         "official_params": official.num_params if official else None,
         "official_skipped": why_not,
@@ -388,7 +391,7 @@ def add_rates(row, model_flops):
 def run(args):
     report = {
         "what": __doc__.split("\n")[0],
-        "task": QUICK if args.quick else VIT_B,
+        "task": task_of(args),
         "batch_size": args.batch_size,
         "steps_timed": args.steps,
         "warmup_steps": args.warmup,
@@ -402,6 +405,9 @@ def run(args):
         common += ["--official", args.official]
     if args.quick:
         common.append("--quick")
+    for name in ("width", "depth"):
+        if getattr(args, name) is not None:
+            common += [f"--{name}", str(getattr(args, name))]
     model_flops = None
     for backend in args.backends:
         for precision in args.precisions:
@@ -417,9 +423,31 @@ def run(args):
             report["model_flops_per_step"] = model_flops
             for done in report["rows"]:
                 add_rates(done, model_flops)
-            name = "vs_official" + ("_quick" if args.quick else "")
+            name = "vs_official" + report_suffix(args)
             _common.write_report(os.path.join(args.output_dir, name + ".json"), report)
     return report
+
+
+def task_of(args):
+    """The task: ViT-B/2, the quick one, or ViT-B/2 narrowed or made shallower (for a CPU
+    where a full-size step takes too long, e.g. bfloat16 without native bf16 kernels)."""
+    if args.quick:
+        return QUICK
+    task = dict(VIT_B)
+    if args.width is not None:
+        task["hidden_size"], task["num_heads"] = args.width, max(1, args.width // 64)
+    if args.depth is not None:
+        task["depth"] = args.depth
+    return task
+
+
+def report_suffix(args):
+    if args.quick:
+        return "_quick"
+    task = task_of(args)
+    if task == VIT_B:
+        return ""
+    return f"_w{task['hidden_size']}_d{task['depth']}"
 
 
 def parse_args(argv=None):
@@ -439,11 +467,14 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: a 2-block ViT of width 64 on 8x8x4, batch 2, "
                         "one timed step, a 256² matmul")
+    parser.add_argument("--width", type=int, default=None,
+                        help="a narrower ViT (heads = width / 64) where full size is too slow")
+    parser.add_argument("--depth", type=int, default=None, help="fewer blocks (default 12)")
     parser.add_argument("--output-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "matmul"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "steps", "matmul", "width", "depth"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")

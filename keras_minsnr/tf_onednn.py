@@ -3,7 +3,7 @@
 TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it is imported. Unset, it turns its
 oneDNN kernels on only on CPUs with AVX-512 VNNI/BF16 or AMX; elsewhere (AVX2 CPUs: AMD
 EPYC, older Xeons, most laptops) matmuls run on Eigen. On a 2-core AVX2 EPYC the oneDNN
-matmul is 1.2x faster and the ViT-B/2 train step 1.2x (benchmarks/tf_onednn.py,
+matmul is 1.2x faster and the train step 1.2-1.4x (benchmarks/tf_onednn.py,
 docs/performance.md); torch uses oneDNN on the same CPUs.
 
 `import keras_minsnr` calls `configure()`, which sets ``TF_ENABLE_ONEDNN_OPTS=1`` only when

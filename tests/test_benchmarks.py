@@ -552,6 +552,34 @@ def test_step_profile_reads_the_ops_of_a_traced_step_from_the_backends_profiler(
 OFFICIAL_DIR = os.environ.get("KERAS_MINSNR_OFFICIAL_DIR")
 
 
+def test_vs_official_narrows_the_task_only_when_asked():
+    import vs_official
+
+    full = vs_official.parse_args([])
+    assert vs_official.task_of(full) == vs_official.VIT_B and vs_official.report_suffix(full) == ""
+    small = vs_official.parse_args(["--width", "256", "--depth", "2"])
+    assert vs_official.task_of(small) == dict(vs_official.VIT_B, hidden_size=256, num_heads=4,
+                                              depth=2)
+    assert vs_official.report_suffix(small) == "_w256_d2"
+    with pytest.raises(SystemExit):
+        vs_official.parse_args(["--width", "0"])
+
+
+def test_tf_onednn_children_run_with_and_without_onednn(tmp_path):
+    """The A/B's children really differ: each asks TensorFlow whether oneDNN is on, and the
+    benchmark refuses a child whose answer does not match its setting."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("its children are TensorFlow processes: run once, in the TensorFlow pass")
+    import tf_onednn
+
+    tf_onednn.main(["--quick", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "tf_onednn.json").read_text())
+    assert sorted(c["onednn"] for c in report["children"]) == [False, True]
+    assert report["summary"]["vit_tiny_b128"]["step_s_on"] > 0
+
+
 def test_vs_official_alternates_both_sides_of_one_step(monkeypatch):
     import flops
     import vs_official
