@@ -73,8 +73,8 @@ def test_committed_notebook_carries_its_outputs(path):
 
 
 # Each guide runs as a script in a child process with the backend named here. The
-# children all start from the TensorFlow pass of `make test`, as does the
-# keras.distribution child (tests/test_distribution.py): so placed, the passes end together.
+# children all start from the TensorFlow pass of `make test`, the keras.distribution child
+# (tests/test_distribution.py) from the JAX pass: so placed, the passes end together.
 GUIDE_RUNS = [(path, backend) for path in GUIDES
               for backend in EXPECTED[os.path.basename(path)][2]]
 
