@@ -71,11 +71,12 @@ def device_description(backend):
     return f"CPU: {cpu}, {os.cpu_count()} cores (1-min load {os.getloadavg()[0]:.1f} at report time)"
 
 
-def run_child(script, backend, arguments, cwd):
-    """Runs ``script ARGUMENTS`` on ``backend`` in a fresh process; returns the JSON object
-    of its last ``RESULT {...}`` line (one backend per process: Keras fixes it at import)."""
+def run_child(script, backend, arguments, cwd, env=None):
+    """Runs ``script ARGUMENTS`` on ``backend`` in a fresh process (``env``: variables to
+    add); returns the JSON object of its last ``RESULT {...}`` line (one backend per
+    process: Keras fixes it at import)."""
     command = [sys.executable, os.path.abspath(script), *arguments]
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -57,14 +56,14 @@ QUICK = {"vit_tiny_b128": ("vit_b_2_in256", {"image_shape": (8, 8, 1), "patch_si
 
 def child(labels, steps, warmup, quick):
     import keras
-    from tensorflow.python.util import _pywrap_util_port
 
     from keras_minsnr import backbones
+    from keras_minsnr import tf_onednn as library_onednn
     from keras_minsnr.diffusion_model import DiffusionModel
     from keras_minsnr.optimizers import AdamW
 
     cases = QUICK if quick else CASES
-    out = {"onednn": bool(_pywrap_util_port.IsMklEnabled()), "step_s": {}}
+    out = {"onednn": library_onednn.is_enabled(), "step_s": {}}
     for label in labels:
         preset, overrides, batch_size = cases[label]
         keras.utils.set_random_seed(0)
@@ -85,16 +84,10 @@ def child(labels, steps, warmup, quick):
 
 
 def run_child(setting, labels, args):
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS=setting,
-               TF_CPP_MIN_LOG_LEVEL="2")
-    command = [sys.executable, os.path.abspath(__file__), "--child", "--only", *labels,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if args.quick:
-        command.append("--quick")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"child TF_ENABLE_ONEDNN_OPTS={setting} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--child", "--only", *labels, "--steps", str(args.steps), "--warmup",
+                 str(args.warmup)] + (["--quick"] if args.quick else [])
+    return _common.run_child(__file__, "tensorflow", arguments, ROOT,
+                             env={"TF_ENABLE_ONEDNN_OPTS": setting})
 
 
 def _rounds(children):
@@ -119,7 +112,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.only, args.steps, args.warmup, args.quick)))
+        print("RESULT " + json.dumps(child(args.only, args.steps, args.warmup, args.quick)))
         return
     if args.quick:
         labels, args.rounds, args.steps, args.warmup = list(QUICK), 1, 1, 0
@@ -156,11 +149,7 @@ def main(argv=None):
               f"{', '.join(f'{r:.3f}' for r in per_round)})")
     report["summary"] = summary
     report["load_average_after"] = os.getloadavg()
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "tf_onednn.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
+    _common.write_report(os.path.join(args.output_dir, "tf_onednn.json"), report)
 
 
 if __name__ == "__main__":
