@@ -34,7 +34,9 @@ Outputs (in ``--output-dir``, default ``docs/results``; STEM is ``convergence`` 
 The CSV records ``images_seen`` (optimizer steps x batch x grad-accum) and the plot puts FID
 against it. ``--batch-sizes 32 64 128`` runs the batch x weighting grid (x₀, ``constant``
 vs ``min_snr_5``, one seed unless ``--seeds``) into ``STEM_batch_grid.*``, with one summary
-per batch size.
+per batch size. ``--reuse SUMMARY.json`` takes the grid cells that a finished run at one batch
+size already trained (the batch-128 headline's x₀ runs, from its CSV) instead of training them
+again; every setting but the batch grid must match, or it stops and names the difference.
 
 Speed-up (the paper's measure): the steps the baseline (``constant``, same target) needs to
 reach its own final FID, divided by the steps the candidate needs to reach that same FID.
@@ -841,6 +843,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+",
                         help="the batch x weighting grid: constant vs Min-SNR-5 on x₀ at "
                         "each batch size (one seed unless --seeds), into STEM_batch_grid.*")
+    parser.add_argument("--reuse", metavar="SUMMARY_JSON",
+                        help="--batch-sizes: take the cells at that run's batch size from "
+                        "its summary JSON and the CSV beside it instead of training them")
     parser.add_argument("--diagnose", action="store_true",
                         help="per-noise-level diagnostics of every checkpoint's EMA model: "
                         "x₀ error at t = 10 … 990 and the split-sampler FID matrix "
@@ -882,6 +887,8 @@ def parse_args(argv=None):
             args.targets = [SWEEP_TARGET]
         if args.seeds is None:
             args.seeds = [0]  # one seed first; --seeds 0 1 2 where it decides something
+    if args.reuse and not args.batch_sizes:
+        parser.error("--reuse takes cells of a batch grid: give --batch-sizes too.")
     if args.targets is None:
         args.targets = list(TARGETS)
     for flag, values in (("--batch-size", [args.batch_size]),
@@ -956,6 +963,7 @@ def main(argv=None):
     workdir = os.path.join(args.output_dir, f"{args.stem}_runs")
     os.makedirs(workdir, exist_ok=True)
     settings = run_settings(args)
+    reused = reused_cells(args, runs, probe, checkpoints) if args.reuse else {}
     done = 0
     for batch_size in batch_sizes:
         for seed in args.seeds:
@@ -964,6 +972,11 @@ def main(argv=None):
                 key = run_key(seed, name, batch_size)
                 record = os.path.join(workdir, key + ".json")
                 run_rows = load_finished_run(record, settings)
+                source = " (finished earlier, reused)"
+                if run_rows is None and (batch_size, seed, name) in reused:
+                    run_rows = reused[batch_size, seed, name]
+                    save_finished_run(record, settings, run_rows)
+                    source = f" (from {args.reuse})"
                 if run_rows is not None and args.diagnose and not all(
                         os.path.exists(diagnostics.checkpoint_path(
                             os.path.join(workdir, key), step)) for step in checkpoints):
@@ -978,7 +991,7 @@ def main(argv=None):
                     remove_resume_point(os.path.join(workdir, key + "_resume"))
                     resumed = ""
                 else:
-                    resumed = " (finished earlier, reused)"
+                    resumed = source
                 rows.extend(run_rows)
                 done += 1
                 last = rows[-1]
@@ -1008,6 +1021,61 @@ def _model_for(args, name, seed, batch_size):
     config = _config(args, target, weighting, gamma, seed, batch_size)
     _, info = build_dataset(config)
     return build_model(config, info)
+
+
+# What a reused run's summary must share with the grid; the batch size and the runs aside.
+REUSE_MUST_MATCH = ("backbone", "steps", "checkpoints", "num_samples", "num_real", "sampler",
+                    "backend", "extractor")
+
+
+def reused_cells(args, runs, probe, checkpoints):
+    """``{(batch_size, seed, run): rows}`` of the grid cells a finished run trained already.
+
+    The run is named by its summary JSON (``--reuse``); its rows come from the CSV beside
+    it. It must match the grid in every setting but the batch size, hold every
+    checkpoint of each cell it gives, and its batch size must be one the grid asks for.
+    """
+    import keras
+
+    path = args.reuse
+    csv_path = path[:-len(".json")] + ".csv" if path.endswith(".json") else None
+    if csv_path is None or not (os.path.exists(path) and os.path.exists(csv_path)):
+        raise SystemExit(f"--reuse {path}: expected a finished run's summary JSON with its "
+                         "CSV beside it (STEM.json and STEM.csv).")
+    with open(path) as f:
+        summary = json.load(f)
+    if summary.get("batch_sizes"):
+        raise SystemExit(f"--reuse {path} is a batch grid itself; give a run at one batch "
+                         "size.")
+    ours = {"backbone": args.backbone, "steps": args.steps, "checkpoints": checkpoints,
+            "num_samples": args.num_samples, "num_real": args.num_real,
+            "sampler": f"ddim-{args.sample_steps}, guidance 1.0, EMA weights, "
+            f"seed {args.sample_seed}", "backend": keras.backend.backend(), "extractor": "digits"}
+    for key in REUSE_MUST_MATCH:
+        if summary.get(key) != ours[key]:
+            raise SystemExit(f"--reuse {path}: its {key} is {summary.get(key)!r}, this grid's "
+                             f"is {ours[key]!r}; only the batch size may differ.")
+    theirs = dict(summary["backbone_config"])
+    batch = theirs.pop("batch_size")
+    mine = {k: v for k, v in probe.items() if k in theirs}
+    mine = json.loads(json.dumps(mine))  # tuples as lists, as the JSON has them
+    if mine != theirs:
+        differ = sorted(k for k in theirs if theirs[k] != mine.get(k))
+        raise SystemExit(f"--reuse {path}: its backbone_config differs in {differ} "
+                         f"({[theirs[k] for k in differ]} vs {[mine.get(k) for k in differ]}).")
+    if batch not in args.batch_sizes:
+        raise SystemExit(f"--reuse {path}: its batch size {batch} is not in --batch-sizes "
+                         f"{args.batch_sizes}.")
+    rows = read_rows(csv_path)
+    cells = {}
+    for seed in args.seeds:
+        for name, *_ in runs:
+            cell = [r for r in rows if r["seed"] == seed and r["run"] == name]
+            if [r["step"] for r in cell] == checkpoints:
+                cells[batch, seed, name] = [
+                    {**r, "batch_size": batch, "images_seen": r["step"] * batch
+                     * args.grad_accum} for r in cell]
+    return cells
 
 
 def run_settings(args):

@@ -8,6 +8,7 @@
 #   2. the batch-32 row (the published 2000-step run) again, with diagnostics
 #                                                                     -> docs/results/vit_b32/
 #   3. the batch x weighting grid: batch 32, 64, 128, x0, one seed    -> docs/results/vit_batch_grid/
+#      (its batch-128 cells are the headline's seed-0 x0 runs, taken with --reuse)
 #
 # It prints a CPU-hour estimate first (a few measured steps). Settings (environment):
 #   STEPS (4000) and EVAL_EVERY (500): the batch-128 run and the grid;
@@ -42,7 +43,7 @@ echo "== issue-26 evidence ($KERAS_BACKEND) into $OUT: estimate first"
   --sample-steps "$([[ ${SMOKE:-0} == 1 ]] && echo 2 || echo 20)" \
   --part "headline:128:$STEPS:$EVAL_EVERY:6:$nseeds" \
   --part "batch32:32:$B32_STEPS:$B32_EVAL:6:$nseeds" \
-  --part "grid:32,64,128:$STEPS:$EVAL_EVERY:2:$ngrid" \
+  --part "grid:32,64:$STEPS:$EVAL_EVERY:2:$ngrid" \
   --diagnose-parts headline batch32
 
 echo "== 1/3 headline: batch 128, x0/eps/v, seeds $SEEDS, diagnostics"
@@ -55,7 +56,7 @@ echo "== 2/3 the batch-32 row (the published run), diagnostics"
 
 echo "== 3/3 batch x weighting grid (x0), seeds $GRID_SEEDS"
 "$PY" "${COMMON[@]}" --batch-sizes 32 64 128 --steps "$STEPS" --eval-every "$EVAL_EVERY" \
-  --seeds $GRID_SEEDS --output-dir "$OUT/vit_batch_grid"
+  --seeds $GRID_SEEDS --reuse "$OUT/vit_b128/convergence_vit.json" --output-dir "$OUT/vit_batch_grid"
 
 for dir in vit_b128 vit_b32; do
   "$PY" benchmarks/convergence.py --backbone vit_tiny --table --output-dir "$OUT/$dir" \

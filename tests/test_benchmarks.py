@@ -721,6 +721,55 @@ def test_batch_grid_resumes_into_one_csv_and_json(tmp_path):
         convergence.parse_args(["--batch-sizes", "32", "0"])
 
 
+def test_batch_grid_reuses_the_cells_a_finished_run_trained(tmp_path):
+    """`--reuse`: the grid takes its batch-16 cells from a finished batch-16 run's CSV
+    (trains nothing for them), and refuses a run whose settings differ."""
+    source = tmp_path / "b16"
+    src_argv = ["--quick", "--batch-size", "16", "--targets", "sample", "--no-ablation",
+                "--output-dir", str(source)]
+    src_args = convergence.parse_args(src_argv)
+    workdir = source / "convergence_runs"
+    workdir.mkdir(parents=True)
+    for run, fids in (("sample/constant", (50.0, 40.0)), ("sample/min_snr_5", (30.0, 20.0))):
+        convergence.save_finished_run(
+            str(workdir / (convergence.run_key(0, run) + ".json")),
+            convergence.run_settings(src_args), _grid_rows(0, run, 16, fids))
+    assert convergence.main(src_argv) == 0
+
+    out = tmp_path / "grid"
+    argv = ["--quick", "--batch-sizes", "8", "16", "--output-dir", str(out), "--reuse",
+            str(source / "convergence.json")]
+    grid_workdir = out / "convergence_batch_grid_runs"
+    grid_workdir.mkdir(parents=True)
+    for run, fids in (("sample/constant", (30.0, 10.0)), ("sample/min_snr_5", (40.0, 20.0))):
+        convergence.save_finished_run(
+            str(grid_workdir / (convergence.run_key(0, run, 8) + ".json")),
+            convergence.run_settings(convergence.parse_args(argv)),
+            _grid_rows(0, run, 8, fids))
+    assert convergence.main(argv) == 0
+    with open(out / "convergence_batch_grid.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["batch_size"] == "16"]
+    assert [(r["run"], int(r["step"]), float(r["fid"]), int(r["images_seen"])) for r in rows] == [
+        ("sample/constant", 20, 50.0, 320), ("sample/constant", 40, 40.0, 640),
+        ("sample/min_snr_5", 20, 30.0, 320), ("sample/min_snr_5", 40, 20.0, 640)]
+    grid = json.loads((out / "convergence_batch_grid.json").read_text())["batch_grid"]
+    assert grid["16"]["speedups"]["sample"]["speedup"] == pytest.approx(2.0)
+
+    # A run with other settings is refused, naming the setting; so is one at a batch
+    # size the grid does not have.
+    other = tmp_path / "other"
+    summary = json.loads((source / "convergence.json").read_text())
+    other.mkdir()
+    (other / "convergence.csv").write_text((source / "convergence.csv").read_text())
+    (other / "convergence.json").write_text(json.dumps({**summary, "num_samples": 7}))
+    argv[-1] = str(other / "convergence.json")
+    with pytest.raises(SystemExit, match="num_samples is 7, this grid's is 100"):
+        convergence.main(argv)
+    with pytest.raises(SystemExit, match="batch size 16 is not in --batch-sizes"):
+        convergence.main(["--quick", "--batch-sizes", "8", "32", "--output-dir", str(out),
+                          "--reuse", str(source / "convergence.json")])
+
+
 def test_diagnostics_summary_means_over_seeds_and_tables():
     import diagnostics
 
