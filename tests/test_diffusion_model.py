@@ -129,6 +129,9 @@ CROSS_BACKEND_SCRIPT = textwrap.dedent(
 
 
 def test_one_step_is_the_same_on_tensorflow_and_jax(tmp_path):
+    # Both backends run in children; what this process runs on changes nothing.
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("its children run on both backends: run once, in the TensorFlow pass")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "step.py"
     script.write_text(CROSS_BACKEND_SCRIPT.format(root=root))
