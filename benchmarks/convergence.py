@@ -972,11 +972,11 @@ def main(argv=None):
                 key = run_key(seed, name, batch_size)
                 record = os.path.join(workdir, key + ".json")
                 run_rows = load_finished_run(record, settings)
-                source = " (finished earlier, reused)"
+                resumed = " (finished earlier, reused)"
                 if run_rows is None and (batch_size, seed, name) in reused:
                     run_rows = reused[batch_size, seed, name]
                     save_finished_run(record, settings, run_rows)
-                    source = f" (from {args.reuse})"
+                    resumed = f" (from {args.reuse})"
                 if run_rows is not None and args.diagnose and not all(
                         os.path.exists(diagnostics.checkpoint_path(
                             os.path.join(workdir, key), step)) for step in checkpoints):
@@ -990,8 +990,6 @@ def main(argv=None):
                     save_finished_run(record, settings, run_rows)
                     remove_resume_point(os.path.join(workdir, key + "_resume"))
                     resumed = ""
-                else:
-                    resumed = source
                 rows.extend(run_rows)
                 done += 1
                 last = rows[-1]
@@ -1023,9 +1021,10 @@ def _model_for(args, name, seed, batch_size):
     return build_model(config, info)
 
 
-# What a reused run's summary must share with the grid; the batch size and the runs aside.
-REUSE_MUST_MATCH = ("backbone", "steps", "checkpoints", "num_samples", "num_real", "sampler",
-                    "backend", "extractor")
+def sampler_description(args):
+    """The summary's ``sampler`` entry: how every FID's samples were drawn."""
+    return (f"ddim-{args.sample_steps}, guidance 1.0, EMA weights, "
+            f"seed {args.sample_seed}")
 
 
 def reused_cells(args, runs, probe, checkpoints):
@@ -1047,11 +1046,12 @@ def reused_cells(args, runs, probe, checkpoints):
     if summary.get("batch_sizes"):
         raise SystemExit(f"--reuse {path} is a batch grid itself; give a run at one batch "
                          "size.")
+    # What the reused run must share with the grid; the batch size and the runs aside.
     ours = {"backbone": args.backbone, "steps": args.steps, "checkpoints": checkpoints,
             "num_samples": args.num_samples, "num_real": args.num_real,
-            "sampler": f"ddim-{args.sample_steps}, guidance 1.0, EMA weights, "
-            f"seed {args.sample_seed}", "backend": keras.backend.backend(), "extractor": "digits"}
-    for key in REUSE_MUST_MATCH:
+            "sampler": sampler_description(args), "backend": keras.backend.backend(),
+            "extractor": "digits"}
+    for key in ours:
         if summary.get(key) != ours[key]:
             raise SystemExit(f"--reuse {path}: its {key} is {summary.get(key)!r}, this grid's "
                              f"is {ours[key]!r}; only the batch size may differ.")
@@ -1163,8 +1163,7 @@ def write_outputs(args, runs, rows, checkpoints, seconds):
             "checkpoints": checkpoints,
             "num_samples": args.num_samples,
             "num_real": args.num_real,
-            "sampler": f"ddim-{args.sample_steps}, guidance 1.0, EMA weights, "
-            f"seed {args.sample_seed}",
+            "sampler": sampler_description(args),
             "extractor": "digits",
             "interval": args.interval,
             "speedup_method": "seed-mean FID curves on the checkpoint grid, linear "
