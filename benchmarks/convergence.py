@@ -55,6 +55,8 @@ Each finished run is recorded in ``OUTPUT_DIR/STEM_runs/`` (removed at the end),
 benchmark started again with the same settings skips the runs it already finished, and
 continues the one it was in from its last FID checkpoint (`SaveResumePoint`: the model,
 optimizer, EMA and random generators; the data pipeline skips the batches already seen).
+The directory's small ``*.json`` records (finished runs, measured diagnostics) are all a
+new machine needs to go on; the checkpoints beside them only save the training under way.
 
 Usage::
 
@@ -964,6 +966,7 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     settings = run_settings(args)
     reused = reused_cells(args, runs, probe, checkpoints) if args.reuse else {}
+    last_of_target = {target: name for name, target, *_ in runs}
     done = 0
     for batch_size in batch_sizes:
         for seed in args.seeds:
@@ -979,8 +982,10 @@ def main(argv=None):
                     resumed = f" (from {args.reuse})"
                 if run_rows is not None and args.diagnose and not all(
                         os.path.exists(diagnostics.checkpoint_path(
-                            os.path.join(workdir, key), step)) for step in checkpoints):
-                    run_rows = None  # finished without its EMA checkpoints: train again
+                            os.path.join(workdir, key), step)) for step in checkpoints
+                ) and not diagnostics.diagnosed(args, runs, name, seed, batch_size,
+                                                checkpoints, workdir):
+                    run_rows = None  # its diagnostics still need the EMA checkpoints
                 if run_rows is None:
                     if initial is None:
                         initial = initial_backbone_weights(args, seed)
@@ -998,6 +1003,14 @@ def main(argv=None):
                       f"at step {last['step']}{resumed} ({time.perf_counter() - start:.0f} s "
                       "so far)", flush=True)
                 bar.update(done)
+                if args.diagnose and name == last_of_target[target]:
+                    # Now, not after every run: a session that ends later keeps these.
+                    diagnostics.run_diagnostics(
+                        args, [r for r in runs if r[1] == target], [batch_size],
+                        checkpoints, workdir, real, extractor,
+                        lambda name, seed, batch_size: _model_for(args, name, seed,
+                                                                  batch_size),
+                        seeds=[seed])
     write_outputs(args, runs, rows, checkpoints, time.perf_counter() - start)
     if args.diagnose:
         summary = diagnostics.run_diagnostics(

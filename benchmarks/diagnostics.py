@@ -10,8 +10,11 @@ Why does one weighting converge faster than another? For each checkpoint's EMA m
   (`keras_minsnr.split_sampling.generate_split`), all four combinations, so the FID says
   which model's noisy half and which model's clean half make the better sampler.
 
-Each value is recorded in the benchmark's work directory as it is measured, so a killed
-run resumes. Outputs next to the benchmark's: ``STEM_diagnostics.json`` (per seed and
+Each value is recorded in the benchmark's work directory as it is measured, and a target's
+diagnostics are measured as soon as its runs of one seed have trained. So a killed run
+resumes, and once a run's diagnostics are recorded its EMA checkpoints are no longer
+needed: the work directory's JSON records alone carry the benchmark to a new machine.
+Outputs next to the benchmark's: ``STEM_diagnostics.json`` (per seed and
 seed means), ``STEM_diagnostics.md`` (the tables docs/results.md includes) and
 ``STEM_diagnostics.png``.
 """
@@ -107,9 +110,60 @@ def split_fid(model_noisy, model_clean, t_split, real, extractor, num_samples, n
     return float(evaluate_samples(real, fake, extractor=extractor)["fid"])
 
 
+def diagnostic_settings(args):
+    """What every recorded diagnostic depends on besides its run, seed and step."""
+    return {"timesteps": list(DIAGNOSTIC_TIMESTEPS), "t_split": args.t_split,
+            "num_samples": args.num_samples, "sample_steps": args.sample_steps,
+            "sample_seed": args.sample_seed, "noise_seed": 0}
+
+
+def x0_record_path(workdir, key, step):
+    return os.path.join(workdir, f"diag_x0_{key}_step{step}.json")
+
+
+def split_record_path(workdir, target_key, noisy, clean, step):
+    return os.path.join(workdir, f"diag_split_{target_key}_{noisy}_then_{clean}_step{step}.json")
+
+
+def _pair_names(runs, target):
+    """The target's ``constant``/``min_snr_5`` run names, or None when the plan lacks one."""
+    names = [f"{target}/{label}" for label in PAIR]
+    return names if all(any(n == name for name, *_ in runs) for n in names) else None
+
+
+def _records(runs, name, seed, batch_size, checkpoints, workdir):
+    """The record files the diagnostics of run `name` fill in."""
+    from convergence import run_key
+
+    paths = [x0_record_path(workdir, run_key(seed, name, batch_size), step)
+             for step in checkpoints]
+    target = name.split("/")[0]
+    pair = _pair_names(runs, target)
+    if pair is not None and name in pair:
+        paths += [split_record_path(workdir, run_key(seed, target, batch_size),
+                                    noisy.split("/")[1], clean.split("/")[1], step)
+                  for step in checkpoints for noisy in pair for clean in pair]
+    return paths
+
+
+def diagnosed(args, runs, name, seed, batch_size, checkpoints, workdir):
+    """Whether every diagnostic that needs run `name`'s EMA checkpoints is recorded under
+    the current settings: then the checkpoints themselves are no longer needed (a run
+    resumed on a new machine, where the work directory kept only its JSON records)."""
+    settings = diagnostic_settings(args)
+    for path in _records(runs, name, seed, batch_size, checkpoints, workdir):
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            if json.load(f).get("settings") != settings:
+                return False
+    return True
+
+
 def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extractor,
-                    build_model_for):
-    """Measures every checkpoint of every run; returns the diagnostics summary.
+                    build_model_for, seeds=None):
+    """Measures every checkpoint of every run of `seeds` (default ``args.seeds``); returns
+    the diagnostics summary. Values recorded earlier are read back, not measured again.
 
     ``build_model_for(name, seed, batch_size)`` builds the run's `DiffusionModel` (weights
     are then loaded from the work directory's EMA checkpoints, sampled without EMA).
@@ -117,13 +171,11 @@ def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extract
     from convergence import run_key
 
     images, labels = None, None
-    settings = {"timesteps": list(DIAGNOSTIC_TIMESTEPS), "t_split": args.t_split,
-                "num_samples": args.num_samples, "sample_steps": args.sample_steps,
-                "sample_seed": args.sample_seed, "noise_seed": 0}
+    settings = diagnostic_settings(args)
     per_seed = {"x0_error": {}, "split_fid": {}}
     for batch_size in batch_sizes:
         group = "" if batch_size is None else f"b{batch_size}"
-        for seed in args.seeds:
+        for seed in args.seeds if seeds is None else seeds:
             models = {}
 
             def model_at(name, step):
@@ -147,15 +199,14 @@ def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extract
                             labels=labels if model.conditioning == "class" else None,
                             seed=settings["noise_seed"], use_ema=False)
 
-                    path = os.path.join(workdir, f"diag_x0_{run_key(seed, name, batch_size)}"
-                                        f"_step{step}.json")
+                    path = x0_record_path(workdir, run_key(seed, name, batch_size), step)
                     value = _record(path, settings, x0_error)
                     per_seed["x0_error"].setdefault(group, {}).setdefault(name, {}).setdefault(
                         str(step), {})[str(seed)] = value
             targets = dict.fromkeys(name.split("/")[0] for name, *_ in runs)
             for target in targets:
-                names = [f"{target}/{label}" for label in PAIR]
-                if not all(any(n == name for name, *_ in runs) for n in names):
+                names = _pair_names(runs, target)
+                if names is None:
                     continue
                 for step in checkpoints:
                     for noisy in names:
@@ -168,14 +219,13 @@ def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extract
                                                  extractor, args.num_samples,
                                                  args.sample_steps, args.sample_seed)
 
-                            key = f"{noisy.split('/')[1]}|{clean.split('/')[1]}"
-                            path = os.path.join(
-                                workdir, f"diag_split_{run_key(seed, target, batch_size)}_"
-                                f"{key.replace('|', '_then_')}_step{step}.json")
+                            a, b = noisy.split("/")[1], clean.split("/")[1]
+                            path = split_record_path(workdir, run_key(seed, target, batch_size),
+                                                     a, b, step)
                             value = _record(path, settings, fid)
                             per_seed["split_fid"].setdefault(group, {}).setdefault(
                                 target, {}).setdefault(str(step), {}).setdefault(
-                                key, {})[str(seed)] = value
+                                f"{a}|{b}", {})[str(seed)] = value
     return summarise_diagnostics(per_seed, settings)
 
 

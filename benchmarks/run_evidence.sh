@@ -10,6 +10,10 @@
 #   3. the batch x weighting grid: batch 32, 64, 128, x0, one seed    -> docs/results/vit_batch_grid/
 #      (its batch-128 cells are the headline's seed-0 x0 runs, taken with --reuse)
 #
+# Across machines: the work directories' JSON records (OUT/*/convergence_vit_runs/*.json,
+# committed while the run is under way; .gitignore keeps the weights out) are all a new
+# machine needs; a pair whose diagnostics are recorded is not trained again.
+#
 # It prints a CPU-hour estimate first (a few measured steps). Settings (environment):
 #   STEPS (4000) and EVAL_EVERY (500): the batch-128 run and the grid;
 #   GRID_SEEDS ("0"), SEEDS ("0 1 2"); KERAS_BACKEND (tensorflow: issue 26 reports it 1.7x

@@ -854,6 +854,59 @@ def test_diagnose_measures_planted_checkpoints_and_resumes(tmp_path):
     assert (out / "convergence_diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_diagnose_records_each_pair_as_it_finishes_and_a_new_machine_needs_no_checkpoints(
+        tmp_path, monkeypatch):
+    """The evidence run spans sessions on machines that keep only the work directory's JSON
+    records: a target's diagnostics are measured as soon as its pair has trained (not after
+    every run), and a pair whose diagnostics are recorded is not trained again when its EMA
+    checkpoints are gone."""
+    out = tmp_path / "results"
+    argv = ["--quick", "--targets", "sample", "epsilon", "--no-ablation", "--steps", "20",
+            "--eval-every", "20", "--num-samples", "8", "--sample-steps", "2",
+            "--num-real", "200", "--diagnose", "--output-dir", str(out)]
+    args = convergence.parse_args(argv)
+    workdir = out / "convergence_runs"
+    initial = convergence.initial_backbone_weights(args, 0)
+    trained = []
+
+    def fake_train(args, name, target, weighting, gamma, seed, initial_weights, real,
+                   extractor, workdir, batch_size=None):
+        if name == "epsilon/min_snr_5" and len(trained) == 3:
+            raise KeyboardInterrupt("the session ended")
+        trained.append(name)
+        rng = np.random.default_rng(len(trained))
+        values = [w + 0.01 * rng.standard_normal(w.shape).astype(w.dtype) for w in initial]
+        key = convergence.run_key(seed, name, batch_size)
+        diagnostics.save_weights(
+            diagnostics.checkpoint_path(os.path.join(workdir, key), 20), values)
+        return [dict(r, target=target) for r in
+                _planted_rows(name, weighting, gamma or "", (50.0, 40.0))][:1]
+
+    monkeypatch.setattr(convergence, "train_and_evaluate", fake_train)
+    with pytest.raises(KeyboardInterrupt):
+        convergence.main(argv)
+    assert trained == ["sample/constant", "sample/min_snr_5", "epsilon/constant"]
+    records = sorted(p.name for p in workdir.glob("diag_*.json"))
+    assert records == sorted(
+        [f"diag_x0_0_sample_{w}_step20.json" for w in ("constant", "min_snr_5")]
+        + [f"diag_split_0_sample_{a}_then_{b}_step20.json"
+           for a in ("constant", "min_snr_5") for b in ("constant", "min_snr_5")])
+    recorded = json.loads((workdir / "diag_split_0_sample_constant_then_min_snr_5_step20"
+                           ".json").read_text())["value"]
+    assert math.isfinite(recorded) and recorded > 0
+    # A new machine: only the JSON records came along.
+    for path in workdir.iterdir():
+        if not path.name.endswith(".json") or "_resume" in path.name:
+            path.unlink()
+    trained.clear()
+    assert convergence.main(argv) == 0
+    # epsilon/constant finished, but its pair's split sampler needs its weights: again.
+    assert trained == ["epsilon/constant", "epsilon/min_snr_5"]
+    summary = json.loads((out / "convergence_diagnostics.json").read_text())
+    assert summary["split_fid"][""]["sample"]["20"]["constant|min_snr_5"]["fid"] == recorded
+    assert set(summary["split_fid"][""]) == {"sample", "epsilon"}
+
+
 def test_evidence_estimate_adds_up_the_plan():
     import evidence_estimate
 
