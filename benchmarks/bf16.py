@@ -279,6 +279,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child or args.digits_child:
         sys.path.insert(0, ROOT)
+        import keras_minsnr  # noqa: F401 - first: its CPU defaults (oneDNN, XLA:CPU flags)
         if args.child:
             result = timing_child(args.child, args.batch_size, args.steps, args.warmup)
         else:

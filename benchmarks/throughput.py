@@ -252,6 +252,7 @@ def main(argv=None):
 
     if args.child or args.flops_child:
         sys.path.insert(0, ROOT)
+        import keras_minsnr  # noqa: F401 - first: its CPU defaults (oneDNN, XLA:CPU flags)
         if args.flops_child:
             result = flops_child(args.flops_child, args.batch_size)
         else:

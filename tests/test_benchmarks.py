@@ -921,3 +921,33 @@ def test_evidence_estimate_adds_up_the_plan():
         pytest.approx(6 * (100 + 60 + 400 + 60)))
     with pytest.raises(Exception, match="NAME:BATCHES:STEPS"):
         evidence_estimate.parse_part("grid:32:1000")
+
+
+@pytest.mark.parametrize("script, child_function, argv", [
+    ("throughput", "child", ["--child", "dit_small"]),
+    ("bf16", "timing_child", ["--child", "dit_small"]),
+    ("bf16", "digits_child", ["--digits-child"]),
+    ("remat", "child", ["--child"]),
+])
+def test_benchmark_children_import_keras_minsnr_before_their_backend(
+        script, child_function, argv):
+    """A timing child that imports keras first starts TensorFlow before keras_minsnr can set
+    its CPU defaults (oneDNN, the XLA:CPU flags), so it would time something no user runs.
+    The child function is replaced by one that reports what was set when it was called."""
+    import subprocess
+
+    code = (f"import json, os, sys; sys.path.insert(0, 'benchmarks'); import {script}\n"
+            f"def spy(*a, **k):\n"
+            f"    return {{'onednn': os.environ.get('TF_ENABLE_ONEDNN_OPTS'),\n"
+            f"            'loaded': 'keras_minsnr' in sys.modules}}\n"
+            f"{script}.{child_function} = spy\n"
+            f"sys.exit({script}.main({argv!r}))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_ENABLE_ONEDNN_OPTS", "KERAS_MINSNR_XLA_CPU_FLAGS")}
+    env["KERAS_BACKEND"] = "tensorflow"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(next(line for line in out.stdout.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result == {"onednn": "1", "loaded": True}
