@@ -205,15 +205,15 @@ def _train(args):
 
             backend.multi_worker_strategy()
     training = _load_training()
-    if flag_added:
-        print(xla_flags.announcement(), file=sys.stderr)
-    if keras_minsnr.ONEDNN_SET:
-        print(tf_onednn.announcement(), file=sys.stderr)
     from keras_minsnr.data import preparation
 
     # An old-format cache, one of another VAE, or an image size the VAE cannot encode
     # fails here: before the run directory exists.
     preparation.check_data(config)
+    if flag_added:
+        print(xla_flags.announcement(), file=sys.stderr)
+    if keras_minsnr.ONEDNN_SET:
+        print(tf_onednn.announcement(), file=sys.stderr)
 
     kwargs = {"allow_config_change": list(allowed)} if allowed else {}
     if args.resume_from:

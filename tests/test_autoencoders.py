@@ -298,3 +298,23 @@ def test_allow_download_flag_reaches_the_autoencoder_and_the_backbone(tmp_path, 
     code = main(["train", "sd15_captions", "--output-dir", str(tmp_path / "run"),
                  "--set", f"data={tmp_path / 'cache'}", "--set", f"encode.source={tmp_path}"])
     assert code == 2 and "--allow-download" in capsys.readouterr().err
+
+
+def test_cpu_default_notes_follow_the_config_checks(tmp_path, capsys, monkeypatch):
+    """The notes saying which CPU defaults keras_minsnr set are for a run that starts: a
+    refused config prints its error alone; an accepted one prints the notes."""
+    import keras_minsnr
+    from keras_minsnr import tf_onednn
+    from keras_minsnr import training
+
+    monkeypatch.setattr(keras_minsnr, "ONEDNN_SET", True)
+    cache = str(tmp_path / "cache")
+    _plain_cache(cache, vae="sd3_vae")
+    code = main(["train", "imagenet256_vit_b2", "--output-dir", str(tmp_path / "run"),
+                 "--set", f"data={cache}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'sd3_vae'" in err
+    assert tf_onednn.announcement() not in err
+    monkeypatch.setattr(training, "train", lambda config, output_dir, **kwargs: None)
+    code = main(["train", "digits", "--output-dir", str(tmp_path / "digits")])
+    assert code == 0 and tf_onednn.announcement() in capsys.readouterr().err
