@@ -66,6 +66,7 @@ Usage::
     python benchmarks/convergence.py --backbone vit_tiny --batch-sizes 32 64 128   # grid
     python benchmarks/convergence.py --quick --output-dir /tmp/conv   # ~1-2 minutes
     python benchmarks/convergence.py --backbone vit_tiny --table   # the Table-1 markdown
+    python benchmarks/convergence.py --backbone vit_tiny --batch-size 128 --progress   # under way
     KERAS_BACKEND=jax python benchmarks/convergence.py --seeds 0 1 2
 """
 
@@ -600,6 +601,52 @@ def per_seed_speedups(rows, baseline, candidate):
     return result
 
 
+def progress_markdown(args):
+    """A run under way, from its work directory's records (a multi-session run can be
+    read between sessions): each seed's finished ``min_snr_5``/``constant`` pairs with
+    their FID at a quarter, half and all of the steps and that seed's speed-up, then the
+    trainings still to run. Records of other settings do not count."""
+    if args.batch_sizes:
+        raise SystemExit("--progress reads the runs of one batch size; drop --batch-sizes "
+                         "(the grid's cells are in its own work directory's records).")
+    runs = run_plan(args.targets, ablation=args.ablation, plan=args.plan)
+    workdir = os.path.join(args.output_dir, f"{args.stem}_runs")
+    settings = run_settings(args)
+    rows, todo = [], []
+    for seed in args.seeds:
+        for name, *_ in runs:
+            found = load_finished_run(os.path.join(workdir, run_key(seed, name) + ".json"),
+                                      settings)
+            if found is None:
+                todo.append(f"seed {seed} {name}")
+            else:
+                rows.extend(found)
+    checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    shown = [c for c in checkpoints if c in {args.steps // 4, args.steps // 2, args.steps}]
+    lines = [f"{len(runs) * len(args.seeds) - len(todo)} of {len(runs) * len(args.seeds)} "
+             f"trainings finished ({args.steps} steps, batch {settings['batch_size']}); "
+             f"FID at steps {' / '.join(map(str, shown))}:", "",
+             "| seed | pair | baseline | Min-SNR-5 | speed-up (this seed) |",
+             "|---|---|---|---|---|"]
+    names = [name for name, *_ in runs]
+    for seed in args.seeds:
+        mine = [row for row in rows if row["seed"] == seed]
+        for candidate, baseline in paired_plan(names):
+            fids = {run: {row["step"]: row["fid"] for row in mine if row["run"] == run}
+                    for run in (baseline, candidate)}
+            if not all(fids.values()):
+                continue
+            ratio = per_seed_speedups(mine, baseline, candidate)[str(seed)]
+            lines.append(
+                f"| {seed} | {candidate} vs {baseline.split('/', 1)[1]} | "
+                + " | ".join(" / ".join(f"{fids[run][c]:.2f}" for c in shown)
+                             for run in (baseline, candidate))
+                + f" | {'never reaches it' if ratio is None else f'{ratio:.2f}x'} |")
+    if todo:
+        lines += ["", "To run: " + ", ".join(todo) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def read_rows(path):
     """The rows of a ``convergence.csv``, typed as `train_and_evaluate` returns them."""
     rows = []
@@ -870,6 +917,10 @@ def parse_args(argv=None):
     parser.add_argument("--table", action="store_true",
                         help="train nothing: print the Table-1 analogue (markdown) from "
                         "the summary JSON in --output-dir")
+    parser.add_argument("--progress", action="store_true",
+                        help="train nothing: the finished pairs and per-seed speed-ups of a "
+                        "run under way, from the records in --output-dir's work directory "
+                        "(the same settings as the run)")
     parser.add_argument("--from-csv", action="store_true",
                         help="train nothing: recompute the summary JSON and the plot from "
                         "the CSV (and the settings in the JSON) in --output-dir")
@@ -928,6 +979,9 @@ def main(argv=None):
         print(table1_markdown(summary), end="")
         if summary.get("paired_differences"):
             print("\n" + paired_markdown(summary), end="")
+        return 0
+    if args.progress:
+        print(progress_markdown(args), end="")
         return 0
     import keras
 

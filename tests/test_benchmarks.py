@@ -907,6 +907,44 @@ def test_diagnose_records_each_pair_as_it_finishes_and_a_new_machine_needs_no_ch
     assert set(summary["split_fid"][""]) == {"sample", "epsilon"}
 
 
+def test_progress_reads_a_run_under_way_from_its_records(tmp_path, capsys):
+    """--progress: the finished pairs of each seed with that seed's speed-up (the steps
+    constant needs for its final FID over Min-SNR-5's, interpolated by hand below), the
+    trainings left; a record written under other settings is not counted."""
+    out = tmp_path / "results"
+    argv = ["--targets", "sample", "--no-ablation", "--steps", "40", "--eval-every", "10",
+            "--seeds", "0", "1", "2", "--output-dir", str(out)]
+    settings = convergence.run_settings(convergence.parse_args(argv))
+    workdir = out / "convergence_runs"
+    workdir.mkdir(parents=True)
+
+    def plant(seed, run, fids, record_settings=settings):
+        rows = [{"seed": seed, "run": run, "step": step, "fid": fid}
+                for step, fid in zip((10, 20, 30, 40), fids)]
+        convergence.save_finished_run(
+            str(workdir / (convergence.run_key(seed, run) + ".json")), record_settings, rows)
+
+    plant(0, "sample/constant", (40.0, 30.0, 20.0, 10.0))
+    plant(0, "sample/min_snr_5", (30.0, 24.0, 12.0, 8.0))
+    plant(1, "sample/constant", (40.0, 30.0, 20.0, 10.0))
+    plant(1, "sample/min_snr_5", (45.0, 35.0, 25.0, 15.0))
+    plant(2, "sample/constant", (40.0, 30.0, 20.0, 10.0))
+    plant(2, "sample/min_snr_5", (1.0, 1.0, 1.0, 1.0), {**settings, "steps": 99})
+    assert convergence.main(argv + ["--progress"]) == 0
+    table = capsys.readouterr().out
+    # Seed 0: constant reaches 10 at step 40; Min-SNR-5 passes 10 between steps 30 (12)
+    # and 40 (8), at 30 + 10 * (12 - 10) / (12 - 8) = 35: 40 / 35 = 1.14x.
+    assert "| 0 | sample/min_snr_5 vs constant | 40.00 / 30.00 / 10.00 | " \
+        "30.00 / 24.00 / 8.00 | 1.14x |" in table
+    assert "| 1 | sample/min_snr_5 vs constant | 40.00 / 30.00 / 10.00 | " \
+        "45.00 / 35.00 / 15.00 | never reaches it |" in table
+    assert "| 2 |" not in table
+    assert table.startswith("5 of 6 trainings finished")
+    assert "To run: seed 2 sample/min_snr_5." in table
+    with pytest.raises(SystemExit, match="--batch-sizes"):
+        convergence.main(argv + ["--progress", "--batch-sizes", "32", "64"])
+
+
 def test_evidence_estimate_adds_up_the_plan():
     import evidence_estimate
 
