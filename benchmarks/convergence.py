@@ -644,6 +644,16 @@ def progress_markdown(args):
                 + f" | {'never reaches it' if ratio is None else f'{ratio:.2f}x'} |")
     if todo:
         lines += ["", "To run: " + ", ".join(todo) + "."]
+    if args.diagnose:
+        summary = diagnostics.run_diagnostics(args, runs, [None], checkpoints, workdir, None,
+                                              None, None, measure=False)
+        if summary["x0_error"] or summary["split_fid"]:
+            seeds = sorted({seed for entry in summary["split_fid"].get("", {}).values()
+                            for cells in entry.values() for cell in cells.values()
+                            for seed in cell["per_seed"]})
+            lines += ["", f"Diagnostics recorded so far (split sampler: seeds "
+                      f"{', '.join(seeds) or 'none'}):", "",
+                      diagnostics.diagnostics_markdown(summary)]
     return "\n".join(lines) + "\n"
 
 

@@ -81,12 +81,15 @@ def heldout_digits(image_size):
 
 
 def _record(path, settings, compute):
-    """``compute()``'s JSON value, or the one recorded under the same settings earlier."""
+    """``compute()``'s JSON value, or the one recorded under the same settings earlier
+    (None where nothing is recorded and `compute` is None)."""
     if os.path.exists(path):
         with open(path) as f:
             record = json.load(f)
         if record.get("settings") == settings:
             return record["value"]
+    if compute is None:
+        return None
     value = compute()
     partial = path + ".partial"
     with open(partial, "w") as f:
@@ -161,9 +164,10 @@ def diagnosed(args, runs, name, seed, batch_size, checkpoints, workdir):
 
 
 def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extractor,
-                    build_model_for, seeds=None):
+                    build_model_for, seeds=None, measure=True):
     """Measures every checkpoint of every run of `seeds` (default ``args.seeds``); returns
-    the diagnostics summary. Values recorded earlier are read back, not measured again.
+    the diagnostics summary. Values recorded earlier are read back, not measured again;
+    with ``measure=False`` only those are summarised (a run under way).
 
     ``build_model_for(name, seed, batch_size)`` builds the run's `DiffusionModel` (weights
     are then loaded from the work directory's EMA checkpoints, sampled without EMA).
@@ -200,7 +204,9 @@ def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extract
                             seed=settings["noise_seed"], use_ema=False)
 
                     path = x0_record_path(workdir, run_key(seed, name, batch_size), step)
-                    value = _record(path, settings, x0_error)
+                    value = _record(path, settings, x0_error if measure else None)
+                    if value is None:
+                        continue
                     per_seed["x0_error"].setdefault(group, {}).setdefault(name, {}).setdefault(
                         str(step), {})[str(seed)] = value
             targets = dict.fromkeys(name.split("/")[0] for name, *_ in runs)
@@ -222,7 +228,9 @@ def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extract
                             a, b = noisy.split("/")[1], clean.split("/")[1]
                             path = split_record_path(workdir, run_key(seed, target, batch_size),
                                                      a, b, step)
-                            value = _record(path, settings, fid)
+                            value = _record(path, settings, fid if measure else None)
+                            if value is None:
+                                continue
                             per_seed["split_fid"].setdefault(group, {}).setdefault(
                                 target, {}).setdefault(str(step), {}).setdefault(
                                 f"{a}|{b}", {})[str(seed)] = value

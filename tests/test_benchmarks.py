@@ -943,6 +943,24 @@ def test_progress_reads_a_run_under_way_from_its_records(tmp_path, capsys):
     assert "To run: seed 2 sample/min_snr_5." in table
     with pytest.raises(SystemExit, match="--batch-sizes"):
         convergence.main(argv + ["--progress", "--batch-sizes", "32", "64"])
+    # With --diagnose, the diagnostics recorded so far (seed 0's pair) follow.
+    diag_settings = diagnostics.diagnostic_settings(convergence.parse_args(argv))
+    for step in (10, 20, 30, 40):
+        for weighting, mse in (("constant", [0.1, 0.9]), ("min_snr_5", [0.2, 0.6])):
+            value = {"timesteps": [10, 990], "snr": [400.0, 1e-4], "x0_mse": mse}
+            (workdir / f"diag_x0_0_sample_{weighting}_step{step}.json").write_text(
+                json.dumps({"settings": diag_settings, "value": value}))
+            for clean in ("constant", "min_snr_5"):
+                path = diagnostics.split_record_path(str(workdir), "0_sample", weighting,
+                                                     clean, step)
+                fid = 7.0 if (weighting, clean) == ("constant", "min_snr_5") else 9.0
+                with open(path, "w") as f:
+                    json.dump({"settings": diag_settings, "value": fid}, f)
+    assert convergence.main(argv + ["--progress", "--diagnose"]) == 0
+    table = capsys.readouterr().out
+    assert "Diagnostics recorded so far (split sampler: seeds 0)" in table
+    assert "| x₀ `min_snr_5` | 0.2 | 0.6 |" in table
+    assert "| `constant` | 9.00 | 7.00 |" in table
 
 
 def test_evidence_estimate_adds_up_the_plan():
