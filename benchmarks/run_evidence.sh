@@ -19,6 +19,7 @@
 #   GRID_SEEDS ("0"), SEEDS ("0 1 2"); KERAS_BACKEND (tensorflow: issue 26 reports it 1.7x
 #   faster than JAX for this 0.85M model on this CPU; the estimate measures the chosen
 #   backend); OUT (docs/results); PY (.venv/bin/python);
+#   ESTIMATE=0: skip the estimate (a run resumed in a later session);
 #   SMOKE=1: a few steps and samples of everything into /tmp (checks the pipeline only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,14 +42,16 @@ nseeds=$(wc -w <<<"$SEEDS")
 ngrid=$(wc -w <<<"$GRID_SEEDS")
 COMMON=(benchmarks/convergence.py --backbone vit_tiny "${FID[@]}")
 
-echo "== issue-26 evidence ($KERAS_BACKEND) into $OUT: estimate first"
-"$PY" benchmarks/evidence_estimate.py --measure-steps "$([[ ${SMOKE:-0} == 1 ]] && echo 1 || echo 5)" \
-  --num-samples "$([[ ${SMOKE:-0} == 1 ]] && echo 8 || echo 300)" \
-  --sample-steps "$([[ ${SMOKE:-0} == 1 ]] && echo 2 || echo 20)" \
-  --part "headline:128:$STEPS:$EVAL_EVERY:6:$nseeds" \
-  --part "batch32:32:$B32_STEPS:$B32_EVAL:6:$nseeds" \
-  --part "grid:32,64:$STEPS:$EVAL_EVERY:2:$ngrid" \
-  --diagnose-parts headline batch32
+if [[ "${ESTIMATE:-1}" == 1 ]]; then
+  echo "== issue-26 evidence ($KERAS_BACKEND) into $OUT: estimate first"
+  "$PY" benchmarks/evidence_estimate.py --measure-steps "$([[ ${SMOKE:-0} == 1 ]] && echo 1 || echo 5)" \
+    --num-samples "$([[ ${SMOKE:-0} == 1 ]] && echo 8 || echo 300)" \
+    --sample-steps "$([[ ${SMOKE:-0} == 1 ]] && echo 2 || echo 20)" \
+    --part "headline:128:$STEPS:$EVAL_EVERY:6:$nseeds" \
+    --part "batch32:32:$B32_STEPS:$B32_EVAL:6:$nseeds" \
+    --part "grid:32,64:$STEPS:$EVAL_EVERY:2:$ngrid" \
+    --diagnose-parts headline batch32
+fi
 
 echo "== 1/3 headline: batch 128, x0/eps/v, seeds $SEEDS, diagnostics"
 "$PY" "${COMMON[@]}" --plan targets --no-ablation --batch-size 128 --steps "$STEPS" \
