@@ -72,6 +72,7 @@ Usage::
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -1031,6 +1032,7 @@ def main(argv=None):
     settings = run_settings(args)
     reused = reused_cells(args, runs, probe, checkpoints) if args.reuse else {}
     last_of_target = {target: name for name, target, *_ in runs}
+    build_model_for = functools.partial(_model_for, args)
     done = 0
     for batch_size in batch_sizes:
         for seed in args.seeds:
@@ -1071,15 +1073,12 @@ def main(argv=None):
                     # Now, not after every run: a session that ends later keeps these.
                     diagnostics.run_diagnostics(
                         args, [r for r in runs if r[1] == target], [batch_size],
-                        checkpoints, workdir, real, extractor,
-                        lambda name, seed, batch_size: _model_for(args, name, seed,
-                                                                  batch_size),
+                        checkpoints, workdir, real, extractor, build_model_for,
                         seeds=[seed])
     write_outputs(args, runs, rows, checkpoints, time.perf_counter() - start)
     if args.diagnose:
         summary = diagnostics.run_diagnostics(
-            args, runs, batch_sizes, checkpoints, workdir, real, extractor,
-            lambda name, seed, batch_size: _model_for(args, name, seed, batch_size))
+            args, runs, batch_sizes, checkpoints, workdir, real, extractor, build_model_for)
         diagnostics.write_diagnostics(summary, os.path.join(args.output_dir, args.stem))
         print(f"wrote {args.stem}_diagnostics.json/.md/.png")
     shutil.rmtree(workdir, ignore_errors=True)

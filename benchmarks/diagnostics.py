@@ -154,13 +154,8 @@ def diagnosed(args, runs, name, seed, batch_size, checkpoints, workdir):
     the current settings: then the checkpoints themselves are no longer needed (a run
     resumed on a new machine, where the work directory kept only its JSON records)."""
     settings = diagnostic_settings(args)
-    for path in _records(runs, name, seed, batch_size, checkpoints, workdir):
-        if not os.path.exists(path):
-            return False
-        with open(path) as f:
-            if json.load(f).get("settings") != settings:
-                return False
-    return True
+    return all(_record(path, settings, None) is not None
+               for path in _records(runs, name, seed, batch_size, checkpoints, workdir))
 
 
 def run_diagnostics(args, runs, batch_sizes, checkpoints, workdir, real, extractor,
