@@ -934,7 +934,9 @@ def parse_args(argv=None):
                         "(the same settings as the run)")
     parser.add_argument("--from-csv", action="store_true",
                         help="train nothing: recompute the summary JSON and the plot from "
-                        "the CSV (and the settings in the JSON) in --output-dir")
+                        "the CSV (and the settings in the JSON) in --output-dir, and the "
+                        "diagnostics from the per-seed values in STEM_diagnostics.json when "
+                        "it is there")
     args = parser.parse_args(argv)
     spec = BACKBONES[args.backbone]
     args.stem = spec["stem"]
@@ -1288,6 +1290,14 @@ def resummarise(output_dir, stem="convergence", method=None):
     with open(summary_path, "w") as f:
         json.dump(_finite_or_null(summary), f, indent=2)
     print(f"rewrote {summary_path} and {stem}.png from {csv_path}")
+    diagnostics_path = os.path.join(output_dir, stem + "_diagnostics.json")
+    if os.path.exists(diagnostics_path):
+        with open(diagnostics_path) as f:
+            previous = json.load(f)
+        diagnostics.write_diagnostics(diagnostics.summarise_diagnostics(
+            diagnostics.per_seed_values(previous), previous["settings"]),
+            os.path.join(output_dir, stem))
+        print(f"rewrote {stem}_diagnostics.json/.md/.png from its per-seed values")
     return 0
 
 

@@ -14,9 +14,10 @@ Each value is recorded in the benchmark's work directory as it is measured, and 
 diagnostics are measured as soon as its runs of one seed have trained. So a killed run
 resumes, and once a run's diagnostics are recorded its EMA checkpoints are no longer
 needed: the work directory's JSON records alone carry the benchmark to a new machine.
-Outputs next to the benchmark's: ``STEM_diagnostics.json`` (per seed and
-seed means), ``STEM_diagnostics.md`` (the tables docs/results.md includes) and
-``STEM_diagnostics.png``.
+Outputs next to the benchmark's: ``STEM_diagnostics.json`` (per seed, seed means, and
+Min-SNR-5's effects taken seed by seed with 95% intervals: its x₀-error ratio per timestep
+and the FID change from its model on each half of the sampler), ``STEM_diagnostics.md``
+(the tables docs/results.md includes) and ``STEM_diagnostics.png``.
 """
 
 import json
@@ -26,6 +27,7 @@ import keras
 import numpy as np
 
 from keras_minsnr.noise_level_error import DIAGNOSTIC_TIMESTEPS
+from stats import interval
 
 # The pair whose split sampler is measured, per target: (label of A/B, run suffix).
 PAIR = ("constant", "min_snr_5")
@@ -253,15 +255,97 @@ def summarise_diagnostics(per_seed, settings):
                     key: {"fid": float(np.mean(list(seeds.values()))), "per_seed": seeds}
                     for key, seeds in cells.items()
                 }
-    return {
+    summary = {
         "settings": settings,
         "x0_error": x0,
         "split_fid": split,
         "split_key": "'A|B': model A for t >= t_split (noisy steps), model B below",
     }
+    summary["effects"] = weighting_effects(summary)
+    return summary
+
+
+def per_seed_values(summary):
+    """The per-seed values a summary was made from (`summarise_diagnostics`' input), so a
+    written ``STEM_diagnostics.json`` can be summarised again after a change here."""
+    x0, split = {}, {}
+    for group, by_run in summary["x0_error"].items():
+        for name, by_step in by_run.items():
+            for step, entry in by_step.items():
+                x0.setdefault(group, {}).setdefault(name, {})[step] = {
+                    seed: {"timesteps": entry["timesteps"], "snr": entry["snr"],
+                           "x0_mse": values}
+                    for seed, values in entry["per_seed"].items()}
+    for group, by_target in summary["split_fid"].items():
+        for target, by_step in by_target.items():
+            for step, cells in by_step.items():
+                split.setdefault(group, {}).setdefault(target, {})[step] = {
+                    key: cell["per_seed"] for key, cell in cells.items()}
+    return {"x0_error": x0, "split_fid": split}
+
+
+def _paired(per_seed_a, per_seed_b, combine):
+    """``combine(a, b)`` seed by seed over the seeds both have, with its 95% t interval."""
+    seeds = sorted(set(per_seed_a) & set(per_seed_b), key=str)
+    values = [combine(per_seed_a[s], per_seed_b[s]) for s in seeds]
+    centre, low, high = interval(values)
+    return {"mean": centre, "low": low, "high": high,
+            "per_seed": dict(zip(seeds, values))}
+
+
+def weighting_effects(summary):
+    """What Min-SNR-5 changes, seed by seed at each target's last checkpoint, with 95%
+    t intervals over the seeds (a seed's two runs share initial weights and data):
+
+    * ``x0_error_ratio``: Min-SNR-5's x₀ error over constant's at each timestep; the
+      interval is taken on the log ratio and mapped back (the centre is the geometric mean);
+    * ``split``: the FID change when Min-SNR-5's model instead of constant's takes one half
+      of the split sampler, the other half's model held fixed (both choices of it).
+    """
+    base, cand = PAIR
+    effects = {}
+    for group, by_run in summary["x0_error"].items():
+        for name in by_run:
+            target, label = name.split("/", 1)
+            other = by_run.get(f"{target}/{cand}")
+            if label != base or other is None:
+                continue
+            step = max(set(by_run[name]) & set(other), key=int)
+            a, b = by_run[name][step]["per_seed"], other[step]["per_seed"]
+            ratios = []
+            for i, t in enumerate(by_run[name][step]["timesteps"]):
+                r = _paired({s: v[i] for s, v in a.items()}, {s: v[i] for s, v in b.items()},
+                            lambda x, y: float(np.log(y / x)))
+                ratios.append({"t": t, **{k: None if r[k] is None else float(np.exp(r[k]))
+                                          for k in ("mean", "low", "high")},
+                               "per_seed": {s: float(np.exp(v))
+                                            for s, v in r["per_seed"].items()}})
+            effects.setdefault(group, {}).setdefault(target, {})["x0_error_ratio"] = {
+                "step": step, "by_timestep": ratios}
+    for group, by_target in summary["split_fid"].items():
+        for target, by_step in by_target.items():
+            step = max(by_step, key=int)
+            cells = by_step[step]
+            halves = {}
+            for half, other_half in (("clean", "noisy"), ("noisy", "clean")):
+                for fixed in PAIR:
+                    before, after = ((f"{fixed}|{base}", f"{fixed}|{cand}") if half == "clean"
+                                     else (f"{base}|{fixed}", f"{cand}|{fixed}"))
+                    if before in cells and after in cells:
+                        halves[f"{half} steps ({other_half}: {fixed})"] = _paired(
+                            cells[before]["per_seed"], cells[after]["per_seed"],
+                            lambda x, y: float(y - x))
+            effects.setdefault(group, {}).setdefault(target, {})["split"] = {
+                "step": step, "fid_change": halves}
+    return effects
 
 
 _TARGET_LABELS = {"sample": "x₀", "epsilon": "ε", "v_prediction": "v"}
+
+
+def _table_head(caption, first, columns):
+    return [caption, "", f"| {first} | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns)]
 
 
 def diagnostics_markdown(summary):
@@ -273,14 +357,10 @@ def diagnostics_markdown(summary):
         step = max(first, key=int)
         entry = first[step]
         where = f" (batch {group[1:]})" if group else ""
-        lines += [
+        lines += _table_head(
             f"x₀ error (mean squared, held-out digits, fixed noise) of the EMA models at "
-            f"step {step}{where}, seed mean:",
-            "",
-            "| run | " + " | ".join(f"t={t}" for t in entry["timesteps"]) + " |",
-            "|---|" + "---:|" * len(entry["timesteps"]),
-            "| SNR | " + " | ".join(f"{s:.3g}" for s in entry["snr"]) + " |",
-        ]
+            f"step {step}{where}, seed mean:", "run", [f"t={t}" for t in entry["timesteps"]])
+        lines.append("| SNR | " + " | ".join(f"{s:.3g}" for s in entry["snr"]) + " |")
         for name, by_step in by_run.items():
             target, label = name.split("/", 1)
             cells = " | ".join(f"{v:.4g}" for v in by_step[step]["x0_mse"])
@@ -291,19 +371,60 @@ def diagnostics_markdown(summary):
             step = max(by_step, key=int)
             cells = by_step[step]
             where = f", batch {group[1:]}" if group else ""
-            lines += [
+            lines += _table_head(
                 f"Split-sampler FID, {_TARGET_LABELS.get(target, target)} at step {step}"
                 f"{where} (rows: the model for t ≥ {t_split}; columns: the model for "
-                f"t < {t_split}; seed mean):",
-                "",
-                "| noisy steps \\ clean steps | " + " | ".join(f"`{b}`" for b in PAIR) + " |",
-                "|---|" + "---:|" * len(PAIR),
-            ]
+                f"t < {t_split}; seed mean):", "noisy steps \\ clean steps",
+                [f"`{b}`" for b in PAIR])
             for a in PAIR:
                 row = " | ".join(_cell(cells.get(f"{a}|{b}")) for b in PAIR)
                 lines.append(f"| `{a}` | {row} |")
             lines.append("")
+    lines += effects_markdown(summary.get("effects", {}))
     return "\n".join(lines)
+
+
+def _with_interval(entry, fmt):
+    if entry["low"] is None:
+        return fmt.format(entry["mean"])
+    return f"{fmt.format(entry['mean'])} [{fmt.format(entry['low'])}, {fmt.format(entry['high'])}]"
+
+
+def effects_markdown(effects):
+    """`weighting_effects` as two tables per batch group: the x₀-error ratio per timestep
+    and the FID change per half of the sampler, each with its 95% interval over seeds."""
+    base, cand = PAIR
+    lines = []
+    for group, by_target in effects.items():
+        where = f", batch {group[1:]}" if group else ""
+        ratios = [(t, e["x0_error_ratio"]) for t, e in by_target.items() if "x0_error_ratio" in e]
+        if ratios:
+            step = ratios[0][1]["step"]
+            timesteps = [r["t"] for r in ratios[0][1]["by_timestep"]]
+            lines += _table_head(
+                f"`{cand}`'s x₀ error over `{base}`'s, seed by seed at step {step}{where} "
+                "(below 1: Min-SNR-5 is more accurate there; 95% interval over seeds):",
+                "target", [f"t={t}" for t in timesteps])
+            for target, entry in ratios:
+                cells = " | ".join(_with_interval(r, "{:.2f}") for r in entry["by_timestep"])
+                lines.append(f"| {_TARGET_LABELS.get(target, target)} | {cells} |")
+            lines.append("")
+        splits = [(t, e["split"]) for t, e in by_target.items() if e.get("split", {}).get(
+            "fid_change")]
+        if splits:
+            columns = list(splits[0][1]["fid_change"])
+            lines += _table_head(
+                f"FID change when `{cand}`'s model instead of `{base}`'s samples one half of "
+                f"the split sampler, the other half's model fixed, seed by seed at step "
+                f"{splits[0][1]['step']}{where} (negative: better; 95% interval over seeds):",
+                "target", [f"on the {c}" for c in columns])
+            for target, entry in splits:
+                cells = " | ".join(
+                    _with_interval(entry["fid_change"][c], "{:+.2f}")
+                    if c in entry["fid_change"] else "—" for c in columns)
+                lines.append(f"| {_TARGET_LABELS.get(target, target)} | {cells} |")
+            lines.append("")
+    return lines
 
 
 def _cell(entry):

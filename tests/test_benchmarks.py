@@ -794,6 +794,83 @@ def test_diagnostics_summary_means_over_seeds_and_tables():
     assert "| `constant` | 11.00 | 8.50 |" in table and "| `min_snr_5` | — | — |" in table
 
 
+def test_diagnostics_effects_are_paired_over_seeds_with_t_intervals(tmp_path):
+    """The effects table: Min-SNR-5's x₀-error ratio per timestep (interval on the log)
+    and the FID change per sampler half, each checked against numpy and the t quantile
+    t(0.975, 2) = 4.302653 written out; --from-csv rebuilds them from the written JSON."""
+    import convergence
+    import diagnostics
+
+    t975 = 4.302652729911275  # Student t, 2 degrees of freedom, 97.5% quantile
+    const = {"0": [0.10, 0.50], "1": [0.12, 0.40], "2": [0.08, 0.60]}
+    minsnr = {"0": [0.05, 0.55], "1": [0.07, 0.48], "2": [0.05, 0.62]}
+    fids = {  # noisy|clean -> seed -> FID
+        "constant|constant": {"0": 3.0, "1": 2.9, "2": 2.8},
+        "constant|min_snr_5": {"0": 2.5, "1": 2.6, "2": 2.4},
+        "min_snr_5|constant": {"0": 3.1, "1": 2.8, "2": 2.8},
+        "min_snr_5|min_snr_5": {"0": 2.6, "1": 2.4, "2": 2.5},
+    }
+
+    def entry(values):
+        return {s: {"timesteps": [10, 990], "snr": [400.0, 1e-4], "x0_mse": v}
+                for s, v in values.items()}
+
+    per_seed = {
+        "x0_error": {"": {"sample/constant": {"40": entry(const)},
+                          "sample/min_snr_5": {"40": entry(minsnr)}}},
+        "split_fid": {"": {"sample": {"40": fids}}},
+    }
+    summary = diagnostics.summarise_diagnostics(per_seed, {"t_split": 500})
+    effects = summary["effects"][""]["sample"]
+
+    logs = np.log([minsnr[s][0] / const[s][0] for s in "012"])
+    half = t975 * logs.std(ddof=1) / np.sqrt(3)
+    ratio = effects["x0_error_ratio"]["by_timestep"][0]
+    assert ratio["t"] == 10
+    assert ratio["mean"] == pytest.approx(np.exp(logs.mean()), rel=1e-9)
+    assert ratio["low"] == pytest.approx(np.exp(logs.mean() - half), rel=1e-9)
+    assert ratio["high"] == pytest.approx(np.exp(logs.mean() + half), rel=1e-9)
+
+    changes = effects["split"]["fid_change"]
+    assert set(changes) == {"clean steps (noisy: constant)", "noisy steps (clean: constant)",
+                            "clean steps (noisy: min_snr_5)", "noisy steps (clean: min_snr_5)"}
+    d = np.array([fids["min_snr_5|min_snr_5"][s] - fids["constant|min_snr_5"][s]
+                  for s in "012"])  # Min-SNR-5 takes the noisy half; clean half: Min-SNR-5
+    got = changes["noisy steps (clean: min_snr_5)"]
+    assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
+    assert got["high"] - got["mean"] == pytest.approx(t975 * d.std(ddof=1) / np.sqrt(3))
+    d = np.array([fids["constant|min_snr_5"][s] - fids["constant|constant"][s] for s in "012"])
+    assert changes["clean steps (noisy: constant)"]["mean"] == pytest.approx(-0.4)
+    assert changes["clean steps (noisy: constant)"]["low"] == pytest.approx(
+        d.mean() - t975 * d.std(ddof=1) / np.sqrt(3))
+
+    table = diagnostics.diagnostics_markdown(summary)
+    low, high = np.exp(logs.mean() - half), np.exp(logs.mean() + half)
+    assert f"| x₀ | {np.exp(logs.mean()):.2f} [{low:.2f}, {high:.2f}] |" in table
+    assert "| x₀ | -0.40 [" in table and "on the clean steps (noisy: constant)" in table
+
+    # Written, then rebuilt by --from-csv from the per-seed values alone.
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{**row, "run": f"sample/{row['run'].split('/')[1]}", "target": "sample",
+             "seed": seed}
+            for seed in (0, 1, 2)
+            for row in _planted_rows("epsilon/constant", "constant", "", (9.0, 3.0))
+            + _planted_rows("epsilon/min_snr_5", "min_snr", 5.0, (8.0, 2.5))]
+    with open(out / "convergence.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=convergence.CSV_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "convergence.json").write_text(json.dumps({"interval": "t"}))
+    stale = {k: v for k, v in summary.items() if k != "effects"}
+    (out / "convergence_diagnostics.json").write_text(json.dumps(stale))
+    assert convergence.main(["--from-csv", "--output-dir", str(out)]) == 0
+    rebuilt = json.loads((out / "convergence_diagnostics.json").read_text())
+    assert rebuilt["effects"] == json.loads(json.dumps(summary["effects"]))
+    assert "on the clean steps (noisy: constant)" in (
+        out / "convergence_diagnostics.md").read_text()
+
+
 def test_diagnose_measures_planted_checkpoints_and_resumes(tmp_path):
     """--diagnose on finished runs whose EMA checkpoints are planted: the x₀ errors sit on
     the cosine schedule's SNR grid, a recorded value is reused, and the split sampler with
