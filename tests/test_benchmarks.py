@@ -281,7 +281,11 @@ def test_table1_plan_is_the_papers_ablation():
     with pytest.raises(ValueError, match="Unknown plan 'table2'"):
         convergence.run_plan(plan="table2")
     args = convergence.parse_args(["--backbone", "vit_tiny"])
-    assert args.plan == "table1" and args.seeds == [0, 1, 2] and args.stem == "convergence_vit"
+    assert args.plan == "targets" and args.seeds == [0, 1, 2] and args.stem == "convergence_vit"
+    assert args.ablation is False and args.batch_size == 128
+    # Table 1 keeps its γ sweep and later weightings; the MLP keeps its ε ablation.
+    assert convergence.parse_args(["--backbone", "vit_tiny", "--plan", "table1"]).ablation
+    assert convergence.parse_args([]).ablation
 
 
 def _vit_rows(seed, run, weighting, gamma, fids):
@@ -323,7 +327,7 @@ def test_quick_vit_run_resumes_and_writes_bands_and_table(tmp_path, capsys):
     assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0 for r in trained)
     assert (out / "convergence_vit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "convergence_vit.json").read_text())
-    assert summary["backbone"] == "vit_tiny" and summary["plan"] == "table1"
+    assert summary["backbone"] == "vit_tiny" and summary["plan"] == "targets"
     assert summary["backbone_config"]["backbone"] == "vit_b_2_in256"
     assert summary["backbone_config"]["batch_size"] == 4
     assert summary["backbone_config"]["grad_accum"] == 2
@@ -646,19 +650,22 @@ def test_memory_plan_with_checkpointing_keeps_one_block_and_the_block_inputs(mon
 
 
 def test_vit_tiny_defaults_are_the_published_run():
-    """`--backbone vit_tiny` without options repeats the ViT run docs/results.md quotes
-    (its committed JSON): 2000 steps at batch 32, FID every 400 steps, 3 seeds."""
-    with open(os.path.join(ROOT, "docs", "results", "convergence_vit_long",
+    """`--backbone vit_tiny` without options repeats the ViT headline docs/results.md
+    quotes (its committed JSON): constant vs Min-SNR-5 per target, 4000 steps at batch
+    128, FID every 500 steps, 3 seeds."""
+    with open(os.path.join(ROOT, "docs", "results", "vit_b128",
                            "convergence_vit.json")) as f:
         published = json.load(f)
     args = convergence.parse_args(["--backbone", "vit_tiny"])
-    assert args.steps == published["steps"] == 2000
+    assert args.steps == published["steps"] == 4000
     assert list(range(args.eval_every, args.steps + 1, args.eval_every)) == published[
         "checkpoints"]
     assert args.num_samples == published["num_samples"]
     assert args.seeds == published["seeds"]
     assert published["sampler"].startswith(f"ddim-{args.sample_steps},")
-    assert convergence.VIT_TINY["batch_size"] == published["backbone_config"]["batch_size"]
+    assert args.batch_size == published["backbone_config"]["batch_size"] == 128
+    assert [name for name, *_ in convergence.run_plan(
+        args.targets, args.ablation, args.plan)] == published["runs"]
 
 
 def _grid_rows(seed, run, batch_size, fids, steps=(20, 40)):
