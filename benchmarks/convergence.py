@@ -22,8 +22,8 @@ extractor. `import keras_minsnr` sets the CPU defaults that make either backend'
 step fast on CPU (`keras_minsnr.xla_flags`, `keras_minsnr.tf_onednn`); for the 0.85 M
 ViT, TensorFlow is the faster one on a 2-core CPU.
 
-Outputs (in ``--output-dir``, default ``docs/results``; STEM is ``convergence`` or
-``convergence_vit``)::
+Outputs (in ``--output-dir``, default ``docs/results``, for ``vit_tiny``
+``docs/results/vit_b128``; STEM is ``convergence`` or ``convergence_vit``)::
 
     STEM.csv    one row per run x seed x checkpoint
     STEM.png    FID vs steps, one panel per target (and one for a γ sweep): the mean over
@@ -158,6 +158,7 @@ BACKBONES = {
     "vit_tiny": {
         "recipe": VIT_TINY,
         "stem": "convergence_vit",
+        "output_dir": os.path.join(ROOT, "docs", "results", "vit_b128"),
         # The headline ViT comparison (docs/results.md, docs/results/vit_b128/): constant
         # vs Min-SNR-5 per target at batch 128, 4000 steps, FID every 500 steps from 300
         # DDIM-20 samples, 3 seeds, without the MLP's ε γ ablation. The batch-32 row is
@@ -928,7 +929,9 @@ def parse_args(argv=None):
     parser.add_argument("--interval", default="t", choices=INTERVAL_METHODS,
                         help="95%% intervals over seeds: Student-t (default) or percentile "
                         "bootstrap")
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "docs", "results"))
+    parser.add_argument("--output-dir",
+                        help="default: docs/results (mlp_digits), docs/results/vit_b128 "
+                        "(vit_tiny)")
     parser.add_argument("--verbose", type=int, default=None,
                         help="fit verbosity (default 2, quick 0)")
     parser.add_argument("--table", action="store_true",
@@ -946,6 +949,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     spec = BACKBONES[args.backbone]
     args.stem = spec["stem"]
+    if args.output_dir is None:
+        args.output_dir = spec.get("output_dir", os.path.join(ROOT, "docs", "results"))
     if args.plan is None:
         args.plan = spec["plan"]
     defaults = spec["quick"] if args.quick else spec["full"]

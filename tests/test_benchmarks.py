@@ -283,6 +283,8 @@ def test_table1_plan_is_the_papers_ablation():
     args = convergence.parse_args(["--backbone", "vit_tiny"])
     assert args.plan == "targets" and args.seeds == [0, 1, 2] and args.stem == "convergence_vit"
     assert args.ablation is False and args.batch_size == 128
+    assert args.output_dir == os.path.join(ROOT, "docs", "results", "vit_b128")
+    assert convergence.parse_args([]).output_dir == os.path.join(ROOT, "docs", "results")
     # Table 1 keeps its γ sweep and later weightings; the MLP keeps its ε ablation.
     assert convergence.parse_args(["--backbone", "vit_tiny", "--plan", "table1"]).ablation
     assert convergence.parse_args([]).ablation
