@@ -7,7 +7,7 @@
 #      x0, eps and v, 3 seeds, with the per-noise-level diagnostics   -> docs/results/vit_b128/
 #   2. the batch-32 row (the published 2000-step run) again, with diagnostics
 #                                                                     -> docs/results/vit_b32/
-#   3. the batch x weighting grid: batch 32, 64, 128, x0, one seed    -> docs/results/vit_batch_grid/
+#   3. the batch x weighting grid: batch 32, 64, 128, x0, 3 seeds     -> docs/results/vit_batch_grid/
 #      (its batch-128 cells are the headline's seed-0 x0 runs, taken with --reuse)
 #
 # Across machines: the work directories' JSON records (OUT/*/convergence_vit_runs/*.json,
@@ -16,7 +16,7 @@
 #
 # It prints a CPU-hour estimate first (a few measured steps). Settings (environment):
 #   STEPS (4000) and EVAL_EVERY (500): the batch-128 run and the grid;
-#   GRID_SEEDS ("0"), SEEDS ("0 1 2"); KERAS_BACKEND (tensorflow: issue 26 reports it 1.7x
+#   GRID_SEEDS ("0 1 2"), SEEDS ("0 1 2"); KERAS_BACKEND (tensorflow: issue 26 reports it 1.7x
 #   faster than JAX for this 0.85M model on this CPU; the estimate measures the chosen
 #   backend); OUT (docs/results); PY (.venv/bin/python);
 #   ESTIMATE=0: skip the estimate (a run resumed in a later session);
@@ -29,7 +29,7 @@ OUT=${OUT:-docs/results}
 STEPS=${STEPS:-4000}
 EVAL_EVERY=${EVAL_EVERY:-500}
 SEEDS=${SEEDS:-"0 1 2"}
-GRID_SEEDS=${GRID_SEEDS:-"0"}
+GRID_SEEDS=${GRID_SEEDS:-"0 1 2"}
 B32_STEPS=2000
 B32_EVAL=400
 FID=()
