@@ -28,6 +28,7 @@ import numpy as np
 
 from keras_minsnr.noise_level_error import DIAGNOSTIC_TIMESTEPS
 from stats import interval
+from stats import speedup_interval
 
 # The pair whose split sampler is measured, per target: (label of A/B, run suffix).
 PAIR = ("constant", "min_snr_5")
@@ -312,14 +313,13 @@ def weighting_effects(summary):
                 continue
             step = max(set(by_run[name]) & set(other), key=int)
             a, b = by_run[name][step]["per_seed"], other[step]["per_seed"]
+            seeds = sorted(set(a) & set(b), key=str)
             ratios = []
             for i, t in enumerate(by_run[name][step]["timesteps"]):
-                r = _paired({s: v[i] for s, v in a.items()}, {s: v[i] for s, v in b.items()},
-                            lambda x, y: float(np.log(y / x)))
-                ratios.append({"t": t, **{k: None if r[k] is None else float(np.exp(r[k]))
-                                          for k in ("mean", "low", "high")},
-                               "per_seed": {s: float(np.exp(v))
-                                            for s, v in r["per_seed"].items()}})
+                per_seed = {s: float(b[s][i] / a[s][i]) for s in seeds}
+                mean, low, high = speedup_interval(per_seed)  # on the log, as speed-ups
+                ratios.append({"t": t, "mean": mean, "low": low, "high": high,
+                               "per_seed": per_seed})
             effects.setdefault(group, {}).setdefault(target, {})["x0_error_ratio"] = {
                 "step": step, "by_timestep": ratios}
     for group, by_target in summary["split_fid"].items():
